@@ -1,0 +1,229 @@
+//! One error type whose variants an admin can act on.
+//!
+//! Every variant that comes from a host names the host (`address:port`) and the
+//! remote user, so a message in the hub log or on the spawn page is enough to
+//! know where to look.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which bounded wait ran out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// TCP connect plus SSH key exchange.
+    Connect,
+    /// User authentication.
+    Auth,
+    /// Opening a channel on an established connection.
+    Channel,
+    /// A remote command, from sending it to its exit status.
+    Command,
+    /// An SFTP transfer.
+    Sftp,
+    /// Waiting for a free session slot on the pooled connections.
+    Queue,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Connect => "connecting",
+            Phase::Auth => "authenticating",
+            Phase::Channel => "opening a channel",
+            Phase::Command => "running a command",
+            Phase::Sftp => "copying files over SFTP",
+            Phase::Queue => "waiting for a free SSH session",
+        })
+    }
+}
+
+/// Everything that can go wrong between the hub and a host.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The TCP connection could not be made (refused, no route, DNS).
+    #[error("{host}: cannot connect as {user}: {reason}")]
+    Unreachable {
+        /// `address:port`
+        host: String,
+        /// Remote user.
+        user: String,
+        /// What the operating system said.
+        reason: String,
+    },
+
+    /// A bounded wait ran out. The host may be down, blackholed or overloaded.
+    #[error("{host}: timed out after {after:?} {phase} as {user}")]
+    Timeout {
+        /// `address:port`
+        host: String,
+        /// Remote user.
+        user: String,
+        /// What was being waited for.
+        phase: Phase,
+        /// The configured bound.
+        after: Duration,
+    },
+
+    /// The host presented a key that the known_hosts file does not list.
+    #[error(
+        "{host}: host key unknown ({fingerprint}) is not in {known_hosts}; \
+         add it (ssh-keyscan -p PORT ADDRESS) or set the host key policy to accept-new"
+    )]
+    HostKeyUnknown {
+        /// `address:port`
+        host: String,
+        /// SHA256 fingerprint of the presented key.
+        fingerprint: String,
+        /// The file that was consulted.
+        known_hosts: PathBuf,
+    },
+
+    /// The host presented a key that differs from the one on record: either the
+    /// host was reinstalled or someone is in the middle.
+    #[error(
+        "{host}: host key changed: presented {fingerprint}, \
+         {known_hosts} line {line} records another key"
+    )]
+    HostKeyChanged {
+        /// `address:port`
+        host: String,
+        /// SHA256 fingerprint of the presented key.
+        fingerprint: String,
+        /// The file that was consulted.
+        known_hosts: PathBuf,
+        /// 1-based line number of the conflicting entry.
+        line: usize,
+    },
+
+    /// The host presented a key marked `@revoked`.
+    #[error("{host}: host key {fingerprint} is revoked ({known_hosts} line {line})")]
+    HostKeyRevoked {
+        /// `address:port`
+        host: String,
+        /// SHA256 fingerprint of the presented key.
+        fingerprint: String,
+        /// The file that was consulted.
+        known_hosts: PathBuf,
+        /// 1-based line number of the `@revoked` entry.
+        line: usize,
+    },
+
+    /// The known_hosts file could not be read or written.
+    #[error("known_hosts file {path}: {reason}")]
+    KnownHosts {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// The server refused every credential offered.
+    #[error("{host}: authentication refused for {user} with {identity}")]
+    AuthRefused {
+        /// `address:port`
+        host: String,
+        /// Remote user.
+        user: String,
+        /// Which key file or agent was tried.
+        identity: String,
+    },
+
+    /// A private key or certificate could not be loaded.
+    #[error("key {path}: {reason}")]
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What went wrong (never the key material).
+        reason: String,
+    },
+
+    /// The ssh-agent could not be used.
+    #[error("ssh-agent {socket}: {reason}")]
+    Agent {
+        /// The agent socket.
+        socket: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// The SSH connection failed after it was established (disconnect, protocol error).
+    #[error("{host}: SSH connection as {user} failed: {reason}")]
+    Ssh {
+        /// `address:port`
+        host: String,
+        /// Remote user.
+        user: String,
+        /// What russh reported.
+        reason: String,
+    },
+
+    /// A remote command ended with a non-zero status or a signal.
+    #[error("{host}: remote command as {user} failed with {status}{}", stderr_suffix(.stderr_tail))]
+    CommandFailed {
+        /// `address:port`
+        host: String,
+        /// Remote user.
+        user: String,
+        /// `status N`, `signal KILL` or `no exit status`.
+        status: String,
+        /// The last lines of the command's stderr.
+        stderr_tail: String,
+    },
+
+    /// A remote command printed more than the configured cap; it was stopped.
+    #[error("{host}: remote command as {user} printed more than {limit} bytes; stopped it")]
+    OutputTooLarge {
+        /// `address:port`
+        host: String,
+        /// Remote user.
+        user: String,
+        /// The cap in bytes.
+        limit: usize,
+    },
+
+    /// An SFTP operation failed.
+    #[error("{host}: SFTP as {user} failed on {path}: {reason}")]
+    Sftp {
+        /// `address:port`
+        host: String,
+        /// Remote user.
+        user: String,
+        /// The remote path.
+        path: String,
+        /// What the server said.
+        reason: String,
+    },
+
+    /// A value handed to this crate is not acceptable (names what and why).
+    #[error("invalid {what}: {reason}")]
+    Invalid {
+        /// Which value.
+        what: String,
+        /// Why it was refused.
+        reason: String,
+    },
+}
+
+fn stderr_suffix(tail: &str) -> String {
+    let tail = tail.trim_end();
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!(":\n{tail}")
+    }
+}
+
+impl Error {
+    /// True when the error says nothing about the remote process, only that the
+    /// host could not be asked: callers must treat the server's state as unknown.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(
+            self,
+            Error::Unreachable { .. } | Error::Timeout { .. } | Error::Ssh { .. }
+        )
+    }
+}
+
+/// Shorthand used across the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,26 @@
+//! # ssh-spawner
+//!
+//! A JupyterHub spawner that starts each user's single-user server on one of a
+//! lab's shared hosts over SSH.
+//!
+//! The crate is layered so that decisions stay apart from I/O:
+//!
+//! - [`ssh`] moves bytes: a pool of verified, authenticated connections to
+//!   OpenSSH servers that carries many concurrent commands and SFTP uploads,
+//!   with every wait bounded. It decides nothing about spawning.
+//! - [`error`] is the one error type; each variant names the host and user and
+//!   says what an admin can do about it.
+//!
+//! Host keys are always verified against a known_hosts file; the only
+//! relaxation is the opt-in `accept-new` policy, which records a host seen for
+//! the first time and still refuses a changed key.
+#![warn(missing_docs)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+pub mod error;
+pub mod ssh;
+
+pub use error::{Error, Result};

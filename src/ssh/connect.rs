@@ -1,0 +1,197 @@
+//! Opening one authenticated SSH connection: TCP connect, key exchange with the
+//! host key checked against known_hosts, then authentication. Every step is
+//! bounded by its own timeout.
+
+use std::borrow::Cow;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::client;
+use russh::keys::PublicKeyOrCertificate;
+
+use super::auth;
+use super::known_hosts::{self, HostKeyPolicy, Verdict};
+use super::Target;
+use crate::error::{Error, Phase, Result};
+
+/// Settings for opening a connection.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// known_hosts file consulted for every host key.
+    pub known_hosts: PathBuf,
+    /// What to do with hosts not in that file.
+    pub host_key_policy: HostKeyPolicy,
+    /// Bound on TCP connect plus key exchange.
+    pub connect_timeout: Duration,
+    /// Bound on authentication.
+    pub auth_timeout: Duration,
+    /// Send a keepalive after this much silence from the server.
+    pub keepalive_interval: Duration,
+    /// Declare the connection dead after this many unanswered keepalives.
+    pub keepalive_max: usize,
+}
+
+impl ConnectOptions {
+    /// Strict host-key checking against `known_hosts`, with the default bounds.
+    pub fn new(known_hosts: impl Into<PathBuf>) -> Self {
+        ConnectOptions {
+            known_hosts: known_hosts.into(),
+            host_key_policy: HostKeyPolicy::Strict,
+            connect_timeout: Duration::from_secs(10),
+            auth_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(15),
+            keepalive_max: 3,
+        }
+    }
+}
+
+/// The russh handler: checks the host key and nothing else.
+pub(crate) struct Client {
+    host: String,
+    port: u16,
+    known_hosts: PathBuf,
+    entries: Vec<known_hosts::Entry>,
+    policy: HostKeyPolicy,
+}
+
+/// Errors raised inside the handler travel through russh as this type.
+#[derive(Debug)]
+pub(crate) enum HandlerError {
+    Russh(russh::Error),
+    HostKey(Error),
+}
+
+impl From<russh::Error> for HandlerError {
+    fn from(e: russh::Error) -> Self {
+        HandlerError::Russh(e)
+    }
+}
+
+impl client::Handler for Client {
+    type Error = HandlerError;
+
+    async fn check_server_key(
+        &mut self,
+        presented: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let label = format!("{}:{}", self.host, self.port);
+        let key = match presented {
+            PublicKeyOrCertificate::PublicKey { key, .. } => key,
+            PublicKeyOrCertificate::Certificate(_) => {
+                return Err(HandlerError::HostKey(Error::Invalid {
+                    what: format!("{label} host key"),
+                    reason: "the host presented a certificate; host certificates are not supported"
+                        .into(),
+                }))
+            }
+        };
+        let fingerprint = known_hosts::fingerprint(key);
+        match known_hosts::check(&self.entries, &self.host, self.port, key) {
+            Verdict::Known { .. } => Ok(true),
+            Verdict::Changed { line } => Err(HandlerError::HostKey(Error::HostKeyChanged {
+                host: label,
+                fingerprint,
+                known_hosts: self.known_hosts.clone(),
+                line,
+            })),
+            Verdict::Revoked { line } => Err(HandlerError::HostKey(Error::HostKeyRevoked {
+                host: label,
+                fingerprint,
+                known_hosts: self.known_hosts.clone(),
+                line,
+            })),
+            Verdict::Unknown => match self.policy {
+                HostKeyPolicy::Strict => Err(HandlerError::HostKey(Error::HostKeyUnknown {
+                    host: label,
+                    fingerprint,
+                    known_hosts: self.known_hosts.clone(),
+                })),
+                HostKeyPolicy::AcceptNew => {
+                    let line = known_hosts::entry_line(&self.host, self.port, key)
+                        .map_err(HandlerError::HostKey)?;
+                    known_hosts::append(&self.known_hosts, &line).map_err(HandlerError::HostKey)?;
+                    tracing::warn!(host = %label, %fingerprint, known_hosts = %self.known_hosts.display(),
+                        "accept-new: recorded the key of a host seen for the first time");
+                    Ok(true)
+                }
+            },
+        }
+    }
+}
+
+/// An authenticated connection.
+pub(crate) type Connection = client::Handle<Client>;
+
+/// Open and authenticate one connection to `target`.
+pub(crate) async fn connect(target: &Target, opts: &ConnectOptions) -> Result<Connection> {
+    let label = target.host_label();
+    let entries = known_hosts::load(&opts.known_hosts)?;
+
+    let mut config = client::Config {
+        keepalive_interval: Some(opts.keepalive_interval),
+        keepalive_max: opts.keepalive_max,
+        nodelay: true,
+        ..Default::default()
+    };
+    // Prefer the key types on record, as OpenSSH does, so a host known by its
+    // RSA key is not reported "changed" because it also offers ed25519.
+    let recorded = known_hosts::recorded_algorithms(&entries, &target.address, target.port);
+    if !recorded.is_empty() {
+        let mut order = recorded.clone();
+        order.extend(
+            config
+                .preferred
+                .key
+                .iter()
+                .filter(|a| !recorded.contains(a))
+                .cloned(),
+        );
+        config.preferred.key = Cow::Owned(order);
+    }
+    let handler = Client {
+        host: target.address.clone(),
+        port: target.port,
+        known_hosts: opts.known_hosts.clone(),
+        entries,
+        policy: opts.host_key_policy,
+    };
+
+    let addr = (target.address.as_str(), target.port);
+    let timeout = |phase| Error::Timeout {
+        host: label.clone(),
+        user: target.user.clone(),
+        phase,
+        after: match phase {
+            Phase::Auth => opts.auth_timeout,
+            _ => opts.connect_timeout,
+        },
+    };
+    let mut handle = tokio::time::timeout(
+        opts.connect_timeout,
+        client::connect(Arc::new(config), addr, handler),
+    )
+    .await
+    .map_err(|_| timeout(Phase::Connect))?
+    .map_err(|e| match e {
+        HandlerError::HostKey(e) => e,
+        HandlerError::Russh(russh::Error::IO(io)) => Error::Unreachable {
+            host: label.clone(),
+            user: target.user.clone(),
+            reason: io.to_string(),
+        },
+        HandlerError::Russh(e) => Error::Ssh {
+            host: label.clone(),
+            user: target.user.clone(),
+            reason: e.to_string(),
+        },
+    })?;
+
+    tokio::time::timeout(
+        opts.auth_timeout,
+        auth::authenticate(&mut handle, &label, &target.user, &target.identity),
+    )
+    .await
+    .map_err(|_| timeout(Phase::Auth))??;
+    Ok(handle)
+}

@@ -1,0 +1,62 @@
+//! The SSH layer: moves bytes, decides nothing.
+//!
+//! - [`known_hosts`]: host-key verification (pure parsing and checking).
+//! - [`auth`]: key files, certificates, ssh-agent.
+//! - [`connect`]: one bounded, verified, authenticated connection.
+//! - [`pool`]: many channels over few connections, with replacement and idle close.
+//! - [`exec`]: a command with stdin, bounded in time and output.
+//! - [`sftp`]: uploads with exact modes.
+
+pub mod auth;
+pub mod connect;
+pub mod exec;
+pub mod known_hosts;
+pub mod pool;
+pub mod sftp;
+
+pub use auth::Identity;
+pub use connect::ConnectOptions;
+pub use exec::{Command, Output};
+pub use known_hosts::HostKeyPolicy;
+pub use pool::{Pool, PoolOptions, PoolStats};
+pub use sftp::Upload;
+
+/// Where to connect and as whom: the pool key.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Target {
+    /// DNS name or IP address of the host.
+    pub address: String,
+    /// SSH port.
+    pub port: u16,
+    /// Remote user name.
+    pub user: String,
+    /// The credential.
+    pub identity: Identity,
+}
+
+impl Target {
+    /// A target on port 22.
+    pub fn new(address: impl Into<String>, user: impl Into<String>, identity: Identity) -> Self {
+        Target {
+            address: address.into(),
+            port: 22,
+            user: user.into(),
+            identity,
+        }
+    }
+
+    /// Set the port.
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = port;
+        self
+    }
+
+    /// `address:port`, as errors name a host.
+    pub fn host_label(&self) -> String {
+        if self.address.contains(':') {
+            format!("[{}]:{}", self.address, self.port)
+        } else {
+            format!("{}:{}", self.address, self.port)
+        }
+    }
+}
