@@ -1,0 +1,186 @@
+//! Shared helpers for tests that cross SSH: they read the testbed's JSON
+//! description (written by `scripts/testbed up`) instead of hard-coding hosts.
+//!
+//! As root, a missing testbed is a failure (CI runs as root and brings the bed
+//! up first). Without root, the test prints a loud SKIPPED line and returns.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use ssh_spawner::ssh::{ConnectOptions, Identity, Pool, PoolOptions, Target};
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Testbed {
+    pub dir: PathBuf,
+    pub hub_address: String,
+    pub known_hosts: PathBuf,
+    pub known_hosts_names: PathBuf,
+    pub hub_key: PathBuf,
+    pub stranger_key: PathBuf,
+    pub venv: PathBuf,
+    pub python: PathBuf,
+    pub testbed_script: PathBuf,
+    pub hosts: Vec<Host>,
+    pub users: Vec<User>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Host {
+    pub name: String,
+    pub netns: String,
+    pub address: String,
+    pub port: u16,
+    pub host_key_pub_line: String,
+    pub max_sessions: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct User {
+    pub name: String,
+    pub uid: u32,
+    pub home: PathBuf,
+    pub keys: std::collections::BTreeMap<String, PathBuf>,
+}
+
+pub fn json_path() -> PathBuf {
+    std::env::var_os("TESTBED_JSON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/ssh-spawner-testbed/testbed.json"))
+}
+
+fn is_root() -> bool {
+    // SAFETY-free way: the effective uid of this process from /proc.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// The testbed, or `None` (after a loud message) when not running as root.
+pub fn testbed(test: &str) -> Option<Testbed> {
+    if !is_root() {
+        eprintln!(
+            "\n!!!!! SKIPPED {test}: needs root and the network-namespace testbed \
+             (run `sudo scripts/test`) !!!!!\n"
+        );
+        return None;
+    }
+    let path = json_path();
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "testbed description {} unreadable ({e}): run `scripts/testbed up` first",
+            path.display()
+        )
+    });
+    Some(serde_json::from_str(&text).expect("testbed.json parses"))
+}
+
+impl Testbed {
+    pub fn user(&self, name: &str) -> &User {
+        self.users
+            .iter()
+            .find(|u| u.name == name)
+            .expect("user in testbed")
+    }
+    pub fn alice(&self) -> &User {
+        &self.users[0]
+    }
+    pub fn bob(&self) -> &User {
+        &self.users[1]
+    }
+    pub fn host(&self, name: &str) -> &Host {
+        self.hosts
+            .iter()
+            .find(|h| h.name == name)
+            .expect("host in testbed")
+    }
+
+    /// Pool options with short bounds so a failing test fails fast.
+    pub fn pool_options(&self) -> PoolOptions {
+        let mut connect = ConnectOptions::new(&self.known_hosts);
+        connect.connect_timeout = Duration::from_secs(5);
+        connect.auth_timeout = Duration::from_secs(5);
+        PoolOptions::new(connect)
+    }
+
+    pub fn pool(&self) -> Pool {
+        Pool::new(self.pool_options())
+    }
+
+    /// `user@host` with the hub key.
+    pub fn target(&self, host: &str, user: &str) -> Target {
+        let h = self.host(host);
+        Target::new(&h.address, user, Identity::KeyFile(self.hub_key.clone())).port(h.port)
+    }
+
+    /// Run a fault handle of `scripts/testbed` and insist it worked.
+    pub fn fault(&self, action: &str, host: &str) {
+        let out = std::process::Command::new(&self.testbed_script)
+            .args([action, host])
+            .output()
+            .expect("run scripts/testbed");
+        assert!(
+            out.status.success(),
+            "scripts/testbed {action} {host} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Undo a fault when the test ends, even if an assertion failed.
+pub struct Undo<'a> {
+    pub testbed: &'a Testbed,
+    pub action: &'static str,
+    pub host: String,
+}
+
+impl Drop for Undo<'_> {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(&self.testbed.testbed_script)
+            .args([self.action, &self.host])
+            .status();
+    }
+}
+
+/// A scratch directory removed at the end of the test.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!(
+            "ssh-spawner-test-{tag}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
+        std::fs::create_dir_all(&dir).expect("make scratch dir");
+        Scratch(dir)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn rand_suffix() -> String {
+    format!("{:08x}", rand::random::<u32>())
+}
+
+pub fn mode_of(path: &Path) -> u32 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .mode()
+        & 0o7777
+}
