@@ -195,6 +195,33 @@ pub enum Error {
         reason: String,
     },
 
+    /// No configured host can take the server; `detail` lists every host and why.
+    #[error("{detail}")]
+    NoHost {
+        /// e.g. `no host has 8G free: node1: 3.1G free, node2: down (...)`.
+        detail: String,
+    },
+
+    /// The server process ended while it was being started.
+    #[error("{host}: server exited during start with {status}{}", stderr_suffix(.log_tail))]
+    ServerExited {
+        /// Host display name.
+        host: String,
+        /// `status 1`, `signal 9` or `unknown status`.
+        status: String,
+        /// The last lines of the server's log.
+        log_tail: String,
+    },
+
+    /// The chosen port was taken between choosing and starting; choose another.
+    #[error("{host}: port {port} was taken before the server could start")]
+    PortTaken {
+        /// Host display name.
+        host: String,
+        /// The port.
+        port: u16,
+    },
+
     /// A value handed to this crate is not acceptable (names what and why).
     #[error("invalid {what}: {reason}")]
     Invalid {
@@ -215,6 +242,29 @@ fn stderr_suffix(tail: &str) -> String {
 }
 
 impl Error {
+    /// A stable, short name for the variant (what the Python class acts on).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Unreachable { .. } => "unreachable",
+            Error::Timeout { .. } => "timeout",
+            Error::HostKeyUnknown { .. } => "host_key_unknown",
+            Error::HostKeyChanged { .. } => "host_key_changed",
+            Error::HostKeyRevoked { .. } => "host_key_revoked",
+            Error::KnownHosts { .. } => "known_hosts",
+            Error::AuthRefused { .. } => "auth_refused",
+            Error::Key { .. } => "key",
+            Error::Agent { .. } => "agent",
+            Error::Ssh { .. } => "ssh",
+            Error::CommandFailed { .. } => "command_failed",
+            Error::OutputTooLarge { .. } => "output_too_large",
+            Error::Sftp { .. } => "sftp",
+            Error::NoHost { .. } => "no_host",
+            Error::ServerExited { .. } => "server_exited",
+            Error::PortTaken { .. } => "port_taken",
+            Error::Invalid { .. } => "invalid",
+        }
+    }
+
     /// True when the error says nothing about the remote process, only that the
     /// host could not be asked: callers must treat the server's state as unknown.
     pub fn is_unreachable(&self) -> bool {

@@ -8,6 +8,11 @@
 //! - [`ssh`] moves bytes: a pool of verified, authenticated connections to
 //!   OpenSSH servers that carries many concurrent commands and SFTP uploads,
 //!   with every wait bounded. It decides nothing about spawning.
+//! - [`plan`] decides, with no I/O: which host and port, the remote scripts
+//!   that launch, poll and stop a server, what hosts report, the state kept.
+//! - [`spawner`] ties the two together: prepare, certificates, launch, poll,
+//!   stop, progress. The JupyterHub class and the `ssh-spawner` CLI drive it.
+//! - [`config`] holds the options and fills templates with validated names.
 //! - [`error`] is the one error type; each variant names the host and user and
 //!   says what an admin can do about it.
 //!
@@ -20,7 +25,13 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod config;
 pub mod error;
+pub mod plan;
+pub mod spawner;
 pub mod ssh;
+
+#[cfg(feature = "python")]
+mod python;
 
 pub use error::{Error, Result};

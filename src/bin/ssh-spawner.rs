@@ -1,15 +1,22 @@
 //! `ssh-spawner`: the admin's command line on the same core as the hub class.
+//! Human-readable by default, `--json` for scripts.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::io::Write;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use ssh_spawner::config::{parse_size, Config};
+use ssh_spawner::plan::hosts::{human_bytes, Requirements};
+use ssh_spawner::plan::limits::Limits;
+use ssh_spawner::plan::state::{self, ServerState};
+use ssh_spawner::spawner::{PollOutcome, Progress, SpawnRequest, Spawner};
 use ssh_spawner::ssh::{
     Command, ConnectOptions, HostKeyPolicy, Identity, Pool, PoolOptions, Target,
 };
+use ssh_spawner::Error;
 
 #[derive(Parser)]
 #[command(
@@ -18,14 +25,73 @@ use ssh_spawner::ssh::{
     about = "Start, inspect and stop JupyterHub servers on SSH hosts"
 )]
 struct Cli {
+    /// Configuration file (TOML): hosts, keys, known_hosts, ... See the README.
+    #[arg(long, short, global = true, env = "SSH_SPAWNER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Check every host: reachable, host key, auth, command found, memory,
+    /// load, servers. Exits 1 when a host fails.
+    Check {
+        /// Hub user to log in as (its remote user and key are used).
+        #[arg(long)]
+        user: String,
+    },
+    /// Start a server for a user; prints its state (keep it for poll and stop).
+    Spawn {
+        /// Hub user.
+        #[arg(long)]
+        user: String,
+        /// Named server.
+        #[arg(long, default_value = "")]
+        server_name: String,
+        /// Only this host.
+        #[arg(long)]
+        host: Option<String>,
+        /// Memory a host must have available, e.g. 4G.
+        #[arg(long)]
+        mem_guarantee: Option<String>,
+        /// Idle cores a host must have.
+        #[arg(long)]
+        cpu_guarantee: Option<f64>,
+        /// Memory limit, e.g. 2G.
+        #[arg(long)]
+        mem_limit: Option<String>,
+        /// CPU limit in cores.
+        #[arg(long)]
+        cpu_limit: Option<f64>,
+        /// Extra environment, NAME=VALUE (repeatable).
+        #[arg(long = "env", value_name = "NAME=VALUE")]
+        env: Vec<String>,
+        /// The command (default: `command` from the configuration).
+        #[arg(trailing_var_arg = true)]
+        command: Vec<String>,
+    },
+    /// Is the server running? Exit 0 running, 3 exited, 4 unknown (host not answering).
+    Poll {
+        /// The state printed by spawn: JSON, @FILE or - for stdin.
+        state: String,
+    },
+    /// Stop the server (TERM, then KILL after the grace) and clean up.
+    Stop {
+        /// The state printed by spawn: JSON, @FILE or - for stdin.
+        state: String,
+    },
+    /// Servers running on each host, all users.
+    List {
+        /// Hub user to log in as.
+        #[arg(long)]
+        user: String,
+    },
     /// Run one command on a host through the spawner's verified SSH path
-    /// (host key checked, key or agent auth, bounded in time and output).
+    /// (no configuration file needed).
     Exec {
         /// Host name or address.
         #[arg(long)]
@@ -59,7 +125,292 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("ssh-spawner: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn spawner(config: &Option<PathBuf>) -> Result<Spawner, Error> {
+    let Some(path) = config else {
+        return Err(Error::Invalid {
+            what: "configuration".into(),
+            reason: "give --config FILE (or set SSH_SPAWNER_CONFIG)".into(),
+        });
+    };
+    Spawner::new(Config::from_toml_file(path)?)
+}
+
+fn read_state(arg: &str) -> Result<ServerState, Error> {
+    let text = if arg == "-" {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .map_err(|e| Error::Invalid {
+                what: "state on stdin".into(),
+                reason: e.to_string(),
+            })?;
+        s
+    } else if let Some(path) = arg.strip_prefix('@') {
+        std::fs::read_to_string(path).map_err(|e| Error::Invalid {
+            what: format!("state file {path}"),
+            reason: e.to_string(),
+        })?
+    } else {
+        arg.to_string()
+    };
+    state::decode(&text)
+}
+
+fn print_json(value: &impl serde::Serialize) {
+    match serde_json::to_string_pretty(value) {
+        Ok(s) => println!("{s}"),
+        Err(e) => eprintln!("ssh-spawner: cannot print JSON: {e}"),
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, Error> {
+    match cli.command {
+        Cmd::Check { user } => {
+            let sp = spawner(&cli.config)?;
+            let rows = sp.check(&user).await?;
+            let failed = rows.iter().any(|r| !r.ok());
+            if cli.json {
+                print_json(&rows);
+            } else {
+                println!(
+                    "{:<10} {:<20} {:<9} {:<8} {:<7} {:<7} {:>8} {:>11} {:>7}",
+                    "HOST",
+                    "ADDRESS",
+                    "REACHABLE",
+                    "HOST KEY",
+                    "AUTH",
+                    "COMMAND",
+                    "MEM FREE",
+                    "LOAD/CORES",
+                    "SERVERS"
+                );
+                for r in &rows {
+                    let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+                    println!(
+                        "{:<10} {:<20} {:<9} {:<8} {:<7} {:<7} {:>8} {:>11} {:>7}",
+                        r.host,
+                        r.address,
+                        if r.reachable { "yes" } else { "no" },
+                        r.host_key,
+                        r.auth,
+                        match r.command_found {
+                            Some(true) => "found",
+                            Some(false) => "MISSING",
+                            None => "-",
+                        },
+                        opt(r.mem_available.map(human_bytes)),
+                        opt(r.load1.zip(r.cpus).map(|(l, c)| format!("{l:.2}/{c}"))),
+                        opt(r.servers.map(|s| s.to_string())),
+                    );
+                }
+                for r in rows.iter().filter(|r| r.error.is_some()) {
+                    println!("\n{}: {}", r.host, r.error.as_deref().unwrap_or_default());
+                }
+            }
+            sp.pool().close_all().await;
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Cmd::Spawn {
+            user,
+            server_name,
+            host,
+            mem_guarantee,
+            cpu_guarantee,
+            mem_limit,
+            cpu_limit,
+            env,
+            command,
+        } => {
+            let sp = spawner(&cli.config)?;
+            let size = |v: Option<String>| v.map(|s| parse_size(&s)).transpose();
+            let req = SpawnRequest {
+                username: user.clone(),
+                server_name: server_name.clone(),
+                requirements: Requirements {
+                    mem_guarantee: size(mem_guarantee)?,
+                    cpu_guarantee,
+                },
+                limits: Limits {
+                    mem: size(mem_limit)?,
+                    cpu: cpu_limit,
+                },
+                host,
+                exclude: Vec::new(),
+            };
+            let mut extra = Vec::new();
+            for kv in env {
+                let Some((k, v)) = kv.split_once('=') else {
+                    return Err(Error::Invalid {
+                        what: format!("--env {kv:?}"),
+                        reason: "expected NAME=VALUE".into(),
+                    });
+                };
+                extra.push((k.to_string(), v.to_string()));
+            }
+            let command = if command.is_empty() {
+                sp.config().command.clone()
+            } else {
+                command
+            };
+            let progress = Progress::new();
+            let printer = {
+                let progress = progress.clone();
+                tokio::spawn(async move {
+                    let mut cursor = 0;
+                    loop {
+                        let events = progress.next_from(cursor).await;
+                        if events.is_empty() {
+                            return;
+                        }
+                        cursor += events.len();
+                        for e in events {
+                            eprintln!("[{:>3}%] {}", e.progress, e.message);
+                        }
+                    }
+                })
+            };
+            let env_for = |s: &ServerState| {
+                // What JupyterHub would export, minus hub-only values.
+                let prefix = if server_name.is_empty() {
+                    format!("/user/{user}/")
+                } else {
+                    format!("/user/{user}/{server_name}/")
+                };
+                let mut env = vec![
+                    (
+                        "JUPYTERHUB_SERVICE_URL".to_string(),
+                        format!("http://0.0.0.0:{}{prefix}", s.port),
+                    ),
+                    ("JUPYTERHUB_SERVICE_PREFIX".to_string(), prefix),
+                    ("JUPYTERHUB_USER".to_string(), user.clone()),
+                    ("JUPYTERHUB_SERVER_NAME".to_string(), server_name.clone()),
+                ];
+                if let Some(m) = req.limits.mem {
+                    env.push(("MEM_LIMIT".into(), m.to_string()));
+                }
+                if let Some(c) = req.limits.cpu {
+                    env.push(("CPU_LIMIT".into(), c.to_string()));
+                }
+                env.extend(extra.iter().cloned());
+                env
+            };
+            let result = sp.spawn(&req, env_for, &command, &progress).await;
+            progress.finish();
+            let _ = printer.await;
+            let state = result?;
+            sp.pool().close_all().await;
+            if cli.json {
+                print_json(&state);
+            } else {
+                println!(
+                    "{} on {} ({}:{}) as {}, pid {}",
+                    command.join(" "),
+                    state.host,
+                    state.address,
+                    state.port,
+                    state.remote_user,
+                    state.pid.unwrap_or(0)
+                );
+                println!("state: {}", state::encode(&state)?);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Poll { state } => {
+            let sp = spawner(&cli.config)?;
+            let state = read_state(&state)?;
+            let outcome = sp.poll(&state).await;
+            sp.pool().close_all().await;
+            let (word, detail, code) = match &outcome {
+                PollOutcome::Running => ("running", String::new(), 0),
+                PollOutcome::Exited { status, reason } => (
+                    "exited",
+                    format!(
+                        "{reason:?}{}",
+                        status.map(|s| format!(", status {s}")).unwrap_or_default()
+                    ),
+                    3,
+                ),
+                PollOutcome::Unknown(e) => ("unknown", e.to_string(), 4),
+            };
+            if cli.json {
+                print_json(&serde_json::json!({"status": word, "detail": detail}));
+            } else if detail.is_empty() {
+                println!("{word}");
+            } else {
+                println!("{word}: {detail}");
+            }
+            Ok(ExitCode::from(code))
+        }
+        Cmd::Stop { state } => {
+            let sp = spawner(&cli.config)?;
+            let state = read_state(&state)?;
+            let stopped = sp.stop(&state).await?;
+            sp.pool().close_all().await;
+            let word = format!("{stopped:?}");
+            if cli.json {
+                print_json(&serde_json::json!({"stopped": word}));
+            } else {
+                println!("stopped on {}: {word}", state.host);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::List { user } => {
+            let sp = spawner(&cli.config)?;
+            let hosts = sp.list(&user).await?;
+            sp.pool().close_all().await;
+            let mut failed = false;
+            if cli.json {
+                let v: Vec<_> = hosts
+                    .iter()
+                    .map(|(h, r)| match r {
+                        Ok(l) => serde_json::json!({"host": h, "servers": l}),
+                        Err(e) => serde_json::json!({"host": h, "error": e.to_string()}),
+                    })
+                    .collect();
+                failed = hosts.iter().any(|(_, r)| r.is_err());
+                print_json(&v);
+            } else {
+                println!(
+                    "{:<10} {:>8} {:<16} {:>12} RUN",
+                    "HOST", "PGID", "USER", "UPTIME"
+                );
+                for (h, r) in &hosts {
+                    match r {
+                        Ok(list) => {
+                            for l in list {
+                                println!(
+                                    "{:<10} {:>8} {:<16} {:>12} {}",
+                                    h, l.pgid, l.user, l.elapsed, l.run_id
+                                );
+                            }
+                        }
+                        Err(e) => {
+                            failed = true;
+                            println!("{h:<10} error: {e}");
+                        }
+                    }
+                }
+            }
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
         Cmd::Exec {
             host,
             port,
@@ -73,13 +424,12 @@ async fn main() -> ExitCode {
         } => {
             let identity = match (key, agent) {
                 (Some(k), _) => Identity::KeyFile(k),
-                (None, true) => match Identity::agent_from_env() {
-                    Ok(i) => i,
-                    Err(e) => return fail(&e),
-                },
+                (None, true) => Identity::agent_from_env()?,
                 (None, false) => {
-                    eprintln!("ssh-spawner: give --key FILE or --agent");
-                    return ExitCode::from(2);
+                    return Err(Error::Invalid {
+                        what: "credentials".into(),
+                        reason: "give --key FILE or --agent".into(),
+                    })
                 }
             };
             let mut connect = ConnectOptions::new(known_hosts);
@@ -89,20 +439,13 @@ async fn main() -> ExitCode {
             let pool = Pool::new(PoolOptions::new(connect));
             let target = Target::new(host, user, identity).port(port);
             let cmd = Command::new(command.join(" ")).timeout(Duration::from_secs(timeout));
-            match pool.exec(&target, &cmd).await {
-                Ok(out) => {
-                    let _ = std::io::stdout().write_all(&out.stdout);
-                    let _ = std::io::stderr().write_all(&out.stderr);
-                    pool.close_all().await;
-                    ExitCode::from(out.status.map(|s| s.min(255) as u8).unwrap_or(255))
-                }
-                Err(e) => fail(&e),
-            }
+            let out = pool.exec(&target, &cmd).await?;
+            let _ = std::io::stdout().write_all(&out.stdout);
+            let _ = std::io::stderr().write_all(&out.stderr);
+            pool.close_all().await;
+            Ok(ExitCode::from(
+                out.status.map(|s| s.min(255) as u8).unwrap_or(255),
+            ))
         }
     }
-}
-
-fn fail(e: &ssh_spawner::Error) -> ExitCode {
-    eprintln!("ssh-spawner: {e}");
-    ExitCode::from(1)
 }

@@ -1,0 +1,492 @@
+//! What a host reports about itself, and which host a server goes to.
+//!
+//! One exec per host reads everything a choice needs (free memory, cores,
+//! load, servers running, listening ports, whether systemd and prlimit are
+//! there). Choosing is a plain function of those facts.
+
+use std::collections::BTreeSet;
+
+use rand::seq::SliceRandom;
+use rand::Rng;
+
+use super::ports::listening_ports;
+use crate::error::{Error, Result};
+
+/// Marker in every server wrapper's argv, so servers can be counted and
+/// listed with `pgrep -f` by any user (argv is public; it holds no secret).
+pub const RUN_MARKER: &str = "ssh-spawner-run:";
+
+/// How the next server's host is chosen among those that fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Uniformly among hosts that fit (the default: spreads a 9 a.m. rush).
+    #[default]
+    Random,
+    /// The next host in configuration order after the last one used.
+    RoundRobin,
+    /// Fewest servers, then lowest load per core.
+    LeastLoaded,
+}
+
+/// What one host reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostFacts {
+    /// The host's own name (`hostname`).
+    pub hostname: String,
+    /// The remote user's home directory.
+    pub home: String,
+    /// The remote user's uid.
+    pub uid: u32,
+    /// `MemAvailable` in bytes.
+    pub mem_available: u64,
+    /// `MemTotal` in bytes.
+    pub mem_total: u64,
+    /// Online CPUs.
+    pub cpus: u32,
+    /// One-minute load average.
+    pub load1: f64,
+    /// `/proc/sys/kernel/random/boot_id`: changes when the host reboots.
+    pub boot_id: String,
+    /// Servers started by any ssh-spawner on this host (all users).
+    pub servers: usize,
+    /// A systemd user manager answers (`systemd-run --user` usable).
+    pub systemd_user: bool,
+    /// `prlimit` is installed.
+    pub prlimit: bool,
+    /// Whether the single-user command was found (only when asked).
+    pub command_found: Option<bool>,
+    /// TCP ports in LISTEN state.
+    pub listening: BTreeSet<u16>,
+}
+
+impl HostFacts {
+    /// Cores not busy, by the one-minute load.
+    pub fn free_cores(&self) -> f64 {
+        (f64::from(self.cpus) - self.load1).max(0.0)
+    }
+}
+
+const TCP_MARK: &str = "--- proc-net-tcp";
+
+/// The facts script. With `command_check`, it also runs the prologue in a
+/// subshell and reports whether the first word of the command is found.
+pub fn facts_script(command_check: Option<(&[String], &str)>) -> String {
+    let mut s = String::from(
+        r#"set -u
+LC_ALL=C; export LC_ALL
+printf 'hostname=%s\n' "$(cat /proc/sys/kernel/hostname)"
+printf 'home=%s\n' "$HOME"
+printf 'uid=%s\n' "$(id -u)"
+while read -r k v _; do
+  case $k in
+    MemTotal:) printf 'mem_total_kb=%s\n' "$v" ;;
+    MemAvailable:) printf 'mem_available_kb=%s\n' "$v" ;;
+  esac
+done < /proc/meminfo
+printf 'cpus=%s\n' "$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc)"
+read -r l1 _ < /proc/loadavg; printf 'load1=%s\n' "$l1"
+printf 'boot_id=%s\n' "$(cat /proc/sys/kernel/random/boot_id)"
+printf 'servers=%s\n' "$(pgrep -fc 'ssh-spawner-ru[n]:' 2>/dev/null || true)"
+if command -v systemd-run >/dev/null 2>&1 && systemctl --user show-environment >/dev/null 2>&1; then
+  echo systemd_user=yes; else echo systemd_user=no; fi
+if command -v prlimit >/dev/null 2>&1; then echo prlimit=yes; else echo prlimit=no; fi
+"#,
+    );
+    if let Some((prologue, command)) = command_check {
+        s.push_str("if (\n");
+        for line in prologue {
+            s.push_str(line);
+            s.push('\n');
+        }
+        s.push_str(&format!(
+            "command -v {command} ) >/dev/null 2>&1; then echo command=yes; else echo command=no; fi\n"
+        ));
+    }
+    s.push_str(&format!(
+        "echo '{TCP_MARK}'\ncat /proc/net/tcp /proc/net/tcp6 2>/dev/null\n"
+    ));
+    s
+}
+
+/// Parse what [`facts_script`] printed.
+pub fn parse_facts(stdout: &str) -> Result<HostFacts> {
+    let (head, tcp) = stdout.split_once(TCP_MARK).unwrap_or((stdout, ""));
+    let mut f = HostFacts {
+        hostname: String::new(),
+        home: String::new(),
+        uid: u32::MAX,
+        mem_available: 0,
+        mem_total: 0,
+        cpus: 0,
+        load1: 0.0,
+        boot_id: String::new(),
+        servers: 0,
+        systemd_user: false,
+        prlimit: false,
+        command_found: None,
+        listening: listening_ports(tcp),
+    };
+    let bad = |what: &str, v: &str| Error::Invalid {
+        what: "host facts".into(),
+        reason: format!("{what} is not a number: {v:?}"),
+    };
+    for line in head.lines() {
+        let Some((k, v)) = line.split_once('=') else {
+            continue;
+        };
+        match k {
+            "hostname" => f.hostname = v.to_string(),
+            "home" => f.home = v.to_string(),
+            "uid" => f.uid = v.parse().map_err(|_| bad(k, v))?,
+            "mem_total_kb" => f.mem_total = v.parse::<u64>().map_err(|_| bad(k, v))? * 1024,
+            "mem_available_kb" => f.mem_available = v.parse::<u64>().map_err(|_| bad(k, v))? * 1024,
+            "cpus" => f.cpus = v.parse().map_err(|_| bad(k, v))?,
+            "load1" => f.load1 = v.parse().map_err(|_| bad(k, v))?,
+            "boot_id" => f.boot_id = v.to_string(),
+            "servers" => {
+                f.servers = if v.is_empty() {
+                    0
+                } else {
+                    v.parse().map_err(|_| bad(k, v))?
+                }
+            }
+            "systemd_user" => f.systemd_user = v == "yes",
+            "prlimit" => f.prlimit = v == "yes",
+            "command" => f.command_found = Some(v == "yes"),
+            _ => {}
+        }
+    }
+    if f.home.is_empty() || !f.home.starts_with('/') || f.uid == u32::MAX || f.cpus == 0 {
+        return Err(Error::Invalid {
+            what: "host facts".into(),
+            reason: format!(
+                "incomplete report (home {:?}, uid {}, cpus {})",
+                f.home, f.uid, f.cpus
+            ),
+        });
+    }
+    Ok(f)
+}
+
+/// One server found running on a host by [`list_script`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Listed {
+    /// The wrapper's pid (the process group).
+    pub pgid: u32,
+    /// Remote user it runs as.
+    pub user: String,
+    /// How long it has run, as `ps` prints it.
+    pub elapsed: String,
+    /// The run id from the marker.
+    pub run_id: String,
+}
+
+/// Lists every user's servers on a host: argv (and so the marker) is public.
+pub fn list_script() -> String {
+    "ps -eo pid=,user:32=,etime=,args= | grep -e 'ssh-spawner-ru[n]:' || true\n".to_string()
+}
+
+/// Parse what [`list_script`] printed; lines that do not match are skipped.
+pub fn parse_list(stdout: &str) -> Vec<Listed> {
+    let mut out = Vec::new();
+    for line in stdout.lines() {
+        let mut f = line.split_whitespace();
+        let (Some(pid), Some(user), Some(elapsed)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let Ok(pgid) = pid.parse() else { continue };
+        let Some((_, after)) = line.split_once(RUN_MARKER) else {
+            continue;
+        };
+        let run_id: String = after
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .collect();
+        if run_id.is_empty() || out.iter().any(|l: &Listed| l.run_id == run_id) {
+            continue;
+        }
+        out.push(Listed {
+            pgid,
+            user: user.to_string(),
+            elapsed: elapsed.to_string(),
+            run_id,
+        });
+    }
+    out
+}
+
+/// What a server asks of its host.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Requirements {
+    /// Bytes of memory that must be available.
+    pub mem_guarantee: Option<u64>,
+    /// Cores that must be idle.
+    pub cpu_guarantee: Option<f64>,
+}
+
+/// One configured host as the chooser sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate<'a> {
+    /// Display name.
+    pub name: &'a str,
+    /// Server cap from the configuration.
+    pub max_servers: Option<usize>,
+    /// Its facts, or why they could not be read.
+    pub facts: std::result::Result<&'a HostFacts, String>,
+}
+
+/// Why a host was passed over, in words for the spawn page.
+fn unfit(c: &Candidate, req: &Requirements) -> Option<String> {
+    let f = match &c.facts {
+        Ok(f) => f,
+        Err(e) => return Some(format!("down ({e})")),
+    };
+    if let Some(max) = c.max_servers {
+        if f.servers >= max {
+            return Some(format!("full ({}/{max} servers)", f.servers));
+        }
+    }
+    if let Some(mem) = req.mem_guarantee {
+        if f.mem_available < mem {
+            return Some(format!("{} free", human_bytes(f.mem_available)));
+        }
+    }
+    if let Some(cpu) = req.cpu_guarantee {
+        if f.free_cores() < cpu {
+            return Some(format!("{:.1} cores idle", f.free_cores()));
+        }
+    }
+    None
+}
+
+/// Order the hosts that fit, best first (the rest are the fail-over order).
+/// `round_robin_next` is where round-robin starts. When none fits, one error
+/// lists every host and why.
+pub fn rank(
+    candidates: &[Candidate],
+    req: &Requirements,
+    strategy: Strategy,
+    round_robin_next: usize,
+    rng: &mut impl Rng,
+) -> Result<Vec<usize>> {
+    let mut fit: Vec<usize> = Vec::new();
+    let mut reasons = Vec::new();
+    for (i, c) in candidates.iter().enumerate() {
+        match unfit(c, req) {
+            None => fit.push(i),
+            Some(why) => reasons.push(format!("{}: {why}", c.name)),
+        }
+    }
+    if fit.is_empty() {
+        let mut need = Vec::new();
+        if let Some(m) = req.mem_guarantee {
+            need.push(format!("{} free", human_bytes(m)));
+        }
+        if let Some(c) = req.cpu_guarantee {
+            need.push(format!("{c} idle cores"));
+        }
+        let what = if need.is_empty() {
+            "no host can take a server".to_string()
+        } else {
+            format!("no host has {}", need.join(" and "))
+        };
+        return Err(Error::NoHost {
+            detail: format!("{what}: {}", reasons.join(", ")),
+        });
+    }
+    match strategy {
+        Strategy::Random => fit.shuffle(rng),
+        Strategy::RoundRobin => {
+            let n = candidates.len().max(1);
+            let start = round_robin_next % n;
+            fit.sort_by_key(|i| (i + n - start) % n);
+        }
+        Strategy::LeastLoaded => {
+            fit.shuffle(rng);
+            let load = |i: &usize| match &candidates[*i].facts {
+                Ok(f) => (f.servers, f.load1 / f64::from(f.cpus.max(1))),
+                Err(_) => (usize::MAX, f64::MAX),
+            };
+            fit.sort_by(|a, b| {
+                let (sa, la) = load(a);
+                let (sb, lb) = load(b);
+                sa.cmp(&sb).then(la.total_cmp(&lb))
+            });
+        }
+    }
+    Ok(fit)
+}
+
+/// `3.1G`, `512M`: how people write memory sizes.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("T", 1 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ];
+    for (unit, size) in UNITS {
+        if bytes >= size {
+            let v = bytes as f64 / size as f64;
+            return if v >= 10.0 || (v - v.round()).abs() < 0.05 {
+                format!("{:.0}{unit}", v)
+            } else {
+                format!("{v:.1}{unit}")
+            };
+        }
+    }
+    format!("{bytes}B")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    const REPORT: &str = "hostname=node1\nhome=/home/tb-alice\nuid=1001\nmem_total_kb=16000000\n\
+mem_available_kb=3250585\ncpus=4\nload1=1.50\nboot_id=abc\nservers=2\nsystemd_user=no\nprlimit=yes\n\
+--- proc-net-tcp\n  sl local rem st\n   0: 00000000:0016 00000000:0000 0A x\n";
+
+    fn facts(servers: usize, mem_gb: f64, load1: f64) -> HostFacts {
+        let mut f = parse_facts(REPORT).unwrap();
+        f.servers = servers;
+        f.mem_available = (mem_gb * (1u64 << 30) as f64) as u64;
+        f.load1 = load1;
+        f
+    }
+
+    #[test]
+    fn parses_a_report() {
+        let f = parse_facts(REPORT).unwrap();
+        assert_eq!(f.hostname, "node1");
+        assert_eq!(f.home, "/home/tb-alice");
+        assert_eq!(f.uid, 1001);
+        assert_eq!(f.mem_available, 3250585 * 1024);
+        assert_eq!(
+            (f.cpus, f.servers, f.systemd_user, f.prlimit),
+            (4, 2, false, true)
+        );
+        assert_eq!(f.free_cores(), 2.5);
+        assert_eq!(f.listening.iter().copied().collect::<Vec<_>>(), vec![22]);
+        assert_eq!(f.command_found, None);
+    }
+
+    #[test]
+    fn refuses_garbage_and_partial_reports() {
+        assert!(parse_facts("").is_err());
+        assert!(parse_facts("home=/h\nuid=x\ncpus=2").is_err());
+        assert!(parse_facts("home=relative\nuid=1\ncpus=2").is_err());
+        let err = parse_facts("home=/h\nuid=1\ncpus=2\nload1=high").unwrap_err();
+        assert!(err.to_string().contains("load1"), "{err}");
+    }
+
+    #[test]
+    fn no_host_fits_lists_every_host_and_why() {
+        let (a, b) = (facts(0, 3.1, 0.0), facts(5, 64.0, 0.0));
+        let cands = [
+            Candidate {
+                name: "node1",
+                max_servers: None,
+                facts: Ok(&a),
+            },
+            Candidate {
+                name: "node2",
+                max_servers: Some(5),
+                facts: Ok(&b),
+            },
+            Candidate {
+                name: "node3",
+                max_servers: None,
+                facts: Err("timed out".into()),
+            },
+        ];
+        let req = Requirements {
+            mem_guarantee: Some(8 << 30),
+            cpu_guarantee: None,
+        };
+        let err = rank(&cands, &req, Strategy::Random, 0, &mut rand::rng()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no host has 8G free: node1: 3.1G free, node2: full (5/5 servers), node3: down (timed out)"
+        );
+    }
+
+    #[test]
+    fn strategies_order_the_hosts_that_fit() {
+        let (a, b, c) = (facts(3, 8.0, 3.0), facts(1, 8.0, 0.5), facts(1, 8.0, 0.1));
+        let cands = [
+            Candidate {
+                name: "a",
+                max_servers: None,
+                facts: Ok(&a),
+            },
+            Candidate {
+                name: "b",
+                max_servers: None,
+                facts: Ok(&b),
+            },
+            Candidate {
+                name: "c",
+                max_servers: None,
+                facts: Ok(&c),
+            },
+        ];
+        let req = Requirements::default();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        assert_eq!(
+            rank(&cands, &req, Strategy::LeastLoaded, 0, &mut rng).unwrap(),
+            vec![2, 1, 0]
+        );
+        assert_eq!(
+            rank(&cands, &req, Strategy::RoundRobin, 1, &mut rng).unwrap(),
+            vec![1, 2, 0]
+        );
+        assert_eq!(
+            rank(&cands, &req, Strategy::RoundRobin, 5, &mut rng).unwrap(),
+            vec![2, 0, 1]
+        );
+        // Random reaches every host.
+        let mut firsts = BTreeSet::new();
+        for _ in 0..100 {
+            firsts.insert(rank(&cands, &req, Strategy::Random, 0, &mut rng).unwrap()[0]);
+        }
+        assert_eq!(firsts.len(), 3);
+        // cpu_guarantee: a has 1 idle core of 4.
+        let req = Requirements {
+            mem_guarantee: None,
+            cpu_guarantee: Some(2.0),
+        };
+        assert_eq!(
+            rank(&cands, &req, Strategy::LeastLoaded, 0, &mut rng).unwrap(),
+            vec![2, 1]
+        );
+    }
+
+    #[test]
+    fn lists_servers_from_ps() {
+        let ps = "  4242 tb-alice      01:02:03 /bin/sh -c ... ssh-spawner-run:0123abcd x y\n\
+                    4243 tb-alice      01:02:03 sleep 1 ssh-spawner-run:0123abcd\n\
+                    bad line\n  77 tb.bob-2 00:05 sh ssh-spawner-run:ffff0000\n";
+        let l = parse_list(ps);
+        assert_eq!(l.len(), 2);
+        assert_eq!(
+            l[0],
+            Listed {
+                pgid: 4242,
+                user: "tb-alice".into(),
+                elapsed: "01:02:03".into(),
+                run_id: "0123abcd".into()
+            }
+        );
+        assert_eq!(l[1].user, "tb.bob-2");
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_bytes(8 << 30), "8G");
+        assert_eq!(human_bytes(3_328_599_040), "3.1G");
+        assert_eq!(human_bytes(512 << 20), "512M");
+        assert_eq!(human_bytes(100), "100B");
+    }
+}

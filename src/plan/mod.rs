@@ -1,0 +1,15 @@
+//! Decisions, no I/O: plain functions over plain data, tested without sshd.
+//!
+//! - [`hosts`]: what a host reports, and which host a server goes to.
+//! - [`ports`]: listening sockets from `/proc/net/tcp*`, and port choice.
+//! - [`limits`]: how memory and CPU limits are enforced on a host.
+//! - [`script`]: the launch, poll and stop scripts, and what they print.
+//! - [`adopt`]: finding a server whose start was interrupted.
+//! - [`state`]: the versioned server state kept by the hub.
+
+pub mod adopt;
+pub mod hosts;
+pub mod limits;
+pub mod ports;
+pub mod script;
+pub mod state;

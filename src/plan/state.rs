@@ -1,0 +1,214 @@
+//! The server state the hub keeps in its database: everything poll and stop
+//! need, so a restarted hub finds its servers again.
+//!
+//! Versioned JSON. Fields unknown to this version are kept (a downgrade, or a
+//! field added by a newer version, survives a round trip); a state from a
+//! newer major version, or one that is malformed, is a clear error, never a
+//! panic. Nothing in it is secret.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The version this build writes.
+pub const STATE_VERSION: u32 = 1;
+
+/// One server's state. `pid` and the fields after it are `None` between
+/// "host and directory chosen" and "launch reported the pid": a state saved
+/// in that window still lets stop find the server through its directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerState {
+    /// Format version.
+    #[serde(default = "v1")]
+    pub version: u32,
+    /// The hub user the server belongs to.
+    pub username: String,
+    /// The host's display name.
+    pub host: String,
+    /// Address the hub connects to over SSH.
+    pub address: String,
+    /// SSH port.
+    #[serde(default = "port22")]
+    pub ssh_port: u16,
+    /// Remote user the server runs as.
+    pub remote_user: String,
+    /// Port the server listens on.
+    pub port: u16,
+    /// Random id of this run; names the per-server directory.
+    pub run_id: String,
+    /// Absolute per-server directory on the host.
+    pub dir: String,
+    /// Server process id.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// Process group (the wrapper, session leader).
+    #[serde(default)]
+    pub pgid: Option<u32>,
+    /// Start time of `pid` in clock ticks since boot (`/proc/PID/stat` field 22).
+    #[serde(default)]
+    pub start_time: Option<u64>,
+    /// Owner uid of `pid`.
+    #[serde(default)]
+    pub uid: Option<u32>,
+    /// The host's boot id at launch: a reboot means the server is gone.
+    #[serde(default)]
+    pub boot_id: Option<String>,
+    /// How limits were enforced, in words.
+    #[serde(default)]
+    pub enforcement: Option<String>,
+    /// Fields this version does not know, kept as they were.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+fn v1() -> u32 {
+    1
+}
+fn port22() -> u16 {
+    22
+}
+
+impl ServerState {
+    /// True once launch reported the process.
+    pub fn launched(&self) -> bool {
+        self.pid.is_some()
+    }
+
+    /// Check what a forged or corrupted state could use to do harm.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |reason: String| Error::Invalid {
+            what: "server state".into(),
+            reason,
+        };
+        if self.version > STATE_VERSION {
+            return Err(bad(format!(
+                "written by a newer ssh-spawner (state version {}, this one reads up to {STATE_VERSION})",
+                self.version
+            )));
+        }
+        if self.address.is_empty()
+            || self
+                .address
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(bad(format!("bad address {:?}", self.address)));
+        }
+        if self.run_id.is_empty()
+            || self.run_id.len() > 64
+            || !self
+                .run_id
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            return Err(bad(format!("bad run id {:?}", self.run_id)));
+        }
+        if !self.dir.starts_with('/')
+            || self.dir.contains("/../")
+            || self.dir.ends_with("/..")
+            || self.dir.chars().any(|c| c.is_control())
+            || !self.dir.ends_with(&self.run_id)
+        {
+            return Err(bad(format!("bad server directory {:?}", self.dir)));
+        }
+        if matches!(self.pid, Some(0 | 1)) || matches!(self.pgid, Some(0 | 1)) {
+            return Err(bad("pid 0 or 1 is never a server".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Read a state from the hub database (JSON text).
+pub fn decode(json: &str) -> Result<ServerState> {
+    let state: ServerState = serde_json::from_str(json).map_err(|e| Error::Invalid {
+        what: "server state".into(),
+        reason: e.to_string(),
+    })?;
+    state.validate()?;
+    Ok(state)
+}
+
+/// The JSON text stored in the hub database.
+pub fn encode(state: &ServerState) -> Result<String> {
+    serde_json::to_string(state).map_err(|e| Error::Invalid {
+        what: "server state".into(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ServerState {
+        ServerState {
+            version: STATE_VERSION,
+            username: "alice".into(),
+            host: "node1".into(),
+            address: "198.18.0.11".into(),
+            ssh_port: 22,
+            remote_user: "alice".into(),
+            port: 23456,
+            run_id: "r1a2b3".into(),
+            dir: "/home/alice/.jupyterhub-ssh/r1a2b3".into(),
+            pid: Some(4242),
+            pgid: Some(4241),
+            start_time: Some(123456),
+            uid: Some(1001),
+            boot_id: Some("b00t".into()),
+            enforcement: Some("none".into()),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let s = sample();
+        assert_eq!(decode(&encode(&s).unwrap()).unwrap(), s);
+    }
+
+    #[test]
+    fn older_minimal_states_and_unknown_fields_load() {
+        let old = r#"{"username":"a","host":"n","address":"h","remote_user":"a","port":2,
+                      "run_id":"r1","dir":"/h/r1","future_field":{"x":[1,2]}}"#;
+        let s = decode(old).unwrap();
+        assert_eq!((s.version, s.ssh_port, s.pid), (1, 22, None));
+        assert!(!s.launched());
+        // The unknown field survives a round trip.
+        assert!(encode(&s).unwrap().contains("future_field"));
+    }
+
+    #[test]
+    fn malformed_and_forged_states_are_clear_errors() {
+        for (json, needle) in [
+            ("", "server state"),
+            ("[]", "server state"),
+            ("{\"host\":1}", "server state"),
+            (
+                r#"{"version":9,"username":"a","host":"n","address":"h","remote_user":"a","port":2,"run_id":"r1","dir":"/h/r1"}"#,
+                "newer",
+            ),
+            (
+                r#"{"username":"a","host":"n","address":"h","remote_user":"a","port":2,"run_id":"../x","dir":"/h/r1"}"#,
+                "run id",
+            ),
+            (
+                r#"{"username":"a","host":"n","address":"h","remote_user":"a","port":2,"run_id":"r1","dir":"/etc"}"#,
+                "directory",
+            ),
+            (
+                r#"{"username":"a","host":"n","address":"h","remote_user":"a","port":2,"run_id":"r1","dir":"/h/r1","pid":1}"#,
+                "pid",
+            ),
+            (
+                r#"{"username":"a","host":"n","address":"h","remote_user":"a","port":70000,"run_id":"r1","dir":"/h/r1"}"#,
+                "server state",
+            ),
+        ] {
+            let err = decode(json).unwrap_err();
+            assert!(err.to_string().contains(needle), "{json}: {err}");
+        }
+    }
+}

@@ -1,0 +1,368 @@
+//! The PyO3 bridge: what `python/ssh_spawner` awaits. Built by maturin with
+//! `--features python` as the module `ssh_spawner._core`.
+//!
+//! Everything crosses as JSON text, plain strings, bytes and tuples, so the
+//! Python side stays a thin traitlets class. Every method that touches a
+//! host returns an asyncio awaitable (pyo3-async-runtimes on a tokio
+//! runtime): the hub's event loop is never blocked. Cancelling the awaitable
+//! drops the Rust future, which closes its channel (see `ssh::exec`).
+//!
+//! Log records from the core are queued here and drained by the Python side
+//! into the hub's logger ([`drain_logs`]): no tokio worker ever waits for the
+//! GIL.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use tracing_subscriber::layer::SubscriberExt;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::plan::hosts::Requirements;
+use crate::plan::limits::Limits;
+use crate::plan::state;
+use crate::spawner::{self, PollOutcome, SpawnRequest, Spawner};
+
+create_exception!(
+    _core,
+    SpawnerError,
+    PyException,
+    "An error from the ssh-spawner core; `.kind` names its variant."
+);
+
+fn py_err(e: Error) -> PyErr {
+    let err = SpawnerError::new_err(e.to_string());
+    Python::attach(|py| {
+        let _ = err.value(py).setattr("kind", e.kind());
+        let _ = err.value(py).setattr("unreachable", e.is_unreachable());
+    });
+    err
+}
+
+/// Queued log records: (level, target, message).
+static LOGS: OnceLock<Mutex<VecDeque<(String, String, String)>>> = OnceLock::new();
+const MAX_QUEUED_LOGS: usize = 10_000;
+
+fn logs() -> &'static Mutex<VecDeque<(String, String, String)>> {
+    LOGS.get_or_init(|| Mutex::new(VecDeque::new()))
+}
+
+/// A tracing layer that queues events for Python.
+struct QueueLayer;
+
+struct Fields(String);
+
+impl tracing::field::Visit for Fields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.0 = format!("{value:?}{}", self.0);
+        } else {
+            self.0.push_str(&format!(" {}={value:?}", field.name()));
+        }
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "message" {
+            self.0 = format!("{value}{}", self.0);
+        } else {
+            self.0.push_str(&format!(" {}={value}", field.name()));
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QueueLayer {
+    fn on_event(
+        &self,
+        event: &tracing::Event<'_>,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        let meta = event.metadata();
+        if !meta.target().starts_with("ssh_spawner") {
+            return;
+        }
+        let mut fields = Fields(String::new());
+        event.record(&mut fields);
+        if let Ok(mut q) = logs().lock() {
+            if q.len() >= MAX_QUEUED_LOGS {
+                q.pop_front();
+            }
+            q.push_back((
+                meta.level().to_string(),
+                meta.target().to_string(),
+                fields.0,
+            ));
+        }
+    }
+}
+
+/// Take the queued log records: a list of (level, target, message).
+#[pyfunction]
+fn drain_logs() -> Vec<(String, String, String)> {
+    logs()
+        .lock()
+        .map(|mut q| q.drain(..).collect())
+        .unwrap_or_default()
+}
+
+/// Progress events of one spawn; each watcher reads with its own cursor.
+#[pyclass(frozen)]
+struct Progress(Arc<spawner::Progress>);
+
+#[pymethods]
+impl Progress {
+    #[new]
+    fn new() -> Self {
+        Progress(spawner::Progress::new())
+    }
+
+    /// Events from `cursor` on, waiting for one; `[]` once finished.
+    fn next<'py>(&self, py: Python<'py>, cursor: usize) -> PyResult<Bound<'py, PyAny>> {
+        let p = self.0.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(p.next_from(cursor)
+                .await
+                .into_iter()
+                .map(|e| (e.progress, e.message))
+                .collect::<Vec<_>>())
+        })
+    }
+
+    /// Events from `cursor` on, without waiting.
+    fn snapshot(&self, cursor: usize) -> Vec<(u8, String)> {
+        self.0
+            .snapshot(cursor)
+            .into_iter()
+            .map(|e| (e.progress, e.message))
+            .collect()
+    }
+
+    /// Record an event from the Python side.
+    fn emit(&self, progress: u8, message: String) {
+        self.0.emit(progress, message);
+    }
+
+    /// No more events.
+    fn finish(&self) {
+        self.0.finish();
+    }
+}
+
+/// A host and port chosen for one spawn.
+#[pyclass(frozen)]
+struct Prepared(Mutex<spawner::Prepared>);
+
+impl Prepared {
+    fn get(&self) -> PyResult<spawner::Prepared> {
+        self.0
+            .lock()
+            .map(|p| p.clone())
+            .map_err(|_| SpawnerError::new_err("prepared spawn state is poisoned"))
+    }
+}
+
+#[pymethods]
+impl Prepared {
+    /// The state so far, as JSON (save it before launching).
+    #[getter]
+    fn state(&self) -> PyResult<String> {
+        state::encode(&self.get()?.state).map_err(py_err)
+    }
+    /// Host display name.
+    #[getter]
+    fn host(&self) -> PyResult<String> {
+        Ok(self.get()?.state.host)
+    }
+    /// Address the hub reaches the server at.
+    #[getter]
+    fn address(&self) -> PyResult<String> {
+        Ok(self.get()?.state.address)
+    }
+    /// Chosen port.
+    #[getter]
+    fn port(&self) -> PyResult<u16> {
+        Ok(self.get()?.state.port)
+    }
+    /// Alt names for the server's certificate.
+    #[getter]
+    fn alt_names(&self) -> PyResult<Vec<String>> {
+        Ok(self.get()?.alt_names())
+    }
+}
+
+/// The spawner core, one per hub (its connection pool is shared by all spawns).
+#[pyclass(frozen)]
+struct Core(Spawner);
+
+fn request_from(json: &str) -> PyResult<SpawnRequest> {
+    #[derive(serde::Deserialize)]
+    struct Req {
+        username: String,
+        #[serde(default)]
+        server_name: String,
+        #[serde(default)]
+        mem_guarantee: Option<u64>,
+        #[serde(default)]
+        cpu_guarantee: Option<f64>,
+        #[serde(default)]
+        mem_limit: Option<u64>,
+        #[serde(default)]
+        cpu_limit: Option<f64>,
+        #[serde(default)]
+        host: Option<String>,
+        #[serde(default)]
+        exclude: Vec<String>,
+    }
+    let r: Req = serde_json::from_str(json)
+        .map_err(|e| SpawnerError::new_err(format!("invalid spawn request: {e}")))?;
+    Ok(SpawnRequest {
+        username: r.username,
+        server_name: r.server_name,
+        requirements: Requirements {
+            mem_guarantee: r.mem_guarantee,
+            cpu_guarantee: r.cpu_guarantee,
+        },
+        limits: Limits {
+            mem: r.mem_limit,
+            cpu: r.cpu_limit,
+        },
+        host: r.host,
+        exclude: r.exclude,
+    })
+}
+
+#[pymethods]
+impl Core {
+    /// Validate the configuration (JSON of the Config fields) and make the pool.
+    #[new]
+    fn new(config_json: &str) -> PyResult<Self> {
+        let config = Config::from_json(config_json).map_err(py_err)?;
+        let rt = pyo3_async_runtimes::tokio::get_runtime();
+        let _guard = rt.enter();
+        Spawner::new(config).map(Core).map_err(py_err)
+    }
+
+    /// Choose host and port. `request_json`: username, server_name,
+    /// mem_guarantee, cpu_guarantee, mem_limit, cpu_limit (bytes / cores), host, exclude.
+    fn prepare<'py>(
+        &self,
+        py: Python<'py>,
+        request_json: &str,
+        progress: &Progress,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let req = request_from(request_json)?;
+        let (sp, p) = (self.0.clone(), progress.0.clone());
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let prepared = sp.prepare(&req, &p).await.map_err(py_err)?;
+            Ok(Prepared(Mutex::new(prepared)))
+        })
+    }
+
+    /// Choose another port after a `port_taken` error; returns it.
+    fn repick_port(&self, prepared: &Prepared) -> PyResult<u16> {
+        let mut p = prepared
+            .0
+            .lock()
+            .map_err(|_| SpawnerError::new_err("poisoned"))?;
+        self.0.repick_port(&mut p).map_err(py_err)
+    }
+
+    /// Upload the key, certificate and CA files at these local paths; returns
+    /// (keyfile, certfile, cafile) remote paths. Files are read asynchronously.
+    fn upload_certs<'py>(
+        &self,
+        py: Python<'py>,
+        prepared: &Prepared,
+        key: String,
+        cert: String,
+        ca: String,
+        progress: &Progress,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (sp, p, prep) = (self.0.clone(), progress.0.clone(), prepared.get()?);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let read = |path: String| async move {
+                tokio::fs::read(&path).await.map_err(|e| {
+                    SpawnerError::new_err(format!("cannot read certificate file {path}: {e}"))
+                })
+            };
+            let (key, cert, ca) = (read(key).await?, read(cert).await?, read(ca).await?);
+            let paths = sp
+                .upload_certs(&prep, key, cert, ca, &p)
+                .await
+                .map_err(py_err)?;
+            Ok((paths.keyfile, paths.certfile, paths.cafile))
+        })
+    }
+
+    /// Start the command; returns the state JSON.
+    fn launch<'py>(
+        &self,
+        py: Python<'py>,
+        prepared: &Prepared,
+        env: Vec<(String, String)>,
+        command: Vec<String>,
+        progress: &Progress,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let (sp, p, prep) = (self.0.clone(), progress.0.clone(), prepared.get()?);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let st = sp.launch(&prep, &env, &command, &p).await.map_err(py_err)?;
+            state::encode(&st).map_err(py_err)
+        })
+    }
+
+    /// `("running", None, "")`, `("exited", status, reason)` or `("unknown", None, error)`.
+    fn poll<'py>(&self, py: Python<'py>, state_json: &str) -> PyResult<Bound<'py, PyAny>> {
+        let st = state::decode(state_json).map_err(py_err)?;
+        let sp = self.0.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(match sp.poll(&st).await {
+                PollOutcome::Running => ("running".to_string(), None, String::new()),
+                PollOutcome::Exited { status, reason } => {
+                    ("exited".to_string(), status, format!("{reason:?}"))
+                }
+                PollOutcome::Unknown(e) => ("unknown".to_string(), None, e.to_string()),
+            })
+        })
+    }
+
+    /// Stop the server; returns what was done.
+    fn stop<'py>(&self, py: Python<'py>, state_json: &str) -> PyResult<Bound<'py, PyAny>> {
+        let st = state::decode(state_json).map_err(py_err)?;
+        let sp = self.0.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            sp.stop(&st).await.map(|s| format!("{s:?}")).map_err(py_err)
+        })
+    }
+
+    /// Keep trying to stop an abandoned start in the background.
+    fn clean_up_later(&self, state_json: &str) -> PyResult<()> {
+        let st = state::decode(state_json).map_err(py_err)?;
+        let _guard = pyo3_async_runtimes::tokio::get_runtime().enter();
+        self.0.clean_up_later(st);
+        Ok(())
+    }
+
+    /// `ssh-spawner check` as JSON.
+    fn check<'py>(&self, py: Python<'py>, username: String) -> PyResult<Bound<'py, PyAny>> {
+        let sp = self.0.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let rows = sp.check(&username).await.map_err(py_err)?;
+            serde_json::to_string(&rows).map_err(|e| SpawnerError::new_err(e.to_string()))
+        })
+    }
+}
+
+/// The `ssh_spawner._core` module.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Route the core's tracing events into the queue once per process.
+    let _ =
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(QueueLayer));
+    m.add("SpawnerError", m.py().get_type::<SpawnerError>())?;
+    m.add_class::<Core>()?;
+    m.add_class::<Prepared>()?;
+    m.add_class::<Progress>()?;
+    m.add_function(wrap_pyfunction!(drain_logs, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,1085 @@
+//! The spawner lifecycle: prepare (host and port), certificates, launch,
+//! poll, stop. It ties the decisions of [`crate::plan`] to the byte-moving of
+//! [`crate::ssh`]; the CLI and the Python class both drive it.
+//!
+//! Start is two steps because JupyterHub must know host and port before it
+//! builds the environment and the certificates: [`Spawner::prepare`] picks
+//! them, [`Spawner::launch`] starts the command. If the port was taken in the
+//! meantime, launch says so ([`Error::PortTaken`]) and
+//! [`Spawner::repick_port`] chooses another.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{oneshot, Notify};
+
+use crate::config::{check_username, Config, HostConfig};
+use crate::error::{Error, Result};
+use crate::plan::adopt;
+use crate::plan::hosts::{self, Candidate, HostFacts, Requirements};
+use crate::plan::limits::{self, Limits};
+use crate::plan::ports::choose_port;
+use crate::plan::script::{self, LaunchSpec, Proc, ProcStatus};
+use crate::plan::state::{ServerState, STATE_VERSION};
+use crate::ssh::{Command, Pool, Target, Upload};
+
+/// One step of a spawn, for the progress bar.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Event {
+    /// 0–100.
+    pub progress: u8,
+    /// In words a user understands.
+    pub message: String,
+}
+
+/// The events of one spawn. Any number of watchers read it, each with its own
+/// cursor; writers never wait for readers.
+#[derive(Debug, Default)]
+pub struct Progress {
+    events: Mutex<Vec<Event>>,
+    changed: Notify,
+    done: std::sync::atomic::AtomicBool,
+}
+
+impl Progress {
+    /// A new, empty stream.
+    pub fn new() -> Arc<Progress> {
+        Arc::new(Progress::default())
+    }
+
+    /// Record an event.
+    pub fn emit(&self, progress: u8, message: impl Into<String>) {
+        let message = message.into();
+        tracing::info!(progress, "{message}");
+        if let Ok(mut e) = self.events.lock() {
+            e.push(Event { progress, message });
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// No more events will come.
+    pub fn finish(&self) {
+        self.done.store(true, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// Events from `cursor` on; waits for one if there are none yet. Empty
+    /// means the stream is finished.
+    pub async fn next_from(&self, cursor: usize) -> Vec<Event> {
+        loop {
+            let notified = self.changed.notified();
+            let (events, done) = (self.snapshot(cursor), self.done.load(Ordering::SeqCst));
+            if !events.is_empty() || done {
+                return events;
+            }
+            notified.await;
+        }
+    }
+
+    /// Events from `cursor` on, without waiting.
+    pub fn snapshot(&self, cursor: usize) -> Vec<Event> {
+        self.events
+            .lock()
+            .map(|e| e.get(cursor..).map(|s| s.to_vec()).unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+/// What a spawn asks for.
+#[derive(Debug, Clone, Default)]
+pub struct SpawnRequest {
+    /// The hub user.
+    pub username: String,
+    /// Named server ("" for the default server).
+    pub server_name: String,
+    /// Memory and cores a host must have free.
+    pub requirements: Requirements,
+    /// Limits to enforce.
+    pub limits: Limits,
+    /// Only this host (by display name), e.g. from the options form.
+    pub host: Option<String>,
+    /// Hosts not to use (they failed during this spawn).
+    pub exclude: Vec<String>,
+}
+
+/// A host and port chosen, not yet launched.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The state so far (no pid yet); save it before launching.
+    pub state: ServerState,
+    facts: HostFacts,
+    tried_ports: BTreeSet<u16>,
+    limits: Limits,
+    prologue: Vec<String>,
+}
+
+impl Prepared {
+    /// DNS name and IP alt names for the host's TLS certificate.
+    pub fn alt_names(&self) -> Vec<String> {
+        alt_names(&self.state.address, &self.facts.hostname, &self.state.host)
+    }
+
+    /// Facts of the chosen host.
+    pub fn facts(&self) -> &HostFacts {
+        &self.facts
+    }
+}
+
+/// Alt names for a certificate valid for a host reached at `address`.
+pub fn alt_names(address: &str, hostname: &str, display: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut push = |n: String| {
+        if !names.contains(&n) {
+            names.push(n);
+        }
+    };
+    if address.parse::<std::net::IpAddr>().is_ok() {
+        push(format!("IP:{address}"));
+    } else {
+        push(format!("DNS:{address}"));
+    }
+    for n in [hostname, display] {
+        let dns_like = !n.is_empty()
+            && n.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+        if dns_like && n.parse::<std::net::IpAddr>().is_err() {
+            push(format!("DNS:{n}"));
+        }
+    }
+    names
+}
+
+/// Remote paths of uploaded certificates.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CertPaths {
+    /// Private key.
+    pub keyfile: String,
+    /// Certificate.
+    pub certfile: String,
+    /// CA bundle.
+    pub cafile: String,
+}
+
+/// What poll found.
+#[derive(Debug, Clone)]
+pub enum PollOutcome {
+    /// The server process is alive.
+    Running,
+    /// It is gone; the exit status when the wrapper recorded one.
+    Exited {
+        /// Exit status, if known.
+        status: Option<i32>,
+        /// Why it counts as gone.
+        reason: script::ExitReason,
+    },
+    /// The host could not be asked: say nothing about the server.
+    Unknown(Error),
+}
+
+type PollReply = oneshot::Sender<Result<ProcStatus>>;
+
+/// Host facts by (host, remote user), with when they were read.
+type FactsCache = HashMap<(String, String), (Instant, HostFacts)>;
+
+/// Polls waiting for one exec on one target.
+#[derive(Default)]
+struct PollQueue {
+    pending: Vec<(Proc, PollReply)>,
+    draining: bool,
+}
+
+/// Most servers polled in one exec.
+const POLL_CHUNK: usize = 500;
+
+/// The lifecycle, shared by every spawn of a hub. Clones share everything.
+#[derive(Clone)]
+pub struct Spawner {
+    config: Arc<Config>,
+    pool: Pool,
+    facts: Arc<Mutex<FactsCache>>,
+    round_robin: Arc<AtomicUsize>,
+    polls: Arc<Mutex<HashMap<Target, PollQueue>>>,
+    poll_execs: Arc<AtomicUsize>,
+}
+
+impl Spawner {
+    /// A spawner with its own connection pool. Call inside a tokio runtime.
+    pub fn new(config: Config) -> Result<Spawner> {
+        config.validate()?;
+        let pool = Pool::new(config.pool_options());
+        Ok(Spawner {
+            config: Arc::new(config),
+            pool,
+            facts: Arc::new(Mutex::new(HashMap::new())),
+            round_robin: Arc::new(AtomicUsize::new(0)),
+            polls: Arc::new(Mutex::new(HashMap::new())),
+            poll_execs: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The connection pool (for stats).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Poll execs run so far (each may answer many polls).
+    pub fn poll_execs(&self) -> usize {
+        self.poll_execs.load(Ordering::Relaxed)
+    }
+
+    fn command(&self, text: impl Into<String>) -> Command {
+        Command::new(text).timeout(Config::duration(self.config.command_timeout))
+    }
+
+    /// The SSH target for a user on a host.
+    pub fn target(&self, host: &HostConfig, username: &str) -> Result<Target> {
+        Ok(Target::new(
+            &host.address,
+            self.config.remote_user_for(username)?,
+            self.config.identity_for(username)?,
+        )
+        .port(host.port))
+    }
+
+    fn state_target(&self, state: &ServerState) -> Result<Target> {
+        Ok(Target::new(
+            &state.address,
+            &state.remote_user,
+            self.config.identity_for(&state.username)?,
+        )
+        .port(state.ssh_port))
+    }
+
+    /// Read one host's facts (one exec), optionally checking the command.
+    pub async fn host_facts(
+        &self,
+        target: &Target,
+        command_check: Option<(&[String], &str)>,
+    ) -> Result<HostFacts> {
+        let out = self
+            .pool
+            .exec(
+                target,
+                &self
+                    .command("/bin/sh -s")
+                    .stdin(hosts::facts_script(command_check)),
+            )
+            .await?
+            .check(target)?;
+        hosts::parse_facts(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    async fn cached_facts(&self, host: &HostConfig, target: &Target) -> Result<HostFacts> {
+        let key = (host.display_name().to_string(), target.user.clone());
+        let max_age = Config::duration(self.config.facts_cache);
+        if let Ok(cache) = self.facts.lock() {
+            if let Some((at, f)) = cache.get(&key) {
+                if at.elapsed() < max_age {
+                    return Ok(f.clone());
+                }
+            }
+        }
+        let f = self.host_facts(target, None).await?;
+        if let Ok(mut cache) = self.facts.lock() {
+            cache.insert(key, (Instant::now(), f.clone()));
+        }
+        Ok(f)
+    }
+
+    /// Count a new server against the cached facts, so spawns that arrive
+    /// together within the cache time spread out instead of piling onto the
+    /// host that looked best a moment ago.
+    fn reserve(&self, host: &str, user: &str, port: u16, mem: Option<u64>) {
+        if let Ok(mut cache) = self.facts.lock() {
+            // Every user's cached view of this host gets the new server.
+            for ((h, u), (_, f)) in cache.iter_mut() {
+                if h == host {
+                    f.servers += 1;
+                    f.mem_available = f.mem_available.saturating_sub(mem.unwrap_or(0));
+                    if u == user {
+                        f.listening.insert(port);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Choose host and port: every eligible host's facts are read at once
+    /// (cached briefly), hosts that do not fit are passed over, and when none
+    /// fits the error lists every host and why.
+    pub async fn prepare(&self, req: &SpawnRequest, progress: &Progress) -> Result<Prepared> {
+        check_username(&req.username)?;
+        let hosts: Vec<&HostConfig> = self
+            .config
+            .hosts
+            .iter()
+            .filter(|h| {
+                req.host
+                    .as_deref()
+                    .is_none_or(|want| want == h.display_name())
+            })
+            .filter(|h| !req.exclude.iter().any(|x| x == h.display_name()))
+            .collect();
+        if hosts.is_empty() {
+            return Err(Error::NoHost {
+                detail: match &req.host {
+                    Some(h) if self.config.host(h).is_none() => {
+                        format!("no host named {h:?} is configured")
+                    }
+                    _ => "no host left to try".into(),
+                },
+            });
+        }
+        progress.emit(5, "Checking which hosts can take the server");
+        let targets = hosts
+            .iter()
+            .map(|h| self.target(h, &req.username))
+            .collect::<Result<Vec<_>>>()?;
+        let facts: Vec<Result<HostFacts>> = futures_join(
+            hosts
+                .iter()
+                .zip(&targets)
+                .map(|(h, t)| self.cached_facts(h, t)),
+        )
+        .await;
+        let candidates: Vec<Candidate> = hosts
+            .iter()
+            .zip(&facts)
+            .map(|(h, f)| Candidate {
+                name: h.display_name(),
+                max_servers: h.max_servers,
+                facts: f.as_ref().map_err(short_reason),
+            })
+            .collect();
+        let rr = self.round_robin.fetch_add(1, Ordering::Relaxed);
+        let order = hosts::rank(
+            &candidates,
+            &req.requirements,
+            self.config.host_selection,
+            rr,
+            &mut rand::rng(),
+        )?;
+        for i in order {
+            let (host, Ok(f)) = (hosts[i], &facts[i]) else {
+                continue;
+            };
+            let Some(port) = choose_port(
+                self.config.port_range,
+                &f.listening,
+                &BTreeSet::new(),
+                &mut rand::rng(),
+            ) else {
+                continue;
+            };
+            let run_id = new_run_id();
+            let rest = self.config.state_dir.trim_start_matches("~/");
+            let base = format!("{}/{rest}", f.home.trim_end_matches('/'));
+            let state = ServerState {
+                version: STATE_VERSION,
+                username: req.username.clone(),
+                host: host.display_name().to_string(),
+                address: host.address.clone(),
+                ssh_port: host.port,
+                remote_user: targets[i].user.clone(),
+                port,
+                dir: format!("{}/{run_id}", base.trim_end_matches('/')),
+                run_id,
+                pid: None,
+                pgid: None,
+                start_time: None,
+                uid: None,
+                boot_id: None,
+                enforcement: None,
+                extra: Default::default(),
+            };
+            self.reserve(
+                host.display_name(),
+                &targets[i].user,
+                port,
+                req.requirements.mem_guarantee,
+            );
+            let others: Vec<String> = candidates
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .map(|(_, c)| match &c.facts {
+                    Ok(f) => format!("{} {} servers", c.name, f.servers),
+                    Err(e) => format!("{} {e}", c.name),
+                })
+                .collect();
+            progress.emit(
+                20,
+                format!(
+                    "Host {} chosen ({} free, load {:.1} on {} cores, {} servers){}; port {port}",
+                    host.display_name(),
+                    hosts::human_bytes(f.mem_available),
+                    f.load1,
+                    f.cpus,
+                    f.servers,
+                    if others.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; others: {}", others.join(", "))
+                    }
+                ),
+            );
+            let mut prologue = self.config.prologue.clone();
+            prologue.extend(host.prologue.iter().cloned());
+            return Ok(Prepared {
+                state,
+                facts: f.clone(),
+                tried_ports: BTreeSet::from([port]),
+                limits: req.limits,
+                prologue,
+            });
+        }
+        Err(Error::NoHost {
+            detail: format!(
+                "no free port in {}-{} on any host that fits",
+                self.config.port_range.start, self.config.port_range.end
+            ),
+        })
+    }
+
+    /// Another free port on the same host after [`Error::PortTaken`].
+    pub fn repick_port(&self, prepared: &mut Prepared) -> Result<u16> {
+        if prepared.tried_ports.len() > self.config.port_retries as usize {
+            return Err(Error::NoHost {
+                detail: format!(
+                    "{}: {} ports in a row were taken before the server could start",
+                    prepared.state.host,
+                    prepared.tried_ports.len()
+                ),
+            });
+        }
+        let port = choose_port(
+            self.config.port_range,
+            &prepared.facts.listening,
+            &prepared.tried_ports,
+            &mut rand::rng(),
+        )
+        .ok_or_else(|| Error::NoHost {
+            detail: format!("{}: no free port left in the range", prepared.state.host),
+        })?;
+        prepared.tried_ports.insert(port);
+        prepared.state.port = port;
+        Ok(port)
+    }
+
+    /// Upload key, certificate and CA into the per-server directory (0600)
+    /// and return their remote paths.
+    pub async fn upload_certs(
+        &self,
+        prepared: &Prepared,
+        key: Vec<u8>,
+        cert: Vec<u8>,
+        ca: Vec<u8>,
+        progress: &Progress,
+    ) -> Result<CertPaths> {
+        let dir = format!("{}/certs", prepared.state.dir);
+        let paths = CertPaths {
+            keyfile: format!("{dir}/server.key"),
+            certfile: format!("{dir}/server.crt"),
+            cafile: format!("{dir}/ca.crt"),
+        };
+        let files = vec![
+            Upload {
+                path: paths.keyfile.clone(),
+                contents: key,
+                mode: 0o600,
+            },
+            Upload {
+                path: paths.certfile.clone(),
+                contents: cert,
+                mode: 0o600,
+            },
+            Upload {
+                path: paths.cafile.clone(),
+                contents: ca,
+                mode: 0o600,
+            },
+        ];
+        let target = self.state_target(&prepared.state)?;
+        self.pool
+            .upload(
+                &target,
+                &files,
+                Config::duration(self.config.command_timeout),
+            )
+            .await?;
+        progress.emit(
+            35,
+            format!("Certificates copied to {}", prepared.state.host),
+        );
+        Ok(paths)
+    }
+
+    /// Start the command on the prepared host. `env` is exported inside the
+    /// script on stdin (never in argv). On [`Error::PortTaken`], call
+    /// [`Spawner::repick_port`], rebuild the environment and launch again.
+    pub async fn launch(
+        &self,
+        prepared: &Prepared,
+        env: &[(String, String)],
+        command: &[String],
+        progress: &Progress,
+    ) -> Result<ServerState> {
+        let state = &prepared.state;
+        let target = self.state_target(state)?;
+        let (plan, enforcement) = limits::decide(
+            self.config.enforcement,
+            &prepared.facts,
+            &prepared.limits,
+            &state.run_id,
+        )?;
+        let script = script::launch_script(&LaunchSpec {
+            run_id: &state.run_id,
+            dir: &state.dir,
+            port: state.port,
+            env,
+            prologue: &prepared.prologue,
+            command,
+            workdir: None,
+            limits: &plan,
+        })?;
+        progress.emit(
+            45,
+            format!("Starting the server on {} ({enforcement})", state.host),
+        );
+        let out = self
+            .pool
+            .exec(&target, &self.command("/bin/sh -s").stdin(script))
+            .await?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        match out.status {
+            Some(0) => {}
+            Some(script::PORT_TAKEN) => {
+                return Err(Error::PortTaken {
+                    host: state.host.clone(),
+                    port: state.port,
+                })
+            }
+            _ => {
+                if let Some((status, log_tail)) = script::parse_launch_failure(&stdout) {
+                    return Err(Error::ServerExited {
+                        host: state.host.clone(),
+                        status: status
+                            .map(|s| format!("status {s}"))
+                            .unwrap_or_else(|| "unknown status".into()),
+                        log_tail,
+                    });
+                }
+                out.check(&target)?;
+            }
+        }
+        let launched = script::parse_launch(&stdout)?;
+        let mut state = state.clone();
+        state.pid = Some(launched.pid);
+        state.pgid = Some(launched.pgid);
+        state.start_time = Some(launched.start_time);
+        state.uid = Some(launched.uid);
+        state.boot_id = Some(launched.boot_id);
+        state.enforcement = Some(enforcement);
+        progress.emit(
+            70,
+            format!(
+                "Server started on {} as pid {}, waiting for it to answer",
+                state.host, launched.pid
+            ),
+        );
+        Ok(state)
+    }
+
+    /// Prepare and launch in one go, retrying another port when the chosen one
+    /// was taken and another host when one fails to answer. `env` builds the
+    /// environment for a given state (it contains the port).
+    pub async fn spawn(
+        &self,
+        req: &SpawnRequest,
+        env: impl Fn(&ServerState) -> Vec<(String, String)>,
+        command: &[String],
+        progress: &Progress,
+    ) -> Result<ServerState> {
+        let mut req = req.clone();
+        loop {
+            let mut prepared = self.prepare(&req, progress).await?;
+            loop {
+                match self
+                    .launch(&prepared, &env(&prepared.state), command, progress)
+                    .await
+                {
+                    Ok(state) => return Ok(state),
+                    Err(Error::PortTaken { port, .. }) => {
+                        let next = self.repick_port(&mut prepared)?;
+                        progress.emit(40, format!("Port {port} was taken meanwhile; using {next}"));
+                    }
+                    Err(e) if e.is_unreachable() => {
+                        progress.emit(
+                            15,
+                            format!(
+                                "{} did not answer ({}); trying another host",
+                                prepared.state.host,
+                                short_reason(&e)
+                            ),
+                        );
+                        self.clean_up_later(prepared.state.clone());
+                        req.exclude.push(prepared.state.host.clone());
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+
+    /// A launch that failed because the host stopped answering may still have
+    /// started the server there. Keep trying to stop it in the background
+    /// (every 30 s for an hour), so nothing is left behind once it heals.
+    pub fn clean_up_later(&self, state: ServerState) {
+        let me = self.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            for _ in 0..120 {
+                match me.stop(&state).await {
+                    Ok(_) => {
+                        tracing::info!(host = %state.host, run = %state.run_id, "cleaned up after an abandoned start");
+                        return;
+                    }
+                    Err(e) if e.is_unreachable() => tokio::time::sleep(Duration::from_secs(30)).await,
+                    Err(e) => {
+                        tracing::warn!(host = %state.host, run = %state.run_id, "cannot clean up an abandoned start: {e}");
+                        return;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Fill in the pid of a server whose start was interrupted before launch
+    /// reported it, from the pid file in its directory. `None`: nothing runs.
+    pub async fn adopt(&self, state: &ServerState) -> Result<Option<ServerState>> {
+        state.validate()?;
+        if state.launched() {
+            return Ok(Some(state.clone()));
+        }
+        let target = self.state_target(state)?;
+        let out = self
+            .pool
+            .exec(
+                &target,
+                &self
+                    .command("/bin/sh -s")
+                    .stdin(adopt::adopt_script(&state.dir)?),
+            )
+            .await?
+            .check(&target)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if stdout.trim() == adopt::NOTHING {
+            return Ok(None);
+        }
+        let l = script::parse_launch(&stdout)?;
+        let mut s = state.clone();
+        s.pid = Some(l.pid);
+        s.pgid = Some(l.pgid);
+        s.start_time = Some(l.start_time);
+        s.uid = Some(l.uid);
+        s.boot_id = Some(l.boot_id);
+        Ok(Some(s))
+    }
+
+    fn proc_of(state: &ServerState) -> Option<Proc> {
+        Some(Proc {
+            run_id: state.run_id.clone(),
+            pid: state.pid?,
+            pgid: state.pgid?,
+            start_time: state.start_time?,
+            uid: state.uid?,
+            boot_id: state.boot_id.clone()?,
+            dir: state.dir.clone(),
+        })
+    }
+
+    /// Is the server running? Polls of servers on the same host and user that
+    /// arrive together are answered by one exec.
+    pub async fn poll(&self, state: &ServerState) -> PollOutcome {
+        if let Err(e) = state.validate() {
+            return PollOutcome::Unknown(e);
+        }
+        let state = if state.launched() {
+            state.clone()
+        } else {
+            match self.adopt(state).await {
+                Ok(Some(s)) => s,
+                Ok(None) => {
+                    return PollOutcome::Exited {
+                        status: None,
+                        reason: script::ExitReason::Gone,
+                    }
+                }
+                Err(e) => return PollOutcome::Unknown(e),
+            }
+        };
+        let (target, proc_) = match (self.state_target(&state), Self::proc_of(&state)) {
+            (Ok(t), Some(p)) => (t, p),
+            (Err(e), _) => return PollOutcome::Unknown(e),
+            (_, None) => {
+                return PollOutcome::Unknown(Error::Invalid {
+                    what: "server state".into(),
+                    reason: "incomplete".into(),
+                })
+            }
+        };
+        let (tx, rx) = oneshot::channel();
+        let start_drain = match self.polls.lock() {
+            Ok(mut queues) => {
+                let q = queues.entry(target.clone()).or_default();
+                q.pending.push((proc_, tx));
+                !std::mem::replace(&mut q.draining, true)
+            }
+            Err(_) => false,
+        };
+        if start_drain {
+            let polls = self.polls.clone();
+            let pool = self.pool.clone();
+            let cmd = self.command("/bin/sh -s");
+            let counter = Arc::new(AtomicUsize::new(0));
+            let execs = counter.clone();
+            let drained = tokio::spawn(drain_polls(polls, pool, target, cmd, execs));
+            let _ = drained.await;
+            self.poll_execs
+                .fetch_add(counter.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        match rx.await {
+            Ok(Ok(ProcStatus::Running)) => PollOutcome::Running,
+            Ok(Ok(ProcStatus::Exited { status, reason })) => PollOutcome::Exited { status, reason },
+            Ok(Err(e)) => PollOutcome::Unknown(e),
+            Err(_) => PollOutcome::Unknown(Error::Invalid {
+                what: "poll".into(),
+                reason: "the poll batch was dropped".into(),
+            }),
+        }
+    }
+
+    /// Stop the server: TERM to its process group and descendants, KILL after
+    /// the grace, return once they are gone; the per-server directory is
+    /// removed (its log kept unless configured otherwise). Stopping a stopped
+    /// server is a no-op; an unreachable host is an error.
+    pub async fn stop(&self, state: &ServerState) -> Result<script::Stopped> {
+        let Some(state) = self.adopt(state).await? else {
+            // Nothing was started: remove what prepare and certs left.
+            let target = self.state_target(state)?;
+            self.pool
+                .exec(
+                    &target,
+                    &self
+                        .command("/bin/sh -s")
+                        .stdin(adopt::remove_dir_script(&state.dir)?),
+                )
+                .await?
+                .check(&target)?;
+            return Ok(script::Stopped::AlreadyGone);
+        };
+        let target = self.state_target(&state)?;
+        let proc_ = Self::proc_of(&state).ok_or_else(|| Error::Invalid {
+            what: "server state".into(),
+            reason: "incomplete".into(),
+        })?;
+        let grace = self.config.stop_grace.ceil() as u32;
+        let script = script::stop_script(&proc_, grace, self.config.keep_log)?;
+        let cmd = Command::new("/bin/sh -s").stdin(script).timeout(
+            Config::duration(self.config.command_timeout) + Duration::from_secs(u64::from(grace)),
+        );
+        let out = self.pool.exec(&target, &cmd).await?.check(&target)?;
+        script::parse_stop(&String::from_utf8_lossy(&out.stdout))
+    }
+}
+
+/// One row of `ssh-spawner check`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HostCheck {
+    /// Display name.
+    pub host: String,
+    /// `address:port`.
+    pub address: String,
+    /// TCP and SSH answered.
+    pub reachable: bool,
+    /// `ok`, `unknown`, `changed`, `revoked` or `-` (not reached).
+    pub host_key: String,
+    /// `ok`, `refused` or `-`.
+    pub auth: String,
+    /// The single-user command was found (after the prologue).
+    pub command_found: Option<bool>,
+    /// Available memory in bytes.
+    pub mem_available: Option<u64>,
+    /// Cores.
+    pub cpus: Option<u32>,
+    /// One-minute load.
+    pub load1: Option<f64>,
+    /// Servers of all users on the host.
+    pub servers: Option<usize>,
+    /// What went wrong, if anything.
+    pub error: Option<String>,
+}
+
+impl HostCheck {
+    /// Everything an admin needs is in order.
+    pub fn ok(&self) -> bool {
+        self.error.is_none() && self.command_found != Some(false)
+    }
+}
+
+impl Spawner {
+    /// Check every host as `username`: reachable, host key, auth, command
+    /// found, free memory, load, servers. Hosts are checked at once.
+    pub async fn check(&self, username: &str) -> Result<Vec<HostCheck>> {
+        let targets = self
+            .config
+            .hosts
+            .iter()
+            .map(|h| self.target(h, username))
+            .collect::<Result<Vec<_>>>()?;
+        let command = self.config.command.first().cloned().unwrap_or_default();
+        let command = script::quote(&command, "command")?;
+        let results = futures_join(self.config.hosts.iter().zip(&targets).map(|(h, t)| {
+            let command = command.clone();
+            async move {
+                let mut prologue = self.config.prologue.clone();
+                prologue.extend(h.prologue.iter().cloned());
+                self.host_facts(t, Some((&prologue, &command))).await
+            }
+        }))
+        .await;
+        Ok(self
+            .config
+            .hosts
+            .iter()
+            .zip(targets)
+            .zip(results)
+            .map(|((h, t), r)| {
+                let mut c = HostCheck {
+                    host: h.display_name().to_string(),
+                    address: t.host_label(),
+                    reachable: true,
+                    host_key: "ok".into(),
+                    auth: "ok".into(),
+                    command_found: None,
+                    mem_available: None,
+                    cpus: None,
+                    load1: None,
+                    servers: None,
+                    error: None,
+                };
+                match r {
+                    Ok(f) => {
+                        c.command_found = f.command_found;
+                        c.mem_available = Some(f.mem_available);
+                        c.cpus = Some(f.cpus);
+                        c.load1 = Some(f.load1);
+                        c.servers = Some(f.servers);
+                    }
+                    Err(e) => {
+                        match &e {
+                            Error::Unreachable { .. } | Error::Timeout { .. } => {
+                                c.reachable = false;
+                                c.host_key = "-".into();
+                                c.auth = "-".into();
+                            }
+                            Error::HostKeyUnknown { .. } => {
+                                (c.host_key, c.auth) = ("unknown".into(), "-".into())
+                            }
+                            Error::HostKeyChanged { .. } => {
+                                (c.host_key, c.auth) = ("changed".into(), "-".into())
+                            }
+                            Error::HostKeyRevoked { .. } => {
+                                (c.host_key, c.auth) = ("revoked".into(), "-".into())
+                            }
+                            Error::AuthRefused { .. } | Error::Key { .. } | Error::Agent { .. } => {
+                                c.auth = "refused".into()
+                            }
+                            _ => {}
+                        }
+                        c.error = Some(e.to_string());
+                    }
+                }
+                c
+            })
+            .collect())
+    }
+
+    /// Servers running on each host (all users), looked up as `username`.
+    pub async fn list(&self, username: &str) -> Result<Vec<(String, Result<Vec<hosts::Listed>>)>> {
+        let targets = self
+            .config
+            .hosts
+            .iter()
+            .map(|h| self.target(h, username))
+            .collect::<Result<Vec<_>>>()?;
+        let results = futures_join(targets.iter().map(|t| async move {
+            let out = self
+                .pool
+                .exec(t, &self.command(hosts::list_script()))
+                .await?
+                .check(t)?;
+            Ok(hosts::parse_list(&String::from_utf8_lossy(&out.stdout)))
+        }))
+        .await;
+        Ok(self
+            .config
+            .hosts
+            .iter()
+            .map(|h| h.display_name().to_string())
+            .zip(results)
+            .collect())
+    }
+}
+
+/// Run queued polls for one target, one exec per batch, until none are left.
+async fn drain_polls(
+    polls: Arc<Mutex<HashMap<Target, PollQueue>>>,
+    pool: Pool,
+    target: Target,
+    cmd: Command,
+    execs: Arc<AtomicUsize>,
+) {
+    loop {
+        let batch: Vec<(Proc, PollReply)> = match polls.lock() {
+            Ok(mut queues) => {
+                let Some(q) = queues.get_mut(&target) else {
+                    return;
+                };
+                if q.pending.is_empty() {
+                    q.draining = false;
+                    queues.remove(&target);
+                    return;
+                }
+                let n = q.pending.len().min(POLL_CHUNK);
+                q.pending.drain(..n).collect()
+            }
+            Err(_) => return,
+        };
+        let procs: Vec<Proc> = batch.iter().map(|(p, _)| p.clone()).collect();
+        execs.fetch_add(1, Ordering::Relaxed);
+        let result = async {
+            let script = script::poll_script(&procs)?;
+            let out = pool
+                .exec(&target, &cmd.clone().stdin(script))
+                .await?
+                .check(&target)?;
+            script::parse_poll(&String::from_utf8_lossy(&out.stdout), &procs)
+        }
+        .await;
+        match result {
+            Ok(statuses) => {
+                let mut by_run: HashMap<String, ProcStatus> = statuses.into_iter().collect();
+                for (p, reply) in batch {
+                    let r = by_run.remove(&p.run_id).ok_or_else(|| Error::Invalid {
+                        what: "poll report".into(),
+                        reason: format!("no answer for {}", p.run_id),
+                    });
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                for (_, reply) in batch {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+fn short_reason(e: &Error) -> String {
+    match e {
+        Error::Timeout { phase, after, .. } => format!("timed out after {after:?} {phase}"),
+        Error::Unreachable { reason, .. } => format!("unreachable: {reason}"),
+        Error::HostKeyChanged {
+            known_hosts, line, ..
+        } => {
+            format!("host key changed ({} line {line})", known_hosts.display())
+        }
+        Error::HostKeyUnknown { .. } => "host key unknown".into(),
+        Error::AuthRefused { .. } => "authentication refused".into(),
+        other => other.to_string(),
+    }
+}
+
+fn new_run_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Await futures concurrently on this task.
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let futs: Vec<_> = futs.map(Box::pin).collect();
+    let mut results: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    let mut futs: Vec<Option<_>> = futs.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, fut) in results.iter_mut().zip(futs.iter_mut()) {
+            if let Some(f) = fut {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *slot = Some(v);
+                        *fut = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn alt_names_cover_ip_and_names() {
+        assert_eq!(
+            alt_names("198.18.0.11", "node1", "node1"),
+            vec!["IP:198.18.0.11", "DNS:node1"]
+        );
+        assert_eq!(
+            alt_names("gpu1.lab.org", "gpu1", "GPU 1"),
+            vec!["DNS:gpu1.lab.org", "DNS:gpu1"]
+        );
+    }
+
+    #[tokio::test]
+    async fn progress_watchers_each_get_every_event() {
+        let p = Progress::new();
+        p.emit(10, "a");
+        let (a, b) = (p.snapshot(0), p.snapshot(0));
+        assert_eq!(a, b);
+        let waiter = {
+            let p = p.clone();
+            tokio::spawn(async move { p.next_from(1).await })
+        };
+        tokio::task::yield_now().await;
+        p.emit(20, "b");
+        assert_eq!(
+            waiter.await.unwrap(),
+            vec![Event {
+                progress: 20,
+                message: "b".into()
+            }]
+        );
+        p.finish();
+        assert!(p.next_from(2).await.is_empty());
+    }
+}

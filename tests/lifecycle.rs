@@ -1,0 +1,791 @@
+//! The spawner lifecycle against the testbed: prepare, launch, poll, stop,
+//! certificates, limits, hostile input, and the CLI, with a real process
+//! answering HTTP on the chosen port (`python -m jupyterhub.tests.mocksu`).
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{mode_of, rand_suffix, testbed, Testbed, Undo};
+use ssh_spawner::config::Config;
+use ssh_spawner::plan::hosts::{Requirements, Strategy};
+use ssh_spawner::plan::limits::Limits;
+use ssh_spawner::plan::script::{ExitReason, Stopped};
+use ssh_spawner::plan::state::{self, ServerState};
+use ssh_spawner::spawner::{PollOutcome, Progress, SpawnRequest, Spawner};
+use ssh_spawner::Error;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn config(tb: &Testbed) -> Config {
+    let hosts: Vec<String> = tb
+        .hosts
+        .iter()
+        .map(|h| {
+            format!(
+                "[[hosts]]\naddress = \"{}\"\nname = \"{}\"\n",
+                h.address, h.name
+            )
+        })
+        .collect();
+    let text = format!(
+        "known_hosts = \"{}\"\nkey_path = \"{}\"\nconnect_timeout = 3\ncommand_timeout = 15\nstop_grace = 3\n\
+         facts_cache = 0\n{}",
+        tb.known_hosts.display(),
+        tb.hub_key.display(),
+        hosts.join("\n")
+    );
+    let c: Config = toml::from_str(&text).unwrap();
+    c.validate().unwrap();
+    c
+}
+
+fn mocksu(tb: &Testbed) -> Vec<String> {
+    vec![
+        tb.python.display().to_string(),
+        "-m".into(),
+        "jupyterhub.tests.mocksu".into(),
+    ]
+}
+
+fn env_for(
+    user: &str,
+    extra: Vec<(String, String)>,
+) -> impl Fn(&ServerState) -> Vec<(String, String)> {
+    let user = user.to_string();
+    move |s: &ServerState| {
+        let mut env = vec![
+            (
+                "JUPYTERHUB_SERVICE_URL".to_string(),
+                format!("http://0.0.0.0:{}/user/{user}/", s.port),
+            ),
+            ("JUPYTERHUB_USER".to_string(), user.clone()),
+        ];
+        env.extend(extra.clone());
+        env
+    }
+}
+
+fn request(user: &str) -> SpawnRequest {
+    SpawnRequest {
+        username: user.into(),
+        ..Default::default()
+    }
+}
+
+/// GET a path from the server; the body, once it answers 200 (waits up to 15 s).
+async fn http_get(address: &str, port: u16, path: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Ok(Ok(mut s)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::TcpStream::connect((address, port)),
+        )
+        .await
+        {
+            let req = format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n");
+            if s.write_all(req.as_bytes()).await.is_ok() {
+                let mut buf = Vec::new();
+                let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+                let text = String::from_utf8_lossy(&buf).to_string();
+                if text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200") {
+                    return text
+                        .split("\r\n\r\n")
+                        .nth(1)
+                        .unwrap_or_default()
+                        .to_string();
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{address}:{port}{path} never answered 200"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn remote(sp: &Spawner, tb: &Testbed, host: &str, user: &str, cmd: &str) -> String {
+    let target = sp.target(sp.config().host(host).unwrap(), user).unwrap();
+    let out = sp
+        .pool()
+        .exec(&target, &ssh_spawner::ssh::Command::new(cmd))
+        .await
+        .unwrap();
+    let _ = tb;
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+#[tokio::test]
+async fn the_whole_lifecycle_with_a_server_answering_http() {
+    let Some(tb) = testbed("the_whole_lifecycle_with_a_server_answering_http") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.bob().name.clone();
+    let progress = Progress::new();
+    let state = sp
+        .spawn(
+            &request(&user),
+            env_for(&user, vec![]),
+            &mocksu(&tb),
+            &progress,
+        )
+        .await
+        .unwrap();
+
+    // It answers on the chosen host and port, as that user.
+    let body = http_get(&state.address, state.port, &format!("/user/{user}/hello")).await;
+    assert_eq!(body, format!("/user/{user}/hello"));
+    let pid = state.pid.unwrap();
+    let owner = std::fs::metadata(format!("/proc/{pid}"))
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .unwrap();
+    assert_eq!(owner, tb.bob().uid);
+    assert!(
+        state
+            .dir
+            .starts_with(&format!("{}/.jupyterhub-ssh/", tb.bob().home.display())),
+        "{}",
+        state.dir
+    );
+
+    // Progress told the story.
+    let messages: Vec<String> = progress
+        .snapshot(0)
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains(&format!("Host {} chosen", state.host))),
+        "{messages:?}"
+    );
+    assert!(
+        messages.iter().any(|m| m.contains(&format!("pid {pid}"))),
+        "{messages:?}"
+    );
+
+    // Modes: the base and per-server directory 0700, the log 0600.
+    assert_eq!(mode_of(std::path::Path::new(&state.dir)), 0o700);
+    assert_eq!(
+        mode_of(&std::path::Path::new(&state.dir).join("server.log")),
+        0o600
+    );
+    assert_eq!(
+        mode_of(std::path::Path::new(&state.dir).parent().unwrap()),
+        0o700
+    );
+
+    // State survives the hub database (a new spawner, as after a restart).
+    let saved = state::encode(&state).unwrap();
+    let sp2 = Spawner::new(config(&tb)).unwrap();
+    let loaded = state::decode(&saved).unwrap();
+    assert!(matches!(sp2.poll(&loaded).await, PollOutcome::Running));
+
+    // Stop: the group is gone, the directory is reduced to the log and the
+    // exit status (so a later poll still reports how it ended).
+    assert!(matches!(
+        sp2.stop(&loaded).await.unwrap(),
+        Stopped::Killed { .. }
+    ));
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
+    let mut left: Vec<_> = std::fs::read_dir(&state.dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, vec!["exit_status", "server.log"]);
+    match sp2.poll(&loaded).await {
+        PollOutcome::Exited { .. } => {}
+        other => panic!("expected exited, got {other:?}"),
+    }
+    // Stopping again is a no-op.
+    assert_eq!(sp2.stop(&loaded).await.unwrap(), Stopped::AlreadyGone);
+    std::fs::remove_dir_all(&state.dir).unwrap();
+}
+
+#[tokio::test]
+async fn stop_kills_children_even_in_their_own_session() {
+    let Some(tb) = testbed("stop_kills_children_even_in_their_own_session") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice().name.clone();
+    // A "kernel" that calls setsid, and a server that ignores TERM.
+    let cmd: Vec<String> = [
+        "/bin/sh",
+        "-c",
+        "setsid sleep 1301 & trap '' TERM; sleep 1300 & wait",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let state = sp
+        .spawn(
+            &request(&user),
+            env_for(&user, vec![]),
+            &cmd,
+            &Progress::new(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    assert_eq!(
+        sp.stop(&state).await.unwrap(),
+        Stopped::Killed { escalated: true }
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    let left = remote(
+        &sp,
+        &tb,
+        &state.host,
+        &user,
+        "pgrep -f 'slee[p] 130[01]' || true",
+    )
+    .await;
+    assert_eq!(left, "", "children outlived stop");
+    std::fs::remove_dir_all(&state.dir).unwrap();
+}
+
+#[tokio::test]
+async fn hostile_environment_values_arrive_byte_exact_and_secrets_stay_out_of_argv() {
+    let Some(tb) =
+        testbed("hostile_environment_values_arrive_byte_exact_and_secrets_stay_out_of_argv")
+    else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice().name.clone();
+    let token = format!("secret-token-{}", rand_suffix());
+    let hostile = "it's \"$(touch /tmp/pwned)\" `id` $HOME \\ \n\tnewline ünïcödé ✓ {\"json\": [1]} ; rm -rf / #".to_string();
+    let out_file = format!("{}/hostile-{}", tb.alice().home.display(), rand_suffix());
+
+    // Watch every process's argv on the machine (all hosts share it) during the spawn.
+    let stop_watch = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop_watch = stop_watch.clone();
+        let token = token.clone();
+        std::thread::spawn(move || {
+            let mut scans = 0;
+            while !stop_watch.load(Ordering::Relaxed) {
+                for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+                    if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+                        assert!(
+                            !String::from_utf8_lossy(&cmdline).contains(&token),
+                            "token in argv of pid {:?}: {}",
+                            entry.file_name(),
+                            String::from_utf8_lossy(&cmdline)
+                        );
+                    }
+                }
+                scans += 1;
+            }
+            scans
+        })
+    };
+    let cmd: Vec<String> = [
+        "/bin/sh",
+        "-c",
+        "printf %s \"$HOSTILE\" > \"$OUT\"; exec sleep 60",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let extra = vec![
+        ("HOSTILE".to_string(), hostile.clone()),
+        ("OUT".to_string(), out_file.clone()),
+        ("JUPYTERHUB_API_TOKEN".to_string(), token.clone()),
+    ];
+    let state = sp
+        .spawn(
+            &request(&user),
+            env_for(&user, extra),
+            &cmd,
+            &Progress::new(),
+        )
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        if std::path::Path::new(&out_file).exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_watch.store(true, Ordering::Relaxed);
+    let scans = watcher.join().expect("no token in any argv");
+    assert!(scans > 0);
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap(), hostile);
+    assert!(!std::path::Path::new("/tmp/pwned").exists());
+    // The token is in no file of the server's directory.
+    for entry in std::fs::read_dir(&state.dir).unwrap().flatten() {
+        if entry.path().is_file() {
+            assert!(
+                !String::from_utf8_lossy(&std::fs::read(entry.path()).unwrap()).contains(&token),
+                "{:?}",
+                entry.path()
+            );
+        }
+    }
+    sp.stop(&state).await.unwrap();
+    let _ = std::fs::remove_file(&out_file);
+    std::fs::remove_dir_all(&state.dir).unwrap();
+}
+
+#[tokio::test]
+async fn invalid_names_are_refused_before_anything_runs() {
+    let Some(tb) = testbed("invalid_names_are_refused_before_anything_runs") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    for bad in ["../x", "a b", "$(reboot)"] {
+        let err = sp
+            .spawn(
+                &request(bad),
+                env_for("x", vec![]),
+                &mocksu(&tb),
+                &Progress::new(),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("user name"), "{bad}: {err}");
+    }
+    let user = tb.alice().name.clone();
+    let err = sp
+        .spawn(
+            &request(&user),
+            env_for(&user, vec![("BAD-NAME".into(), "x".into())]),
+            &mocksu(&tb),
+            &Progress::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("BAD-NAME"), "{err}");
+    let err = sp
+        .spawn(
+            &request(&user),
+            env_for(&user, vec![("NUL".into(), "a\0b".into())]),
+            &mocksu(&tb),
+            &Progress::new(),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Invalid { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_taken_port_is_retried_with_another() {
+    let Some(tb) = testbed("a_taken_port_is_retried_with_another") else {
+        return;
+    };
+    let mut c = config(&tb);
+    c.hosts.truncate(1);
+    let sp = Spawner::new(c).unwrap();
+    let user = tb.bob().name.clone();
+    let progress = Progress::new();
+    let mut prepared = sp.prepare(&request(&user), &progress).await.unwrap();
+    let port = prepared.state.port;
+    // Someone takes the port between prepare and launch.
+    let squat = format!(
+        "nohup {} -c 'import socket,time; s=socket.socket(); s.bind((\"0.0.0.0\",{port})); s.listen(); time.sleep(30)' >/dev/null 2>&1 &\n\
+         for i in $(seq 50); do grep -q ':{port:04X} 00000000:0000 0A' /proc/net/tcp && break; sleep 0.1; done",
+        tb.python.display()
+    );
+    remote(&sp, &tb, "node1", &user, &squat).await;
+    let env = env_for(&user, vec![]);
+    let err = sp
+        .launch(&prepared, &env(&prepared.state), &mocksu(&tb), &progress)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::PortTaken { port: p, .. } if p == port),
+        "{err}"
+    );
+    let next = sp.repick_port(&mut prepared).unwrap();
+    assert_ne!(next, port);
+    let state = sp
+        .launch(&prepared, &env(&prepared.state), &mocksu(&tb), &progress)
+        .await
+        .unwrap();
+    assert_eq!(state.port, next);
+    http_get(&state.address, next, &format!("/user/{user}/")).await;
+    sp.stop(&state).await.unwrap();
+    remote(
+        &sp,
+        &tb,
+        "node1",
+        &user,
+        &format!("pkill -f 's.bind..\"0.0.0.0\",{port}' || true"),
+    )
+    .await;
+    std::fs::remove_dir_all(&state.dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_server_that_exits_during_start_reports_its_status_and_log() {
+    let Some(tb) = testbed("a_server_that_exits_during_start_reports_its_status_and_log") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice().name.clone();
+    let cmd: Vec<String> = [
+        "/bin/sh",
+        "-c",
+        "echo 'ModuleNotFoundError: No module named jupyterhub' >&2; exit 1",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let err = sp
+        .spawn(
+            &request(&user),
+            env_for(&user, vec![]),
+            &cmd,
+            &Progress::new(),
+        )
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, Error::ServerExited { .. }), "{msg}");
+    assert!(
+        msg.contains("status 1") && msg.contains("ModuleNotFoundError"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn forged_state_never_signals_someone_elses_process() {
+    let Some(tb) = testbed("forged_state_never_signals_someone_elses_process") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice().name.clone();
+    let state = sp
+        .spawn(
+            &request(&user),
+            env_for(&user, vec![]),
+            &["sleep".to_string(), "1400".to_string()],
+            &Progress::new(),
+        )
+        .await
+        .unwrap();
+    // The same pid with another start time: a reused pid.
+    let mut forged = state.clone();
+    forged.start_time = Some(state.start_time.unwrap() + 1);
+    match sp.poll(&forged).await {
+        PollOutcome::Exited {
+            reason: ExitReason::PidReused,
+            ..
+        } => {}
+        other => panic!("expected PidReused, got {other:?}"),
+    }
+    assert_eq!(sp.stop(&forged).await.unwrap(), Stopped::AlreadyGone);
+    assert!(
+        matches!(sp.poll(&state).await, PollOutcome::Running),
+        "the real server was signalled"
+    );
+    // Bob's state pointing at alice's process: bob's login cannot touch it.
+    let mut stolen = state.clone();
+    stolen.remote_user = tb.bob().name.clone();
+    stolen.username = tb.bob().name.clone();
+    let _ = sp.stop(&stolen).await;
+    assert!(
+        matches!(sp.poll(&state).await, PollOutcome::Running),
+        "another user's stop hit the server"
+    );
+    sp.stop(&state).await.unwrap();
+    std::fs::remove_dir_all(&state.dir).unwrap();
+}
+
+#[tokio::test]
+async fn many_polls_on_one_host_share_an_exec() {
+    let Some(tb) = testbed("many_polls_on_one_host_share_an_exec") else {
+        return;
+    };
+    let mut c = config(&tb);
+    c.hosts.retain(|h| h.name.as_deref() == Some("node3"));
+    let sp = Spawner::new(c).unwrap();
+    let user = tb.bob().name.clone();
+    let mut states = Vec::new();
+    for _ in 0..20 {
+        states.push(
+            sp.spawn(
+                &request(&user),
+                env_for(&user, vec![]),
+                &["sleep".to_string(), "1500".to_string()],
+                &Progress::new(),
+            )
+            .await
+            .unwrap(),
+        );
+    }
+    let ports: BTreeSet<u16> = states.iter().map(|s| s.port).collect();
+    assert_eq!(ports.len(), 20, "two servers share a port");
+    let before = sp.poll_execs();
+    let polls = states.iter().map(|s| {
+        let sp = sp.clone();
+        let s = s.clone();
+        tokio::spawn(async move { sp.poll(&s).await })
+    });
+    for p in polls.collect::<Vec<_>>() {
+        assert!(matches!(p.await.unwrap(), PollOutcome::Running));
+    }
+    let execs = sp.poll_execs() - before;
+    assert!(execs <= 3, "20 polls took {execs} execs");
+    for s in &states {
+        sp.stop(s).await.unwrap();
+        std::fs::remove_dir_all(&s.dir).unwrap();
+    }
+}
+
+#[tokio::test]
+async fn certificates_are_private_and_removed_on_stop() {
+    let Some(tb) = testbed("certificates_are_private_and_removed_on_stop") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice().name.clone();
+    let progress = Progress::new();
+    let prepared = sp.prepare(&request(&user), &progress).await.unwrap();
+    let alt = prepared.alt_names();
+    assert!(
+        alt.contains(&format!("IP:{}", prepared.state.address)),
+        "{alt:?}"
+    );
+    assert!(
+        alt.contains(&format!("DNS:{}", prepared.state.host)),
+        "{alt:?}"
+    );
+    let paths = sp
+        .upload_certs(
+            &prepared,
+            b"KEY".to_vec(),
+            b"CERT".to_vec(),
+            b"CA".to_vec(),
+            &progress,
+        )
+        .await
+        .unwrap();
+    for p in [&paths.keyfile, &paths.certfile, &paths.cafile] {
+        assert!(p.starts_with(&prepared.state.dir), "{p}");
+        assert_eq!(mode_of(std::path::Path::new(p)), 0o600, "{p}");
+    }
+    assert_eq!(std::fs::read(&paths.keyfile).unwrap(), b"KEY");
+    let env = env_for(&user, vec![]);
+    let state = sp
+        .launch(
+            &prepared,
+            &env(&prepared.state),
+            &["sleep".to_string(), "1600".to_string()],
+            &progress,
+        )
+        .await
+        .unwrap();
+    sp.stop(&state).await.unwrap();
+    for p in [&paths.keyfile, &paths.certfile, &paths.cafile] {
+        assert!(!std::path::Path::new(p).exists(), "{p} left after stop");
+    }
+    std::fs::remove_dir_all(&state.dir).unwrap();
+}
+
+#[tokio::test]
+async fn memory_limits_are_enforced_and_reported() {
+    let Some(tb) = testbed("memory_limits_are_enforced_and_reported") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.bob().name.clone();
+    let mut req = request(&user);
+    req.limits = Limits {
+        mem: Some(768 << 20),
+        cpu: Some(1.0),
+    };
+    let progress = Progress::new();
+    let state = sp
+        .spawn(
+            &req,
+            env_for(&user, vec![]),
+            &["sleep".to_string(), "1700".to_string()],
+            &progress,
+        )
+        .await
+        .unwrap();
+    let enforcement = state.enforcement.clone().unwrap();
+    // The testbed has no systemd user manager: prlimit, and CPU says so.
+    assert!(
+        enforcement.contains("prlimit") && enforcement.contains("CPU limit not enforced"),
+        "{enforcement}"
+    );
+    assert!(progress
+        .snapshot(0)
+        .iter()
+        .any(|e| e.message.contains("prlimit")));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", state.pid.unwrap())).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max address space"))
+        .unwrap();
+    assert!(line.contains(&(768u64 << 20).to_string()), "{line}");
+    sp.stop(&state).await.unwrap();
+    std::fs::remove_dir_all(&state.dir).unwrap();
+}
+
+#[tokio::test]
+async fn no_host_fits_names_every_host() {
+    let Some(tb) = testbed("no_host_fits_names_every_host") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let mut req = request(&tb.alice().name);
+    req.requirements = Requirements {
+        mem_guarantee: Some(1 << 50),
+        cpu_guarantee: None,
+    };
+    let err = sp.prepare(&req, &Progress::new()).await.unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.starts_with("no host has 1024T free:"), "{msg}");
+    for h in &tb.hosts {
+        assert!(msg.contains(&format!("{}: ", h.name)), "{msg}");
+    }
+}
+
+#[tokio::test]
+async fn the_cli_runs_the_whole_lifecycle() {
+    let Some(tb) = testbed("the_cli_runs_the_whole_lifecycle") else {
+        return;
+    };
+    let scratch = common::Scratch::new("cli");
+    let cfg = scratch.path("spawner.toml");
+    std::fs::write(&cfg, toml::to_string(&config(&tb)).unwrap()).unwrap();
+    let bin = env!("CARGO_BIN_EXE_ssh-spawner");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin)
+            .arg("--config")
+            .arg(&cfg)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let user = tb.bob().name.clone();
+    // The default command is not on the test users' PATH: check says so and fails.
+    let (code, out, err) = run(&["check", "--user", &user]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert_eq!(out.matches("MISSING").count(), tb.hosts.len(), "{out}");
+    // With the venv's command configured, every host passes.
+    let mut c = config(&tb);
+    c.command = vec![tb
+        .venv
+        .join("bin/jupyterhub-singleuser")
+        .display()
+        .to_string()];
+    std::fs::write(&cfg, toml::to_string(&c).unwrap()).unwrap();
+    let (code, out, err) = run(&["check", "--user", &user]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    println!("{out}");
+    for h in &tb.hosts {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&h.name) && l.contains(" yes ") && l.contains(" ok ")),
+            "{out}"
+        );
+    }
+    let mocksu = mocksu(&tb);
+    let mut args = vec!["--json", "spawn", "--user", &user, "--"];
+    args.extend(mocksu.iter().map(|s| s.as_str()));
+    let (code, out, err) = run(&args);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(err.contains("chosen"), "{err}");
+    let state: ServerState = serde_json::from_str(&out).unwrap();
+    let state_file = scratch.path("state.json");
+    std::fs::write(&state_file, &out).unwrap();
+    let at = format!("@{}", state_file.display());
+    http_get(&state.address, state.port, &format!("/user/{user}/")).await;
+    assert_eq!(run(&["poll", &at]).0, Some(0));
+    let (code, out, _) = run(&["list", "--user", &user]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains(&state.run_id), "{out}");
+    let (code, out, err) = run(&["stop", &at]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert_eq!(run(&["poll", &at]).0, Some(3));
+    // A bad state is a clear error, exit 1.
+    let (code, _, err) = run(&["poll", "{not json"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("server state"), "{err}");
+    std::fs::remove_dir_all(&state.dir).unwrap();
+}
+
+#[tokio::test]
+async fn failover_when_a_host_is_cut() {
+    let Some(tb) = testbed("failover_when_a_host_is_cut") else {
+        return;
+    };
+    // node2 then node3, round robin, facts cached long: the spawner still
+    // believes node2 is fine when it is cut, so it is the launch that fails over.
+    let mut c = config(&tb);
+    c.hosts.retain(|h| h.name.as_deref() != Some("node1"));
+    c.host_selection = Strategy::RoundRobin;
+    c.facts_cache = 600.0;
+    c.command_timeout = 3.0;
+    let sp = Spawner::new(c).unwrap();
+    let user = tb.alice().name.clone();
+    let progress = Progress::new();
+    assert_eq!(
+        sp.prepare(&request(&user), &progress)
+            .await
+            .unwrap()
+            .state
+            .host,
+        "node2"
+    );
+    assert_eq!(
+        sp.prepare(&request(&user), &progress)
+            .await
+            .unwrap()
+            .state
+            .host,
+        "node3"
+    );
+    let undo = Undo {
+        testbed: &tb,
+        action: "heal",
+        host: "node2".into(),
+    };
+    tb.fault("cut", "node2");
+    let started = Instant::now();
+    let state = sp
+        .spawn(
+            &request(&user),
+            env_for(&user, vec![]),
+            &mocksu(&tb),
+            &progress,
+        )
+        .await
+        .unwrap();
+    assert_eq!(state.host, "node3");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(progress
+        .snapshot(0)
+        .iter()
+        .any(|e| e.message.contains("node2 did not answer")));
+    http_get(&state.address, state.port, &format!("/user/{user}/")).await;
+    drop(undo);
+    sp.stop(&state).await.unwrap();
+    std::fs::remove_dir_all(&state.dir).unwrap();
+}
