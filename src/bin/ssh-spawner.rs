@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use ssh_spawner::config::{parse_size, Config};
 use ssh_spawner::plan::hosts::{human_bytes, Requirements};
 use ssh_spawner::plan::limits::Limits;
+use ssh_spawner::plan::script::{ExitReason, Stopped};
 use ssh_spawner::plan::state::{self, ServerState};
 use ssh_spawner::spawner::{PollOutcome, Progress, SpawnRequest, Spawner};
 use ssh_spawner::ssh::{
@@ -339,7 +340,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 PollOutcome::Exited { status, reason } => (
                     "exited",
                     format!(
-                        "{reason:?}{}",
+                        "{}{}",
+                        match reason {
+                            ExitReason::Exited => "the process ended",
+                            ExitReason::Zombie => "the process is a zombie",
+                            ExitReason::PidReused => "its pid now belongs to another process",
+                            ExitReason::Rebooted => "the host rebooted",
+                            ExitReason::Gone => "the process is gone",
+                        },
                         status.map(|s| format!(", status {s}")).unwrap_or_default()
                     ),
                     3,
@@ -360,11 +368,15 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             let state = read_state(&state)?;
             let stopped = sp.stop(&state).await?;
             sp.pool().close_all().await;
-            let word = format!("{stopped:?}");
+            let word = match stopped {
+                Stopped::Killed { escalated: false } => "stopped with SIGTERM",
+                Stopped::Killed { escalated: true } => "killed with SIGKILL after the grace",
+                Stopped::AlreadyGone => "nothing was running",
+            };
             if cli.json {
                 print_json(&serde_json::json!({"stopped": word}));
             } else {
-                println!("stopped on {}: {word}", state.host);
+                println!("{}: {word}", state.host);
             }
             Ok(ExitCode::SUCCESS)
         }

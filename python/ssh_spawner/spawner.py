@@ -1,0 +1,429 @@
+"""SSHSpawner: the JupyterHub glue around the Rust core.
+
+Everything that touches a host lives in Rust (``ssh_spawner._core``); this
+class holds the options as traitlets and awaits the core. Nothing here blocks
+the hub's event loop: every call to a host is an awaitable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from jupyterhub.spawner import Spawner
+from traitlets import Bool, Dict, Float, Integer, List, Tuple, Unicode, Union, default
+
+from . import _core
+
+# One core (and so one SSH connection pool) per distinct configuration: all
+# spawners of a hub share it.
+_CORES: dict[str, _core.Core] = {}
+_LOG_PUMP: asyncio.Task | None = None
+_LEVELS = {
+    "ERROR": logging.ERROR,
+    "WARN": logging.WARNING,
+    "INFO": logging.INFO,
+    "DEBUG": logging.DEBUG,
+    "TRACE": logging.DEBUG,
+}
+
+
+async def _pump_logs(log: logging.Logger) -> None:
+    """Move the core's log records into the hub's logger."""
+    while True:
+        for level, target, message in _core.drain_logs():
+            log.log(_LEVELS.get(level, logging.INFO), "[%s] %s", target, message)
+        await asyncio.sleep(0.25)
+
+
+class SSHSpawner(Spawner):
+    """Start each single-user server on one of the lab's hosts over SSH.
+
+    Host keys are verified against ``known_hosts``; connections are pooled;
+    the API token travels on stdin, never in a command line.
+    """
+
+    hosts = List(
+        Union([Unicode(), Dict()]),
+        help="""The compute hosts. Each is a host name or address, or a dict with
+        ``address`` and optionally ``port`` (SSH, default 22), ``name`` (shown to
+        users), ``max_servers`` and ``prologue`` (shell lines for that host only).
+        Example: ``["node1.lab", {"address": "10.0.0.12", "name": "gpu1", "max_servers": 8}]``.""",
+    ).tag(config=True)
+
+    remote_user = Unicode(
+        "{username}",
+        help="Remote user the server runs as. ``{username}`` is the hub user name.",
+    ).tag(config=True)
+
+    key_path = Unicode(
+        None,
+        allow_none=True,
+        help="""Private key the hub logs in with. Either one hub key that every
+        user's ``authorized_keys`` trusts, or a key per user with ``{username}``
+        in the path. An OpenSSH certificate next to it (``KEY-cert.pub``) is
+        used when present. Unset: use the ssh-agent (``agent_socket``).""",
+    ).tag(config=True)
+
+    agent_socket = Unicode(
+        None,
+        allow_none=True,
+        help="ssh-agent socket used when ``key_path`` is unset (default: ``$SSH_AUTH_SOCK``).",
+    ).tag(config=True)
+
+    known_hosts = Unicode(
+        "/etc/ssh/ssh_known_hosts",
+        help="""known_hosts file every host key is checked against. Unknown and
+        changed keys are refused unless ``host_key_policy`` says otherwise.""",
+    ).tag(config=True)
+
+    host_key_policy = Unicode(
+        "strict",
+        help="""``strict`` (only keys in ``known_hosts``) or ``accept-new``
+        (record a host seen for the first time; a changed key is still refused).""",
+    ).tag(config=True)
+
+    port_range = Tuple(
+        Integer(),
+        Integer(),
+        default_value=(20000, 29999),
+        help="Ports servers may listen on (inclusive), e.g. to match a firewall rule.",
+    ).tag(config=True)
+
+    host_selection = Unicode(
+        "random",
+        help="""How a host is chosen among those that fit:
+        ``random``, ``round-robin`` or ``least-loaded``.""",
+    ).tag(config=True)
+
+    state_dir = Unicode(
+        "~/.jupyterhub-ssh",
+        help="""Directory on the host for per-server files (log, pid, exit status,
+        certificates), one 0700 subdirectory per server.""",
+    ).tag(config=True)
+
+    prologue = List(
+        Unicode(),
+        help="""Shell lines run before the server starts, e.g.
+        ``["module load python/3.11", "source /opt/conda/bin/activate lab"]``.""",
+    ).tag(config=True)
+
+    enforcement = Unicode(
+        "auto",
+        help="""How ``mem_limit`` / ``cpu_limit`` are enforced: ``auto`` (a systemd
+        user scope when the host has a user manager, else an address-space limit
+        with prlimit), ``systemd``, ``prlimit`` or ``none``. The limits are always
+        exported as MEM_LIMIT / CPU_LIMIT.""",
+    ).tag(config=True)
+
+    stop_grace = Float(10.0, help="Seconds between SIGTERM and SIGKILL when a server stops.").tag(
+        config=True
+    )
+
+    keep_log = Bool(
+        True, help="Keep the server's log in its directory on the host after it stops."
+    ).tag(config=True)
+
+    connect_timeout = Float(10.0, help="Seconds to connect to a host (TCP and key exchange).").tag(
+        config=True
+    )
+    auth_timeout = Float(10.0, help="Seconds to authenticate.").tag(config=True)
+    command_timeout = Float(30.0, help="Seconds any one remote command may take.").tag(config=True)
+    facts_cache = Float(
+        5.0, help="Seconds host facts (free memory, load, servers) are cached for host choice."
+    ).tag(config=True)
+    max_sessions_per_connection = Integer(
+        10, help="Commands at once on one SSH connection (sshd's MaxSessions)."
+    ).tag(config=True)
+    max_connections_per_host = Integer(4, help="SSH connections per host and remote user.").tag(
+        config=True
+    )
+    idle_timeout = Float(300.0, help="Seconds before an unused SSH connection is closed.").tag(
+        config=True
+    )
+    port_retries = Integer(5, help="Other ports tried when the chosen one is taken at launch.").tag(
+        config=True
+    )
+
+    unreachable_grace = Float(
+        300.0,
+        help="""Seconds a host may fail to answer before its servers are reported
+        stopped. Within the grace, poll reports the server running and the log
+        says the host is unreachable; right after a hub restart, the first poll
+        waits for the host up to this long, so servers survive a switch reboot.""",
+    ).tag(config=True)
+
+    @default("cmd")
+    def _default_cmd(self):
+        return ["jupyterhub-singleuser"]
+
+    # ---- plumbing -------------------------------------------------------
+
+    def _config_json(self) -> str:
+        hosts = []
+        for h in self.hosts:
+            hosts.append({"address": h} if isinstance(h, str) else dict(h))
+        cfg = {
+            "hosts": hosts,
+            "remote_user": self.remote_user,
+            "key_path": self.key_path,
+            "agent_socket": self.agent_socket,
+            "known_hosts": self.known_hosts,
+            "host_key_policy": self.host_key_policy,
+            "port_range": {"start": self.port_range[0], "end": self.port_range[1]},
+            "host_selection": self.host_selection,
+            "state_dir": self.state_dir,
+            "prologue": list(self.prologue),
+            "enforcement": self.enforcement,
+            "stop_grace": self.stop_grace,
+            "keep_log": self.keep_log,
+            "connect_timeout": self.connect_timeout,
+            "auth_timeout": self.auth_timeout,
+            "command_timeout": self.command_timeout,
+            "facts_cache": self.facts_cache,
+            "max_sessions_per_connection": self.max_sessions_per_connection,
+            "max_connections_per_host": self.max_connections_per_host,
+            "idle_timeout": self.idle_timeout,
+            "port_retries": self.port_retries,
+        }
+        return json.dumps({k: v for k, v in cfg.items() if v is not None}, sort_keys=True)
+
+    @property
+    def core(self) -> _core.Core:
+        global _LOG_PUMP
+        key = self._config_json()
+        core = _CORES.get(key)
+        if core is None:
+            try:
+                core = _CORES[key] = _core.Core(key)
+            except _core.SpawnerError as e:
+                raise ValueError(f"SSHSpawner configuration: {e}") from None
+        if _LOG_PUMP is None or _LOG_PUMP.done():
+            _LOG_PUMP = asyncio.get_running_loop().create_task(_pump_logs(self.log))
+        return core
+
+    _state_json = None  # the core's server state, JSON text
+    _prepared = None  # host and port chosen for the spawn in progress
+    _progress = None
+    _unreachable_since = None
+    _freshly_loaded = False
+    _launching = False
+    _cleaned_up = None  # state JSON of an exited server already cleaned up
+
+    def _request(self, exclude=()) -> str:
+        opts = self.user_options or {}
+        return json.dumps(
+            {
+                "username": self.user.name,
+                "server_name": self.name or "",
+                "mem_guarantee": self.mem_guarantee or None,
+                "cpu_guarantee": self.cpu_guarantee or None,
+                "mem_limit": self.mem_limit or None,
+                "cpu_limit": self.cpu_limit or None,
+                "host": opts.get("host") or None,
+                "exclude": list(exclude),
+            }
+        )
+
+    def _progress_stream(self) -> _core.Progress:
+        if self._progress is None:
+            self._progress = _core.Progress()
+        return self._progress
+
+    async def _prepare(self, exclude=()) -> None:
+        try:
+            self._prepared = await self.core.prepare(
+                self._request(exclude), self._progress_stream()
+            )
+        except _core.SpawnerError as e:
+            self._finish_progress()
+            raise RuntimeError(str(e)) from None
+        # Recorded before anything is launched: a cancelled start leaves a
+        # state that stop can act on.
+        self._state_json = self._prepared.state
+        self.ip = "0.0.0.0"
+        self.port = self._prepared.port
+
+    def _finish_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.finish()
+
+    # ---- certificates (internal_ssl) -----------------------------------
+
+    async def create_certs(self):
+        """Choose the host first, so the certificate names it."""
+        if self._prepared is None:
+            await self._prepare()
+        self.ssl_alt_names = list(self.ssl_alt_names) + [
+            n for n in self._prepared.alt_names if n not in self.ssl_alt_names
+        ]
+        return await super().create_certs()
+
+    async def move_certs(self, paths):
+        """Copy key, certificate and CA into the server's directory (0600)."""
+        try:
+            keyfile, certfile, cafile = await self.core.upload_certs(
+                self._prepared,
+                paths["keyfile"],
+                paths["certfile"],
+                paths["cafile"],
+                self._progress_stream(),
+            )
+        except _core.SpawnerError as e:
+            self._finish_progress()
+            raise RuntimeError(str(e)) from None
+        return {"keyfile": keyfile, "certfile": certfile, "cafile": cafile}
+
+    # ---- lifecycle ------------------------------------------------------
+
+    async def start(self):
+        self._launching = True
+        progress = self._progress_stream()
+        try:
+            if self._prepared is None:
+                await self._prepare()
+            cmd = list(self.cmd) + list(self.get_args())
+            tried = []
+            while True:
+                env = self.get_env()
+                try:
+                    self._state_json = await self.core.launch(
+                        self._prepared, sorted(env.items()), cmd, progress
+                    )
+                    break
+                except _core.SpawnerError as e:
+                    if e.kind == "port_taken":
+                        self.port = self.core.repick_port(self._prepared)
+                        progress.emit(40, f"Port was taken meanwhile; using {self.port}")
+                        continue
+                    if e.unreachable and not self.internal_ssl:
+                        # The launch may have reached the host: clean it up
+                        # when it answers again, and try another host now.
+                        self.core.clean_up_later(self._prepared.state)
+                        tried.append(self._prepared.host)
+                        progress.emit(
+                            15, f"{self._prepared.host} did not answer; trying another host"
+                        )
+                        self.log.warning("%s: %s; trying another host", self._log_name, e)
+                        await self._prepare(tried)
+                        continue
+                    raise RuntimeError(str(e)) from None
+            self._unreachable_since = None
+            return (self._prepared.address, self.port)
+        finally:
+            self._launching = False
+            self._finish_progress()
+
+    async def poll(self):
+        if self._state_json is None:
+            return 0
+        if self._launching:
+            return None
+        status, code, detail = await self.core.poll(self._state_json)
+        if status == "running":
+            if self._unreachable_since is not None:
+                self.log.info("%s: host answers again", self._log_name)
+            self._unreachable_since = None
+            self._freshly_loaded = False
+            return None
+        if status == "exited":
+            self._freshly_loaded = False
+            self.log.info("%s: server is gone (%s)", self._log_name, detail)
+            await self._clean_up_exited()
+            return code if code is not None else 0
+        # The host did not answer: that says nothing about the server.
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+            self.log.warning(
+                "%s: cannot reach the host (%s); keeping the server for up to %.0f s",
+                self._log_name,
+                detail,
+                self.unreachable_grace,
+            )
+        if self._freshly_loaded:
+            # Right after a hub restart the hub checks the URL as soon as poll
+            # says "running": wait for the host instead of losing the server.
+            self._freshly_loaded = False
+            while time.monotonic() - self._unreachable_since < self.unreachable_grace:
+                await asyncio.sleep(min(5.0, self.unreachable_grace))
+                status, code, detail = await self.core.poll(self._state_json)
+                if status == "running":
+                    self.log.info("%s: host answers again", self._log_name)
+                    self._unreachable_since = None
+                    return None
+                if status == "exited":
+                    await self._clean_up_exited()
+                    return code if code is not None else 0
+        if time.monotonic() - self._unreachable_since < self.unreachable_grace:
+            return None
+        self.log.error(
+            "%s: host unreachable for %.0f s (%s); reporting the server stopped",
+            self._log_name,
+            time.monotonic() - self._unreachable_since,
+            detail,
+        )
+        return 1
+
+    async def _clean_up_exited(self) -> None:
+        """JupyterHub calls stop() only for a server poll() says is running, so
+        a server that exited on its own would leave its pid file and
+        certificates on the host: remove them (the log is kept) once."""
+        state = self._state_json
+        if state is None or self._cleaned_up == state:
+            return
+        self._cleaned_up = state
+        try:
+            result = await self.core.stop(state)
+            self.log.debug("%s: cleaned up after the server (%s)", self._log_name, result)
+        except _core.SpawnerError as e:
+            self.log.warning("%s: cannot clean up after the server: %s", self._log_name, e)
+
+    async def stop(self, now=False):
+        if self._state_json is None:
+            return
+        try:
+            result = await self.core.stop(self._state_json)
+            self.log.info("%s: stopped (%s)", self._log_name, result)
+        except _core.SpawnerError as e:
+            if e.unreachable:
+                # The hub forgets the server now; keep trying to stop it.
+                self.core.clean_up_later(self._state_json)
+            raise RuntimeError(str(e)) from None
+
+    async def progress(self):
+        stream = self._progress_stream()
+        cursor = 0
+        while True:
+            events = await stream.next(cursor)
+            if not events:
+                return
+            cursor += len(events)
+            for pct, message in events:
+                yield {"progress": pct, "message": message}
+
+    # ---- state (no I/O) -------------------------------------------------
+
+    def get_state(self):
+        state = super().get_state()
+        if self._state_json:
+            state["ssh"] = json.loads(self._state_json)
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        ssh = state.get("ssh")
+        if ssh:
+            self._state_json = json.dumps(ssh)
+            self._freshly_loaded = True
+
+    def clear_state(self):
+        super().clear_state()
+        self._state_json = None
+        self._prepared = None
+        self._progress = None
+        self._unreachable_since = None
+        self._freshly_loaded = False
+        self._cleaned_up = None
