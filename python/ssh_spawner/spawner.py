@@ -8,6 +8,7 @@ the hub's event loop: every call to a host is an awaitable.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import time
@@ -16,6 +17,11 @@ from jupyterhub.spawner import Spawner
 from traitlets import Bool, Dict, Float, Integer, List, Tuple, Unicode, Union, default
 
 from . import _core
+
+try:  # JupyterHub >= 6: a policy failure, logged without a traceback
+    from jupyterhub.spawner import SpawnException
+except ImportError:  # JupyterHub 5
+    SpawnException = None
 
 # One core (and so one SSH connection pool) per distinct configuration: all
 # spawners of a hub share it.
@@ -227,6 +233,21 @@ class SSHSpawner(Spawner):
             }
         )
 
+    def _redact(self, text: str) -> str:
+        token = getattr(self, "api_token", None)
+        return text.replace(token, "[secret]") if token else text
+
+    def _spawn_error(self, e: Exception) -> Exception:
+        """An error the spawn page and the REST API show as it is."""
+        message = self._redact(str(e))
+        kind = getattr(e, "kind", "error")
+        if SpawnException is not None:
+            status = 400 if kind == "invalid" else 503
+            return SpawnException(message, reason=kind, status_code=status)
+        err = RuntimeError(message)
+        err.jupyterhub_message = message
+        return err
+
     def _progress_stream(self) -> _core.Progress:
         if self._progress is None:
             self._progress = _core.Progress()
@@ -239,7 +260,7 @@ class SSHSpawner(Spawner):
             )
         except _core.SpawnerError as e:
             self._finish_progress()
-            raise RuntimeError(str(e)) from None
+            raise self._spawn_error(e) from None
         # Recorded before anything is launched: a cancelled start leaves a
         # state that stop can act on.
         self._state_json = self._prepared.state
@@ -256,9 +277,13 @@ class SSHSpawner(Spawner):
         """Choose the host first, so the certificate names it."""
         if self._prepared is None:
             await self._prepare()
-        self.ssl_alt_names = list(self.ssl_alt_names) + [
-            n for n in self._prepared.alt_names if n not in self.ssl_alt_names
-        ]
+        names = self.ssl_alt_names
+        if callable(names):
+            names = names(self)
+            if inspect.isawaitable(names):
+                names = await names
+        names = list(names)
+        self.ssl_alt_names = names + [n for n in self._prepared.alt_names if n not in names]
         return await super().create_certs()
 
     async def move_certs(self, paths):
@@ -273,7 +298,7 @@ class SSHSpawner(Spawner):
             )
         except _core.SpawnerError as e:
             self._finish_progress()
-            raise RuntimeError(str(e)) from None
+            raise self._spawn_error(e) from None
         return {"keyfile": keyfile, "certfile": certfile, "cafile": cafile}
 
     # ---- lifecycle ------------------------------------------------------
@@ -309,7 +334,7 @@ class SSHSpawner(Spawner):
                         self.log.warning("%s: %s; trying another host", self._log_name, e)
                         await self._prepare(tried)
                         continue
-                    raise RuntimeError(str(e)) from None
+                    raise self._spawn_error(e) from None
             self._unreachable_since = None
             return (self._prepared.address, self.port)
         finally:
@@ -391,7 +416,7 @@ class SSHSpawner(Spawner):
             if e.unreachable:
                 # The hub forgets the server now; keep trying to stop it.
                 self.core.clean_up_later(self._state_json)
-            raise RuntimeError(str(e)) from None
+            raise RuntimeError(self._redact(str(e))) from None
 
     async def progress(self):
         stream = self._progress_stream()

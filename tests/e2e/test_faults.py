@@ -1,0 +1,101 @@
+"""A host cut off while the hub is down: the server survives the restart."""
+
+from __future__ import annotations
+
+import time
+
+from .conftest import assert_server_process, bed_fault, proc_start_time, wait_until
+
+ALICE = "tb-alice"
+
+
+def test_host_cut_while_hub_down_keeps_server(testbed, hub_factory):
+    hub = hub_factory(
+        {
+            "JupyterHub.cleanup_servers": False,
+            "SSHSpawner.connect_timeout": 3.0,
+        }
+    )
+    hub.spawn(ALICE)
+    state = hub.ssh_state(ALICE)
+    assert_server_process(testbed, state, ALICE)
+    host = state["host"]
+    hub.stop()
+    log_before = len(hub.log_text())
+
+    bed_fault(testbed, "cut", host)
+    try:
+        t0 = time.monotonic()
+        hub.start(
+            **{
+                "SSHSpawner.unreachable_grace": 120.0,
+                "JupyterHub.init_spawners_timeout": 1,
+            }
+        )
+        print(f"HUB_UP_WITH_HOST_CUT seconds={time.monotonic() - t0:.2f}")
+
+        def warned():
+            return "cannot reach the host" in hub.log_text()[log_before:]
+
+        wait_until(warned, 15, what='the spawner\'s "cannot reach the host" warning')
+        model = hub.server_model(ALICE)
+        assert model is not None, "the hub dropped the server of the unreachable host"
+        log = hub.log_text()[log_before:]
+        assert "stopped while the Hub was down" not in log
+        assert "shutting it down" not in log
+        assert "reporting the server stopped" not in log
+        # The server itself kept running all along.
+        assert proc_start_time(state["pid"]) == state["start_time"]
+        time.sleep(2)
+        assert hub.server_model(ALICE) is not None
+    finally:
+        bed_fault(testbed, "heal", host)
+    t_heal = time.monotonic()
+
+    wait_until(
+        lambda: hub.proxy_get(f"/user/{ALICE}/api/status").status_code == 200,
+        30,
+        interval=0.5,
+        what="the server to be reachable after heal",
+    )
+    print(f"HEAL_TO_REACHABLE seconds={time.monotonic() - t_heal:.2f}")
+    model = hub.server_model(ALICE)
+    assert model and model["ready"], model
+    assert hub.ssh_state(ALICE) == state
+    assert_server_process(testbed, state, ALICE)
+    log = hub.log_text()[log_before:]
+    assert "host answers again" in log
+    assert "stopped while the Hub was down" not in log
+
+    hub.stop_server(ALICE)
+    assert proc_start_time(state["pid"]) != state["start_time"]
+
+
+def test_stop_while_host_cut_cleans_up_once_it_heals(testbed, hub_factory):
+    hub = hub_factory({"SSHSpawner.connect_timeout": 3.0})
+    hub.spawn(ALICE)
+    state = hub.ssh_state(ALICE)
+    assert_server_process(testbed, state, ALICE)
+    host = state["host"]
+
+    bed_fault(testbed, "cut", host)
+    try:
+        t0 = time.monotonic()
+        r = hub.api("DELETE", hub.server_path(ALICE), timeout=60)
+        took = time.monotonic() - t0
+        print(f"DELETE while cut: {r.status_code} {r.text[:200]!r} after {took:.1f} s")
+        wait_until(lambda: hub.server_model(ALICE) is None, 30, what="the hub to forget it")
+        # The host never heard of the stop: the server still runs.
+        assert proc_start_time(state["pid"]) == state["start_time"]
+    finally:
+        bed_fault(testbed, "heal", host)
+    t_heal = time.monotonic()
+    # The spawner keeps trying in the background (every 30 s) and stops it.
+    wait_until(
+        lambda: proc_start_time(state["pid"]) != state["start_time"] and not hub.my_procs(),
+        45,
+        interval=0.5,
+        what="the abandoned server to be stopped after heal",
+    )
+    print(f"HEAL_TO_CLEANED seconds={time.monotonic() - t_heal:.2f}")
+    assert "cleaned up after an abandoned start" in hub.log_text()
