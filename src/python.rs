@@ -331,7 +331,7 @@ impl Core {
         let st = state::decode(state_json).map_err(py_err)?;
         let sp = self.0.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            sp.stop(&st).await.map(|s| format!("{s:?}")).map_err(py_err)
+            sp.stop(&st).await.map(|s| s.to_string()).map_err(py_err)
         })
     }
 

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use ssh_spawner::config::{parse_size, Config};
 use ssh_spawner::plan::hosts::{human_bytes, Requirements};
 use ssh_spawner::plan::limits::Limits;
-use ssh_spawner::plan::script::{ExitReason, Stopped};
+use ssh_spawner::plan::script::ExitReason;
 use ssh_spawner::plan::state::{self, ServerState};
 use ssh_spawner::spawner::{PollOutcome, Progress, SpawnRequest, Spawner};
 use ssh_spawner::ssh::{
@@ -368,11 +368,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             let state = read_state(&state)?;
             let stopped = sp.stop(&state).await?;
             sp.pool().close_all().await;
-            let word = match stopped {
-                Stopped::Killed { escalated: false } => "stopped with SIGTERM",
-                Stopped::Killed { escalated: true } => "killed with SIGKILL after the grace",
-                Stopped::AlreadyGone => "nothing was running",
-            };
+            let word = stopped.to_string();
             if cli.json {
                 print_json(&serde_json::json!({"stopped": word}));
             } else {

@@ -170,6 +170,16 @@ pub enum Stopped {
     AlreadyGone,
 }
 
+impl std::fmt::Display for Stopped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Stopped::Killed { escalated: false } => "stopped with SIGTERM",
+            Stopped::Killed { escalated: true } => "killed with SIGKILL after the grace",
+            Stopped::AlreadyGone => "nothing was running",
+        })
+    }
+}
+
 fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Error {
     Error::Invalid {
         what: what.into(),
