@@ -190,6 +190,9 @@ struct PollQueue {
     draining: bool,
 }
 
+/// Environment variable naming the run in every process of a server.
+pub const RUN_ENV: &str = "SSH_SPAWNER_RUN";
+
 /// Most servers polled in one exec.
 const POLL_CHUNK: usize = 500;
 
@@ -539,11 +542,15 @@ impl Spawner {
             &prepared.limits,
             &state.run_id,
         )?;
+        // Every descendant inherits this, so stop can find kernels and helpers
+        // even after the server itself died and they were re-parented.
+        let mut env = env.to_vec();
+        env.push((RUN_ENV.to_string(), state.run_id.clone()));
         let script = script::launch_script(&LaunchSpec {
             run_id: &state.run_id,
             dir: &state.dir,
             port: state.port,
-            env,
+            env: &env,
             prologue: &prepared.prologue,
             command,
             workdir: None,

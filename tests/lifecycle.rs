@@ -257,6 +257,69 @@ async fn stop_kills_children_even_in_their_own_session() {
 }
 
 #[tokio::test]
+async fn stop_after_a_crash_kills_what_the_server_left_behind() {
+    let Some(tb) = testbed("stop_after_a_crash_kills_what_the_server_left_behind") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.bob().name.clone();
+    // A "kernel" in its own session, then the server dies on its own.
+    let cmd: Vec<String> = ["/bin/sh", "-c", "setsid sleep 1901 & sleep 1; exit 3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let state = sp
+        .spawn(
+            &request(&user),
+            env_for(&user, vec![]),
+            &cmd,
+            &Progress::new(),
+        )
+        .await
+        .unwrap();
+    let mut exited = false;
+    for _ in 0..50 {
+        if let PollOutcome::Exited {
+            status: Some(3), ..
+        } = sp.poll(&state).await
+        {
+            exited = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(exited, "the server did not exit with status 3");
+    assert_ne!(
+        remote(
+            &sp,
+            &tb,
+            &state.host,
+            &user,
+            "pgrep -f 'slee[p] 1901' || true"
+        )
+        .await,
+        ""
+    );
+    // Its parent is gone; the run's marker in its environment still ties it to us.
+    assert!(matches!(
+        sp.stop(&state).await.unwrap(),
+        Stopped::Killed { .. }
+    ));
+    assert_eq!(
+        remote(
+            &sp,
+            &tb,
+            &state.host,
+            &user,
+            "pgrep -f 'slee[p] 1901' || true"
+        )
+        .await,
+        ""
+    );
+    std::fs::remove_dir_all(&state.dir).unwrap();
+}
+
+#[tokio::test]
 async fn hostile_environment_values_arrive_byte_exact_and_secrets_stay_out_of_argv() {
     let Some(tb) =
         testbed("hostile_environment_values_arrive_byte_exact_and_secrets_stay_out_of_argv")
@@ -477,9 +540,12 @@ async fn forged_state_never_signals_someone_elses_process() {
         )
         .await
         .unwrap();
-    // The same pid with another start time: a reused pid.
+    // Another run's state whose pid is now this server (another start time):
+    // a reused pid, or a forged state.
     let mut forged = state.clone();
     forged.start_time = Some(state.start_time.unwrap() + 1);
+    forged.run_id = "f0f0f0f0f0f0f0f0".into();
+    forged.dir = format!("{}/f0f0f0f0f0f0f0f0", state.dir.rsplit_once('/').unwrap().0);
     match sp.poll(&forged).await {
         PollOutcome::Exited {
             reason: ExitReason::PidReused,

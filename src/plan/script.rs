@@ -843,6 +843,7 @@ pub fn stop_script(proc_: &Proc, grace_secs: u32, keep_log: bool) -> Result<Stri
     }
     let boot_q = quote(&proc_.boot_id, "boot id")?;
     let dir_q = quote(&proc_.dir, "server directory")?;
+    let run_q = quote(&proc_.run_id, "run id")?;
     let keep = u8::from(keep_log);
     let Proc {
         pid,
@@ -860,7 +861,7 @@ pub fn stop_script(proc_: &Proc, grace_secs: u32, keep_log: bool) -> Result<Stri
 set -u
 umask 077
 {HELPERS}pid={pid} pgid={pgid} start={start_time} uid={uid} want={boot_q}
-d={dir_q} grace={grace_secs} keep={keep}
+d={dir_q} grace={grace_secs} keep={keep} run={run_q}
 cleanup() {{
   [ -d "$d" ] || return 0
   if [ "$keep" = 1 ]; then
@@ -936,6 +937,21 @@ if [ "$boot" = "$want" ] && rs "$pid" && live && [ "$s_start" = "$start" ] && ru
       tree="$tree$pgid:$s_start "
     fi
   fi
+fi
+# Processes of ours that carry this run's marker in their environment:
+# kernels and helpers of a server that has already died (their parent is
+# gone, so the tree above cannot reach them) are found this way.
+if [ "$boot" = "$want" ]; then
+  for f in /proc/[0-9]*; do
+    q=${{f#/proc/}}
+    [ "$q" != "$$" ] || continue
+    ru "$q" && [ "$s_uid" = "$uid" ] || continue
+    rs "$q" && live || continue
+    case $tree in *" $q:$s_start "*) continue ;; esac
+    if tr '\0' '\n' < "$f/environ" 2>/dev/null | grep -qxF "SSH_SPAWNER_RUN=$run"; then
+      rs "$q" && tree="$tree$q:$s_start "
+    fi
+  done
 fi
 n=0
 if [ "$tree" != ' ' ]; then scan; fi

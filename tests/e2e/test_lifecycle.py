@@ -8,8 +8,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
-
 from .conftest import (
     all_procs,
     assert_server_process,
@@ -196,12 +194,6 @@ def test_two_named_servers_at_once(testbed, hub):
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="spawner limitation: when the server dies on its own, the stop script finds "
-    "its pid gone and signals nothing, so helpers left in the wrapper's process group "
-    "(or descendants in sessions of their own) outlive it",
-)
 def test_helpers_of_a_crashed_server_are_killed(testbed, hub_factory):
     singleuser = testbed["venv"] + "/bin/jupyterhub-singleuser"
     hub = hub_factory(
