@@ -77,18 +77,7 @@ async fn main() {
     );
 
     let target = sp.target(&sp.config().hosts[0], &user).expect("target");
-    let procs: Vec<Proc> = states
-        .iter()
-        .map(|s| Proc {
-            run_id: s.run_id.clone(),
-            pid: s.pid.expect("pid"),
-            pgid: s.pgid.expect("pgid"),
-            start_time: s.start_time.expect("start"),
-            uid: s.uid.expect("uid"),
-            boot_id: s.boot_id.clone().expect("boot id"),
-            dir: s.dir.clone(),
-        })
-        .collect();
+    let procs: Vec<Proc> = states.iter().map(|s| s.proc().expect("launched")).collect();
 
     let rounds = 5;
     let (mut batched, mut single) = (Vec::new(), Vec::new());

@@ -587,18 +587,15 @@ impl Spawner {
             }
         }
         let launched = script::parse_launch(&stdout)?;
+        let pid = launched.pid;
         let mut state = state.clone();
-        state.pid = Some(launched.pid);
-        state.pgid = Some(launched.pgid);
-        state.start_time = Some(launched.start_time);
-        state.uid = Some(launched.uid);
-        state.boot_id = Some(launched.boot_id);
+        state.record(launched);
         state.enforcement = Some(enforcement);
         progress.emit(
             70,
             format!(
                 "Server started on {} as pid {}, waiting for it to answer",
-                state.host, launched.pid
+                state.host, pid
             ),
         );
         Ok(state)
@@ -693,26 +690,9 @@ impl Spawner {
         if stdout.trim() == adopt::NOTHING {
             return Ok(None);
         }
-        let l = script::parse_launch(&stdout)?;
         let mut s = state.clone();
-        s.pid = Some(l.pid);
-        s.pgid = Some(l.pgid);
-        s.start_time = Some(l.start_time);
-        s.uid = Some(l.uid);
-        s.boot_id = Some(l.boot_id);
+        s.record(script::parse_launch(&stdout)?);
         Ok(Some(s))
-    }
-
-    fn proc_of(state: &ServerState) -> Option<Proc> {
-        Some(Proc {
-            run_id: state.run_id.clone(),
-            pid: state.pid?,
-            pgid: state.pgid?,
-            start_time: state.start_time?,
-            uid: state.uid?,
-            boot_id: state.boot_id.clone()?,
-            dir: state.dir.clone(),
-        })
     }
 
     /// Is the server running? Polls of servers on the same host and user that
@@ -735,7 +715,7 @@ impl Spawner {
                 Err(e) => return PollOutcome::Unknown(e),
             }
         };
-        let (target, proc_) = match (self.state_target(&state), Self::proc_of(&state)) {
+        let (target, proc_) = match (self.state_target(&state), state.proc()) {
             (Ok(t), Some(p)) => (t, p),
             (Err(e), _) => return PollOutcome::Unknown(e),
             (_, None) => {
@@ -796,7 +776,7 @@ impl Spawner {
             return Ok(script::Stopped::AlreadyGone);
         };
         let target = self.state_target(&state)?;
-        let proc_ = Self::proc_of(&state).ok_or_else(|| Error::Invalid {
+        let proc_ = state.proc().ok_or_else(|| Error::Invalid {
             what: "server state".into(),
             reason: "incomplete".into(),
         })?;

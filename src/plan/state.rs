@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::script::{Launched, Proc};
 use crate::error::{Error, Result};
 
 /// The version this build writes.
@@ -74,6 +75,28 @@ impl ServerState {
     /// True once launch reported the process.
     pub fn launched(&self) -> bool {
         self.pid.is_some()
+    }
+
+    /// Record what the launch (or adopt) script reported.
+    pub fn record(&mut self, launched: Launched) {
+        self.pid = Some(launched.pid);
+        self.pgid = Some(launched.pgid);
+        self.start_time = Some(launched.start_time);
+        self.uid = Some(launched.uid);
+        self.boot_id = Some(launched.boot_id);
+    }
+
+    /// The process as poll and stop scripts see it; `None` until launched.
+    pub fn proc(&self) -> Option<Proc> {
+        Some(Proc {
+            run_id: self.run_id.clone(),
+            pid: self.pid?,
+            pgid: self.pgid?,
+            start_time: self.start_time?,
+            uid: self.uid?,
+            boot_id: self.boot_id.clone()?,
+            dir: self.dir.clone(),
+        })
     }
 
     /// Check what a forged or corrupted state could use to do harm.
