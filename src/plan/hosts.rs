@@ -109,6 +109,11 @@ if command -v prlimit >/dev/null 2>&1; then echo prlimit=yes; else echo prlimit=
     s
 }
 
+/// Kibibytes as printed by /proc/meminfo, in bytes; `None` if not a number or too large.
+fn kib(v: &str) -> Option<u64> {
+    v.parse::<u64>().ok()?.checked_mul(1024)
+}
+
 /// Parse what [`facts_script`] printed.
 pub fn parse_facts(stdout: &str) -> Result<HostFacts> {
     let (head, tcp) = stdout.split_once(TCP_MARK).unwrap_or((stdout, ""));
@@ -129,7 +134,7 @@ pub fn parse_facts(stdout: &str) -> Result<HostFacts> {
     };
     let bad = |what: &str, v: &str| Error::Invalid {
         what: "host facts".into(),
-        reason: format!("{what} is not a number: {v:?}"),
+        reason: format!("{what} is not a valid number: {v:?}"),
     };
     for line in head.lines() {
         let Some((k, v)) = line.split_once('=') else {
@@ -139,10 +144,16 @@ pub fn parse_facts(stdout: &str) -> Result<HostFacts> {
             "hostname" => f.hostname = v.to_string(),
             "home" => f.home = v.to_string(),
             "uid" => f.uid = v.parse().map_err(|_| bad(k, v))?,
-            "mem_total_kb" => f.mem_total = v.parse::<u64>().map_err(|_| bad(k, v))? * 1024,
-            "mem_available_kb" => f.mem_available = v.parse::<u64>().map_err(|_| bad(k, v))? * 1024,
+            "mem_total_kb" => f.mem_total = kib(v).ok_or_else(|| bad(k, v))?,
+            "mem_available_kb" => f.mem_available = kib(v).ok_or_else(|| bad(k, v))?,
             "cpus" => f.cpus = v.parse().map_err(|_| bad(k, v))?,
-            "load1" => f.load1 = v.parse().map_err(|_| bad(k, v))?,
+            "load1" => {
+                f.load1 = v
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|l| l.is_finite() && *l >= 0.0)
+                    .ok_or_else(|| bad(k, v))?
+            }
             "boot_id" => f.boot_id = v.to_string(),
             "servers" => {
                 f.servers = if v.is_empty() {
@@ -379,6 +390,17 @@ mem_available_kb=3250585\ncpus=4\nload1=1.50\nboot_id=abc\nservers=2\nsystemd_us
         assert!(parse_facts("home=relative\nuid=1\ncpus=2").is_err());
         let err = parse_facts("home=/h\nuid=1\ncpus=2\nload1=high").unwrap_err();
         assert!(err.to_string().contains("load1"), "{err}");
+        for bad in [
+            "load1=NaN",
+            "load1=inf",
+            "load1=-1",
+            "mem_total_kb=18014398509481984",
+        ] {
+            assert!(
+                parse_facts(&format!("home=/h\nuid=1\ncpus=2\n{bad}")).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
