@@ -222,6 +222,15 @@ pub enum Error {
         port: u16,
     },
 
+    /// An SSH tunnel could not be set up (a local port taken, a forward refused).
+    #[error("tunnel {what}: {reason}")]
+    Tunnel {
+        /// Which tunnel, e.g. `127.0.0.1:23456 -> node1:20001`.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
+
     /// A value handed to this crate is not acceptable (names what and why).
     #[error("invalid {what}: {reason}")]
     Invalid {
@@ -261,6 +270,7 @@ impl Error {
             Error::NoHost { .. } => "no_host",
             Error::ServerExited { .. } => "server_exited",
             Error::PortTaken { .. } => "port_taken",
+            Error::Tunnel { .. } => "tunnel",
             Error::Invalid { .. } => "invalid",
         }
     }

@@ -12,6 +12,7 @@ use russh::keys::PublicKeyOrCertificate;
 
 use super::auth;
 use super::known_hosts::{self, HostKeyPolicy, Verdict};
+use super::pool::ForwardTargets;
 use super::Target;
 use crate::error::{Error, Phase, Result};
 
@@ -53,6 +54,7 @@ pub(crate) struct Client {
     known_hosts: PathBuf,
     entries: Vec<known_hosts::Entry>,
     policy: HostKeyPolicy,
+    forwards: ForwardTargets,
 }
 
 /// Errors raised inside the handler travel through russh as this type.
@@ -70,6 +72,41 @@ impl From<russh::Error> for HandlerError {
 
 impl client::Handler for Client {
     type Error = HandlerError;
+
+    /// sshd opens a channel for a connection to one of our remote forwards:
+    /// carry it to the local address recorded for that forward, refuse it
+    /// when there is none (a forward we no longer want).
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: russh::Channel<client::Msg>,
+        _connected_address: &str,
+        connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: client::ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let label = if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        let to = self
+            .forwards
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&(label.clone(), connected_port)).cloned());
+        let Some(to) = to else {
+            tracing::warn!(host = %label, port = connected_port, "refused a forwarded connection for a forward not in use");
+            reply
+                .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        reply.accept().await;
+        tokio::spawn(super::tunnel::carry_to(channel, to, label));
+        Ok(())
+    }
 
     async fn check_server_key(
         &mut self,
@@ -124,7 +161,11 @@ impl client::Handler for Client {
 pub(crate) type Connection = client::Handle<Client>;
 
 /// Open and authenticate one connection to `target`.
-pub(crate) async fn connect(target: &Target, opts: &ConnectOptions) -> Result<Connection> {
+pub(crate) async fn connect(
+    target: &Target,
+    opts: &ConnectOptions,
+    forwards: ForwardTargets,
+) -> Result<Connection> {
     let label = target.host_label();
     let entries = known_hosts::load(&opts.known_hosts)?;
 
@@ -155,6 +196,7 @@ pub(crate) async fn connect(target: &Target, opts: &ConnectOptions) -> Result<Co
         known_hosts: opts.known_hosts.clone(),
         entries,
         policy: opts.host_key_policy,
+        forwards,
     };
 
     let addr = (target.address.as_str(), target.port);

@@ -6,6 +6,7 @@
 //! - [`pool`]: many channels over few connections, with replacement and idle close.
 //! - [`exec`]: a command with stdin, bounded in time and output.
 //! - [`sftp`]: uploads with exact modes.
+//! - [`tunnel`]: local and remote TCP forwards over pooled connections.
 
 pub mod auth;
 pub mod connect;
@@ -13,6 +14,7 @@ pub mod exec;
 pub mod known_hosts;
 pub mod pool;
 pub mod sftp;
+pub mod tunnel;
 
 pub use auth::Identity;
 pub use connect::ConnectOptions;
@@ -20,6 +22,7 @@ pub use exec::{Command, Output};
 pub use known_hosts::HostKeyPolicy;
 pub use pool::{Pool, PoolOptions, PoolStats};
 pub use sftp::Upload;
+pub use tunnel::{LocalForward, RemoteForward};
 
 /// Where to connect and as whom: the pool key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

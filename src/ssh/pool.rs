@@ -76,7 +76,14 @@ struct Inner {
     opts: PoolOptions,
     slots: Mutex<HashMap<Target, Arc<Slot>>>,
     handshakes: AtomicU64,
+    forwards: ForwardTargets,
 }
+
+/// Remote forwards of this pool: (host `address:port`, the port sshd listens
+/// on for us on the host's loopback) and the local `host:port` its
+/// connections are carried to. Every connection's handler consults it;
+/// forwards not in it are refused.
+pub(crate) type ForwardTargets = Arc<Mutex<HashMap<(String, u32), String>>>;
 
 /// The connections of one target. The async mutex is held across a handshake,
 /// which is how concurrent first uses end up sharing one.
@@ -95,6 +102,10 @@ struct Conn {
     /// server refused a channel.
     capacity: AtomicUsize,
     last_used: Mutex<Instant>,
+    /// Forwarding channels and remote forwards on this connection. They take
+    /// no session slot (sshd's MaxSessions counts sessions only) but keep the
+    /// connection from being closed as idle.
+    forwards: AtomicUsize,
 }
 
 impl Conn {
@@ -129,6 +140,35 @@ impl Drop for SlotGuard {
     }
 }
 
+/// A pooled connection in use for forwarding. While it lives the idle sweep
+/// leaves the connection open.
+pub(crate) struct ForwardGuard {
+    conn: Arc<Conn>,
+}
+
+impl ForwardGuard {
+    /// The connection is gone (sshd restarted, keepalives unanswered).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.conn.handle.is_closed()
+    }
+
+    /// Ask sshd to stop listening on `port` (best effort).
+    pub(crate) async fn cancel_forward(&self, port: u32) {
+        let _ = self
+            .conn
+            .handle
+            .cancel_tcpip_forward("127.0.0.1", port)
+            .await;
+    }
+}
+
+impl Drop for ForwardGuard {
+    fn drop(&mut self) {
+        self.conn.forwards.fetch_sub(1, Ordering::Relaxed);
+        self.conn.touch();
+    }
+}
+
 impl Pool {
     /// Make a pool. When called inside a tokio runtime, a background task
     /// closes idle connections; it ends when the last handle is dropped.
@@ -137,6 +177,7 @@ impl Pool {
             opts,
             slots: Mutex::new(HashMap::new()),
             handshakes: AtomicU64::new(0),
+            forwards: Arc::new(Mutex::new(HashMap::new())),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(sweep_idle(Arc::downgrade(&inner)));
@@ -259,6 +300,148 @@ impl Pool {
         }
     }
 
+    /// A live connection to `target` for forwarding, opened if needed. No
+    /// session slot stays taken.
+    async fn forward_conn(&self, target: &Target) -> Result<ForwardGuard> {
+        let slot = self.slot(target);
+        let (conn, permit) = self.take_slot(target, &slot).await?;
+        conn.forwards.fetch_add(1, Ordering::Relaxed);
+        drop(permit);
+        Ok(ForwardGuard { conn })
+    }
+
+    /// Open a direct-tcpip channel: sshd on `target` connects to
+    /// `host:port` (as seen from the host) and the channel carries the bytes.
+    /// A dead pooled connection is replaced once, as for sessions.
+    pub(crate) async fn open_direct_tcpip(
+        &self,
+        target: &Target,
+        host: &str,
+        port: u16,
+    ) -> Result<(Channel<Msg>, ForwardGuard)> {
+        let slot = self.slot(target);
+        let mut replaced_dead = false;
+        loop {
+            let guard = self.forward_conn(target).await?;
+            let opened = tokio::time::timeout(
+                self.inner.opts.channel_timeout,
+                guard
+                    .conn
+                    .handle
+                    .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0),
+            )
+            .await;
+            match opened {
+                Ok(Ok(channel)) => return Ok((channel, guard)),
+                Ok(Err(russh::Error::ChannelOpenFailure(reason))) => {
+                    return Err(Error::Tunnel {
+                        what: format!("to {host}:{port} on {}", target.host_label()),
+                        reason: format!("sshd refused to connect ({reason:?}); is the server listening, and does sshd allow TCP forwarding?"),
+                    })
+                }
+                Ok(Err(e)) => {
+                    let conn = guard.conn.clone();
+                    drop(guard);
+                    remove(&slot, &conn).await;
+                    if replaced_dead {
+                        return Err(Error::Ssh {
+                            host: target.host_label(),
+                            user: target.user.clone(),
+                            reason: e.to_string(),
+                        });
+                    }
+                    tracing::info!(host = %target.host_label(), user = %target.user,
+                        "pooled connection is dead ({e}); reconnecting for a tunnel");
+                    replaced_dead = true;
+                }
+                Err(_) => {
+                    let conn = guard.conn.clone();
+                    drop(guard);
+                    remove(&slot, &conn).await;
+                    return Err(Error::Timeout {
+                        host: target.host_label(),
+                        user: target.user.clone(),
+                        phase: Phase::Channel,
+                        after: self.inner.opts.channel_timeout,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Ask sshd on `target` to listen on its loopback at `port` (0: sshd
+    /// chooses) and carry each connection to the local `to` (`host:port`).
+    /// Returns the port and the connection the forward lives on: when that
+    /// connection dies, so does the forward; request it again.
+    pub(crate) async fn request_forward(
+        &self,
+        target: &Target,
+        port: u16,
+        to: &str,
+    ) -> Result<(u16, ForwardGuard)> {
+        let guard = self.forward_conn(target).await?;
+        let what = || format!("from 127.0.0.1:{port} on {} to {to}", target.host_label());
+        // Known before sshd answers, so no connection arrives unclaimed.
+        if port != 0 {
+            self.set_forward_target(target, u32::from(port), Some(to));
+        }
+        let granted = tokio::time::timeout(
+            self.inner.opts.channel_timeout,
+            guard
+                .conn
+                .handle
+                .tcpip_forward("127.0.0.1", u32::from(port)),
+        )
+        .await;
+        let fail = |reason: String| {
+            if port != 0 {
+                self.set_forward_target(target, u32::from(port), None);
+            }
+            Err(Error::Tunnel {
+                what: what(),
+                reason,
+            })
+        };
+        let bound = match granted {
+            Ok(Ok(p)) => p,
+            Ok(Err(russh::Error::RequestDenied)) => {
+                return fail("sshd refused the forward (port taken on the host, or AllowTcpForwarding not `yes`/`remote`)".into())
+            }
+            Ok(Err(e)) => return fail(e.to_string()),
+            Err(_) => {
+                return fail(format!(
+                    "no answer within {:?}",
+                    self.inner.opts.channel_timeout
+                ))
+            }
+        };
+        // OpenSSH answers 0 when the requested port was not 0.
+        let bound = if bound == 0 { u32::from(port) } else { bound };
+        let Ok(bound16) = u16::try_from(bound) else {
+            return fail(format!("sshd reported port {bound}"));
+        };
+        if bound16 == 0 {
+            return fail("sshd reported no port".into());
+        }
+        self.set_forward_target(target, bound, Some(to));
+        Ok((bound16, guard))
+    }
+
+    /// Where connections to the remote forward on `port` go; `None` forgets it.
+    pub(crate) fn set_forward_target(&self, target: &Target, port: u32, to: Option<&str>) {
+        let key = (target.host_label(), port);
+        if let Ok(mut map) = self.inner.forwards.lock() {
+            match to {
+                Some(to) => {
+                    map.insert(key, to.to_string());
+                }
+                None => {
+                    map.remove(&key);
+                }
+            }
+        }
+    }
+
     /// Take a session slot on a live connection, opening one if needed.
     async fn take_slot(
         &self,
@@ -287,7 +470,7 @@ impl Pool {
                     }
                 }
             }
-            match connect::connect(target, &opts.connect).await {
+            match connect::connect(target, &opts.connect, self.inner.forwards.clone()).await {
                 Ok(handle) => {
                     self.inner.handshakes.fetch_add(1, Ordering::Relaxed);
                     let capacity = opts.max_sessions_per_connection.max(1);
@@ -296,6 +479,7 @@ impl Pool {
                         sessions: Arc::new(Semaphore::new(capacity)),
                         capacity: AtomicUsize::new(capacity),
                         last_used: Mutex::new(Instant::now()),
+                        forwards: AtomicUsize::new(0),
                     });
                     conns.push(conn.clone());
                     let permit = conn
@@ -380,7 +564,8 @@ async fn sweep_idle(inner: Weak<Inner>) {
                     .lock()
                     .map(|t| t.elapsed() >= idle)
                     .unwrap_or(false);
-                let keep = !(c.handle.is_closed() || quiet && c.in_use() == 0);
+                let busy = c.in_use() > 0 || c.forwards.load(Ordering::Relaxed) > 0;
+                let keep = !(c.handle.is_closed() || quiet && !busy);
                 if !keep {
                     closing.push(c.clone());
                 }

@@ -1,0 +1,264 @@
+//! SSH tunnels against the testbed's real sshd: bytes both ways with
+//! half-close, surviving an sshd restart, closed when dropped.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::testbed;
+use ssh_spawner::ssh::{Command, LocalForward, RemoteForward};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An echo server inside the host's namespace on its loopback: each
+/// connection is read to EOF, then answered with the reversed bytes and closed
+/// (so the test sees that half-close travels through the tunnel).
+struct RemoteEcho {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl RemoteEcho {
+    fn start(ns: &str) -> RemoteEcho {
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "/usr/bin/python3", "-c"])
+            .arg(
+                r#"
+import socket, sys, threading
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(64)
+print(s.getsockname()[1], flush=True)
+def serve(c):
+    data = b""
+    while True:
+        b = c.recv(65536)
+        if not b:
+            break
+        data += b
+    c.sendall(data[::-1])
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#,
+            )
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start the echo server");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)
+            .expect("echo server port");
+        RemoteEcho {
+            child,
+            port: line.trim().parse().expect("a port"),
+        }
+    }
+}
+
+impl Drop for RemoteEcho {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn round_trip(port: u16, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(payload).await?;
+    s.shutdown().await?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await?;
+    Ok(back)
+}
+
+fn reversed(b: &[u8]) -> Vec<u8> {
+    b.iter().rev().copied().collect()
+}
+
+#[tokio::test]
+async fn local_forward_carries_bytes_survives_sshd_restart_and_closes_on_drop() {
+    let Some(tb) = testbed("local_forward_carries_bytes_survives_sshd_restart_and_closes_on_drop")
+    else {
+        return;
+    };
+    let echo = RemoteEcho::start("tb-node2");
+    let pool = tb.pool();
+    let target = tb.target("node2", &tb.alice().name);
+    let fwd = LocalForward::bind(pool.clone(), target, 0, "127.0.0.1".into(), echo.port)
+        .await
+        .unwrap();
+    let port = fwd.port();
+
+    // Small, large (several windows), and many at once.
+    assert_eq!(round_trip(port, b"hello").await.unwrap(), b"olleh");
+    let big: Vec<u8> = (0..4 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    assert_eq!(round_trip(port, &big).await.unwrap(), reversed(&big));
+    let many = (0..40).map(|i| {
+        let msg = format!("message {i}").into_bytes();
+        async move { (round_trip(port, &msg).await.unwrap(), msg) }
+    });
+    for (back, msg) in futures_join(many).await {
+        assert_eq!(back, reversed(&msg));
+    }
+    // Forwarding channels do not take session slots: commands still run.
+    let stats = pool.stats();
+    assert_eq!(stats.channels, 0, "{stats:?}");
+
+    // sshd restarts under the pooled connection: the next connection works.
+    tb.fault("sshd-restart", "node2");
+    assert_eq!(round_trip(port, b"again").await.unwrap(), b"niaga");
+
+    // A port with nothing behind it: the client sees its connection closed.
+    let nothing = LocalForward::bind(
+        pool.clone(),
+        tb.target("node2", &tb.alice().name),
+        0,
+        "127.0.0.1".into(),
+        1,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        round_trip(nothing.port(), b"x").await.unwrap_or_default(),
+        b""
+    );
+
+    // The same local port cannot be had twice: a clear error naming it.
+    let err = LocalForward::bind(
+        pool.clone(),
+        tb.target("node2", &tb.alice().name),
+        port,
+        "127.0.0.1".into(),
+        echo.port,
+    )
+    .await
+    .err()
+    .expect("port taken");
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert_eq!(err.kind(), "tunnel");
+
+    drop(fwd);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        assert!(Instant::now() < deadline, "listener still open after drop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn remote_forward_reaches_the_hub_side_and_comes_back_after_sshd_restart() {
+    let Some(tb) = testbed("remote_forward_reaches_the_hub_side_and_comes_back_after_sshd_restart")
+    else {
+        return;
+    };
+    // The "hub API": an echo on the hub's loopback, which the host cannot reach.
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let to = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                if s.read_to_end(&mut data).await.is_ok() {
+                    let _ = s.write_all(&reversed(&data)).await;
+                }
+            });
+        }
+    });
+    let pool = tb.pool();
+    let target = tb.target("node3", &tb.bob().name);
+    let fwd = RemoteForward::open(pool.clone(), target.clone(), 0, to)
+        .await
+        .unwrap();
+    let rport = fwd.port();
+    assert_ne!(rport, 0);
+
+    // On the host, as the remote user: connect to the forwarded port.
+    let probe = Command::new("/usr/bin/python3 -").stdin(format!(
+        r#"
+import socket
+try:
+    s = socket.create_connection(("127.0.0.1", {rport}), timeout=5)
+    s.sendall(b"ping")
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        b = s.recv(100)
+        if not b:
+            break
+        data += b
+    print(data.decode() or "closed")
+except OSError as e:
+    print("error", e)
+"#
+    ));
+    let ask = |pool: ssh_spawner::ssh::Pool, target: ssh_spawner::ssh::Target| {
+        let probe = probe.clone();
+        async move {
+            let out = pool.exec(&target, &probe).await.unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        }
+    };
+    assert_eq!(ask(pool.clone(), target.clone()).await, "gnip");
+
+    // sshd restarts: the forward is requested again on a new connection,
+    // with the same port.
+    tb.fault("sshd-restart", "node3");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let got = ask(pool.clone(), target.clone()).await;
+        if got == "gnip" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "forward not back: {got}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(fwd.port(), rport);
+
+    // Dropped: connections to the port are no longer carried.
+    drop(fwd);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = ask(pool.clone(), target.clone()).await;
+        if got != "gnip" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "forward still carries after drop"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Await futures concurrently on this task.
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let handles: Vec<_> = futs.map(|f| Box::pin(f)).collect();
+    let mut out = Vec::new();
+    let mut pending: Vec<_> = handles.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut any = false;
+        for slot in pending.iter_mut() {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        out.push(v);
+                        *slot = None;
+                    }
+                    std::task::Poll::Pending => any = true,
+                }
+            }
+        }
+        if any {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out
+}
