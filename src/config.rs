@@ -107,6 +107,15 @@ pub struct Config {
     /// Other ports tried when the chosen one is taken at launch.
     #[serde(default = "d_port_retries")]
     pub port_retries: u32,
+    /// Carry the hub's traffic to each server through an SSH tunnel over the
+    /// pooled connection: the server listens on the host's loopback only and
+    /// the hub reaches it at a local port. For hosts whose only open port is 22.
+    #[serde(default)]
+    pub tunnel: bool,
+    /// Carry each server's traffic to the hub API through a remote forward
+    /// (a port on the host's loopback): for hosts that cannot reach the hub.
+    #[serde(default)]
+    pub hub_tunnel: bool,
     /// The single-user command (the CLI's default; the hub passes its own).
     #[serde(default = "d_command")]
     pub command: Vec<String>,

@@ -295,6 +295,34 @@ impl Core {
         })
     }
 
+    /// Hub tunnel: a port on the prepared host's loopback carried to the hub
+    /// API at `to` (`host:port`); returns that port (the state records it).
+    fn open_hub_forward<'py>(
+        &self,
+        py: Python<'py>,
+        prepared: Py<Prepared>,
+        to: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let sp = self.0.clone();
+        let mut prep = prepared.get().get()?;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let port = sp.open_hub_forward(&mut prep, &to).await.map_err(py_err)?;
+            let mut p = prepared
+                .get()
+                .0
+                .lock()
+                .map_err(|_| SpawnerError::new_err("prepared spawn state is poisoned"))?;
+            p.state.hub_forward_port = prep.state.hub_forward_port;
+            p.state.hub_forward_to = prep.state.hub_forward_to.clone();
+            Ok(port)
+        })
+    }
+
+    /// Tunnels open in this process: (local listeners, hub forwards).
+    fn tunnel_count(&self) -> (usize, usize) {
+        self.0.tunnel_count()
+    }
+
     /// Start the command; returns the state JSON.
     fn launch<'py>(
         &self,
@@ -317,7 +345,11 @@ impl Core {
         let sp = self.0.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             Ok(match sp.poll(&st).await {
-                PollOutcome::Running => ("running".to_string(), None, String::new()),
+                // A restarted hub listens on the server's tunnel ports again.
+                PollOutcome::Running => match sp.ensure_tunnels(&st).await {
+                    Ok(()) => ("running".to_string(), None, String::new()),
+                    Err(e) => ("unknown".to_string(), None, e.to_string()),
+                },
                 PollOutcome::Exited { status, reason } => {
                     ("exited".to_string(), status, format!("{reason:?}"))
                 }

@@ -22,8 +22,8 @@ use crate::plan::hosts::{self, Candidate, HostFacts, Requirements};
 use crate::plan::limits::{self, Limits};
 use crate::plan::ports::choose_port;
 use crate::plan::script::{self, LaunchSpec, Proc, ProcStatus};
-use crate::plan::state::{ServerState, STATE_VERSION};
-use crate::ssh::{Command, Pool, Target, Upload};
+use crate::plan::state::{check_host_port, ServerState, STATE_VERSION};
+use crate::ssh::{Command, LocalForward, Pool, RemoteForward, Target, Upload};
 
 /// One step of a spawn, for the progress bar.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -196,6 +196,13 @@ pub const RUN_ENV: &str = "SSH_SPAWNER_RUN";
 /// Most servers polled in one exec.
 const POLL_CHUNK: usize = 500;
 
+/// The tunnels of one server; dropping them closes them.
+#[derive(Default)]
+struct ServerTunnels {
+    local: Option<LocalForward>,
+    hub: Option<RemoteForward>,
+}
+
 /// The lifecycle, shared by every spawn of a hub. Clones share everything.
 #[derive(Clone)]
 pub struct Spawner {
@@ -205,6 +212,8 @@ pub struct Spawner {
     round_robin: Arc<AtomicUsize>,
     polls: Arc<Mutex<HashMap<Target, PollQueue>>>,
     poll_execs: Arc<AtomicUsize>,
+    /// Tunnels by run id; closed on stop and when the last clone is dropped.
+    tunnels: Arc<Mutex<HashMap<String, ServerTunnels>>>,
 }
 
 impl Spawner {
@@ -219,6 +228,7 @@ impl Spawner {
             round_robin: Arc::new(AtomicUsize::new(0)),
             polls: Arc::new(Mutex::new(HashMap::new())),
             poll_execs: Arc::new(AtomicUsize::new(0)),
+            tunnels: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -400,6 +410,9 @@ impl Spawner {
                 uid: None,
                 boot_id: None,
                 enforcement: None,
+                tunnel_port: None,
+                hub_forward_port: None,
+                hub_forward_to: None,
                 extra: Default::default(),
             };
             self.reserve(
@@ -536,6 +549,49 @@ impl Spawner {
     ) -> Result<ServerState> {
         let state = &prepared.state;
         let target = self.state_target(state)?;
+        // The local end of the tunnel is bound before anything starts, so a
+        // failure here leaves nothing running on the host.
+        let tunnel_port = if self.config.tunnel {
+            self.close_tunnel(&state.run_id, true, false);
+            let fwd = LocalForward::bind(
+                self.pool.clone(),
+                target.clone(),
+                0,
+                "127.0.0.1".into(),
+                state.port,
+            )
+            .await?;
+            let port = fwd.port();
+            self.put_tunnel(&state.run_id, Some(fwd), None);
+            Some(port)
+        } else {
+            None
+        };
+        let launched = self
+            .launch_inner(prepared, &target, env, command, progress)
+            .await;
+        match launched {
+            Ok(mut state) => {
+                state.tunnel_port = tunnel_port;
+                Ok(state)
+            }
+            Err(e) => {
+                self.close_tunnel(&state.run_id, true, false);
+                Err(e)
+            }
+        }
+    }
+
+    async fn launch_inner(
+        &self,
+        prepared: &Prepared,
+        target: &Target,
+        env: &[(String, String)],
+        command: &[String],
+        progress: &Progress,
+    ) -> Result<ServerState> {
+        let state = &prepared.state;
+        let target = target.clone();
         let (plan, enforcement) = limits::decide(
             self.config.enforcement,
             &prepared.facts,
@@ -599,6 +655,128 @@ impl Spawner {
             ),
         );
         Ok(state)
+    }
+
+    /// Hub tunnel: ask sshd on the prepared host to listen on its loopback and
+    /// carry connections to the hub API at `to` (`host:port`); returns the
+    /// port on the host, which the server's environment must point at.
+    /// Asking again for the same spawn returns the same port.
+    pub async fn open_hub_forward(&self, prepared: &mut Prepared, to: &str) -> Result<u16> {
+        check_host_port(to).map_err(|r| Error::Invalid {
+            what: format!("hub API address {to:?}"),
+            reason: r,
+        })?;
+        let run_id = prepared.state.run_id.clone();
+        if let (Some(port), Some(old)) = (
+            self.hub_forward_port(&run_id),
+            prepared.state.hub_forward_to.as_deref(),
+        ) {
+            if old == to {
+                return Ok(port);
+            }
+        }
+        let target = self.state_target(&prepared.state)?;
+        let fwd = RemoteForward::open(self.pool.clone(), target, 0, to.to_string()).await?;
+        let port = fwd.port();
+        self.put_tunnel(&run_id, None, Some(fwd));
+        prepared.state.hub_forward_port = Some(port);
+        prepared.state.hub_forward_to = Some(to.to_string());
+        Ok(port)
+    }
+
+    fn hub_forward_port(&self, run_id: &str) -> Option<u16> {
+        self.tunnels
+            .lock()
+            .ok()?
+            .get(run_id)?
+            .hub
+            .as_ref()
+            .map(|f| f.port())
+    }
+
+    fn put_tunnel(&self, run_id: &str, local: Option<LocalForward>, hub: Option<RemoteForward>) {
+        if let Ok(mut map) = self.tunnels.lock() {
+            let t = map.entry(run_id.to_string()).or_default();
+            if local.is_some() {
+                t.local = local;
+            }
+            if hub.is_some() {
+                t.hub = hub;
+            }
+        }
+    }
+
+    /// Close a server's tunnels (dropped outside the lock).
+    fn close_tunnel(&self, run_id: &str, local: bool, hub: bool) {
+        let mut closing = ServerTunnels::default();
+        if let Ok(mut map) = self.tunnels.lock() {
+            if let Some(t) = map.get_mut(run_id) {
+                if local {
+                    closing.local = t.local.take();
+                }
+                if hub {
+                    closing.hub = t.hub.take();
+                }
+                if t.local.is_none() && t.hub.is_none() {
+                    map.remove(run_id);
+                }
+            }
+        }
+        drop(closing);
+    }
+
+    /// Open the tunnels a state records and this process does not have yet
+    /// (after a hub restart), on the same ports: the hub's proxy routes and
+    /// the server's environment name them. The hub calls it after each poll
+    /// that found the server running; one-shot tools (the CLI) do not.
+    pub async fn ensure_tunnels(&self, state: &ServerState) -> Result<()> {
+        let (has_local, has_hub) = match self.tunnels.lock() {
+            Ok(map) => map
+                .get(&state.run_id)
+                .map(|t| (t.local.is_some(), t.hub.is_some()))
+                .unwrap_or((false, false)),
+            Err(_) => (false, false),
+        };
+        let want_local = state.tunnel_port.filter(|_| !has_local);
+        let want_hub = match (&state.hub_forward_port, &state.hub_forward_to, has_hub) {
+            (Some(p), Some(to), false) => Some((*p, to.clone())),
+            _ => None,
+        };
+        if want_local.is_none() && want_hub.is_none() {
+            return Ok(());
+        }
+        let target = self.state_target(state)?;
+        if let Some(port) = want_local {
+            let fwd = LocalForward::bind(
+                self.pool.clone(),
+                target.clone(),
+                port,
+                "127.0.0.1".into(),
+                state.port,
+            )
+            .await?;
+            tracing::info!(host = %state.host, run = %state.run_id, port, "tunnel to the server listening again");
+            self.put_tunnel(&state.run_id, Some(fwd), None);
+        }
+        if let Some((port, to)) = want_hub {
+            let fwd = RemoteForward::open(self.pool.clone(), target, port, to).await?;
+            tracing::info!(host = %state.host, run = %state.run_id, port, "hub tunnel requested again");
+            self.put_tunnel(&state.run_id, None, Some(fwd));
+        }
+        Ok(())
+    }
+
+    /// Tunnels currently open (local listeners, hub forwards).
+    pub fn tunnel_count(&self) -> (usize, usize) {
+        self.tunnels
+            .lock()
+            .map(|m| {
+                (
+                    m.values().filter(|t| t.local.is_some()).count(),
+                    m.values().filter(|t| t.hub.is_some()).count(),
+                )
+            })
+            .unwrap_or((0, 0))
     }
 
     /// Prepare and launch in one go, retrying another port when the chosen one
@@ -773,6 +951,7 @@ impl Spawner {
                 )
                 .await?
                 .check(&target)?;
+            self.close_tunnel(&state.run_id, true, true);
             return Ok(script::Stopped::AlreadyGone);
         };
         let target = self.state_target(&state)?;
@@ -786,7 +965,9 @@ impl Spawner {
             Config::duration(self.config.command_timeout) + Duration::from_secs(u64::from(grace)),
         );
         let out = self.pool.exec(&target, &cmd).await?.check(&target)?;
-        script::parse_stop(&String::from_utf8_lossy(&out.stdout))
+        let stopped = script::parse_stop(&String::from_utf8_lossy(&out.stdout))?;
+        self.close_tunnel(&state.run_id, true, true);
+        Ok(stopped)
     }
 }
 

@@ -12,6 +12,7 @@ import inspect
 import json
 import logging
 import time
+from urllib.parse import urlsplit
 
 from jupyterhub.spawner import Spawner
 from traitlets import Bool, Dict, Float, Integer, List, Tuple, Unicode, Union, default
@@ -161,6 +162,25 @@ class SSHSpawner(Spawner):
         waits for the host up to this long, so servers survive a switch reboot.""",
     ).tag(config=True)
 
+    tunnel = Bool(
+        False,
+        help="""Reach each server through an SSH tunnel instead of the network:
+        the server listens on the host's loopback only (127.0.0.1) and the hub
+        reaches it at a port on its own loopback that is carried over the pooled
+        SSH connection. For hosts whose firewall lets in nothing but SSH. All
+        traffic to the servers then passes through the hub process and one SSH
+        connection per host and user (more latency, less throughput); the local
+        ports survive a hub restart (they are in the server state).""",
+    ).tag(config=True)
+
+    hub_tunnel = Bool(
+        False,
+        help="""Let each server reach the hub API through the SSH connection
+        (a remote forward: sshd listens on a port of the host's loopback and the
+        hub carries its connections to the API), for hosts that cannot route to
+        the hub. JUPYTERHUB_API_URL and JUPYTERHUB_ACTIVITY_URL point at that port.""",
+    ).tag(config=True)
+
     @default("cmd")
     def _default_cmd(self):
         return ["jupyterhub-singleuser"]
@@ -193,6 +213,8 @@ class SSHSpawner(Spawner):
             "max_connections_per_host": self.max_connections_per_host,
             "idle_timeout": self.idle_timeout,
             "port_retries": self.port_retries,
+            "tunnel": self.tunnel,
+            "hub_tunnel": self.hub_tunnel,
         }
         return json.dumps({k: v for k, v in cfg.items() if v is not None}, sort_keys=True)
 
@@ -264,7 +286,8 @@ class SSHSpawner(Spawner):
         # Recorded before anything is launched: a cancelled start leaves a
         # state that stop can act on.
         self._state_json = self._prepared.state
-        self.ip = "0.0.0.0"
+        # Behind a tunnel the server listens on the host's loopback only.
+        self.ip = "127.0.0.1" if self.tunnel else "0.0.0.0"
         self.port = self._prepared.port
 
     def _finish_progress(self) -> None:
@@ -314,6 +337,8 @@ class SSHSpawner(Spawner):
             while True:
                 env = self.get_env()
                 try:
+                    if self.hub_tunnel:
+                        env = await self._through_hub_tunnel(env)
                     self._state_json = await self.core.launch(
                         self._prepared, sorted(env.items()), cmd, progress
                     )
@@ -336,10 +361,31 @@ class SSHSpawner(Spawner):
                         continue
                     raise self._spawn_error(e) from None
             self._unreachable_since = None
+            tunnel_port = json.loads(self._state_json).get("tunnel_port")
+            if tunnel_port:
+                return ("127.0.0.1", tunnel_port)
             return (self._prepared.address, self.port)
         finally:
             self._launching = False
             self._finish_progress()
+
+    async def _through_hub_tunnel(self, env: dict) -> dict:
+        """Open the hub tunnel for this spawn and point the environment's hub
+        API URLs at its port on the host's loopback."""
+        api = urlsplit(env["JUPYTERHUB_API_URL"])
+        port = api.port or (443 if api.scheme == "https" else 80)
+        host = api.hostname or "127.0.0.1"
+        if host in ("0.0.0.0", "", "::"):
+            host = "127.0.0.1"
+        to = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        remote = await self.core.open_hub_forward(self._prepared, to)
+        self._state_json = self._prepared.state
+        origin = f"{api.scheme}://{api.netloc}"
+        tunneled = f"{api.scheme}://127.0.0.1:{remote}"
+        return {
+            k: (tunneled + v[len(origin) :] if isinstance(v, str) and v.startswith(origin) else v)
+            for k, v in env.items()
+        }
 
     async def poll(self):
         if self._state_json is None:

@@ -237,6 +237,15 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             command,
         } => {
             let sp = spawner(&cli.config)?;
+            if sp.config().tunnel || sp.config().hub_tunnel {
+                // Tunnels live in the process that opened them; this one exits.
+                return Err(Error::Invalid {
+                    what: "tunnel / hub_tunnel".into(),
+                    reason: "the CLI cannot keep SSH tunnels open after it exits; \
+                             spawn servers that need tunnels from the hub"
+                        .into(),
+                });
+            }
             let size = |v: Option<String>| v.map(|s| parse_size(&s)).transpose();
             let req = SpawnRequest {
                 username: user.clone(),

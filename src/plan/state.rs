@@ -59,6 +59,19 @@ pub struct ServerState {
     /// How limits were enforced, in words.
     #[serde(default)]
     pub enforcement: Option<String>,
+    /// SSH tunnel: the port on the hub's loopback that carries to `port` on
+    /// the host. The hub keeps `127.0.0.1:tunnel_port` as the server's URL, so
+    /// a restarted hub listens on the same port again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel_port: Option<u16>,
+    /// Hub tunnel: the port on the host's loopback that carries to the hub
+    /// API; the server's environment points at it, so it is requested again
+    /// with the same number after a lost connection or a hub restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_forward_port: Option<u16>,
+    /// Hub tunnel: the hub API address (`host:port`) it carries to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_forward_to: Option<String>,
     /// Fields this version does not know, kept as they were.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -139,7 +152,40 @@ impl ServerState {
         if matches!(self.pid, Some(0 | 1)) || matches!(self.pgid, Some(0 | 1)) {
             return Err(bad("pid 0 or 1 is never a server".into()));
         }
+        if self.tunnel_port == Some(0) || self.hub_forward_port == Some(0) {
+            return Err(bad("tunnel port 0".into()));
+        }
+        if self.hub_forward_port.is_some() != self.hub_forward_to.is_some() {
+            return Err(bad(
+                "hub_forward_port and hub_forward_to come together".into()
+            ));
+        }
+        if let Some(to) = &self.hub_forward_to {
+            check_host_port(to).map_err(|r| bad(format!("bad hub_forward_to {to:?}: {r}")))?;
+        }
         Ok(())
+    }
+}
+
+/// `host:port` or `[v6]:port` with a nonzero port and no spaces or controls.
+pub fn check_host_port(text: &str) -> std::result::Result<(), String> {
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| "expected host:port".to_string())?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty()
+        || host.contains(['[', ']'])
+        || host.chars().any(|c| c.is_whitespace() || c.is_control())
+        || (host.contains(':') && !text.starts_with('['))
+    {
+        return Err("bad host".into());
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p != 0 => Ok(()),
+        _ => Err("bad port".into()),
     }
 }
 
@@ -182,7 +228,51 @@ mod tests {
             uid: Some(1001),
             boot_id: Some("b00t".into()),
             enforcement: Some("none".into()),
+            tunnel_port: None,
+            hub_forward_port: None,
+            hub_forward_to: None,
             extra: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn tunnel_fields_round_trip_and_are_absent_without_tunnels() {
+        let plain = encode(&sample()).unwrap();
+        assert!(
+            !plain.contains("tunnel") && !plain.contains("forward"),
+            "{plain}"
+        );
+        let mut s = sample();
+        s.tunnel_port = Some(41234);
+        s.hub_forward_port = Some(40001);
+        s.hub_forward_to = Some("198.18.0.1:8081".into());
+        assert_eq!(decode(&encode(&s).unwrap()).unwrap(), s);
+        s.hub_forward_to = Some("[::1]:8081".into());
+        assert_eq!(decode(&encode(&s).unwrap()).unwrap(), s);
+    }
+
+    #[test]
+    fn bad_tunnel_fields_are_clear_errors() {
+        let base = r#""username":"a","host":"n","address":"h","remote_user":"a","port":2,"run_id":"r1","dir":"/h/r1""#;
+        for (extra, needle) in [
+            (r#""tunnel_port":0"#, "tunnel port 0"),
+            (r#""tunnel_port":70000"#, "server state"),
+            (r#""hub_forward_port":4000"#, "together"),
+            (
+                r#""hub_forward_port":4000,"hub_forward_to":"h:0""#,
+                "hub_forward_to",
+            ),
+            (
+                r#""hub_forward_port":4000,"hub_forward_to":"a b:80""#,
+                "hub_forward_to",
+            ),
+            (
+                r#""hub_forward_port":4000,"hub_forward_to":"::1:80""#,
+                "hub_forward_to",
+            ),
+        ] {
+            let err = decode(&format!("{{{base},{extra}}}")).unwrap_err();
+            assert!(err.to_string().contains(needle), "{extra}: {err}");
         }
     }
 
@@ -198,6 +288,7 @@ mod tests {
                       "run_id":"r1","dir":"/h/r1","future_field":{"x":[1,2]}}"#;
         let s = decode(old).unwrap();
         assert_eq!((s.version, s.ssh_port, s.pid), (1, 22, None));
+        assert_eq!((s.tunnel_port, s.hub_forward_port), (None, None));
         assert!(!s.launched());
         // The unknown field survives a round trip.
         assert!(encode(&s).unwrap().contains("future_field"));

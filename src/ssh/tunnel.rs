@@ -133,7 +133,13 @@ async fn carry_from(
         Ok(c) => c,
         Err(e) => {
             // The client sees its connection closed, as with a refused port.
-            tracing::warn!(host = %target.host_label(), port = remote_port, "tunnel: {e}");
+            // Refused while the server starts is expected (the hub probes
+            // until it answers); anything else is worth a warning.
+            if matches!(e, Error::Tunnel { .. }) {
+                tracing::debug!(host = %target.host_label(), port = remote_port, "{e}");
+            } else {
+                tracing::warn!(host = %target.host_label(), port = remote_port, "tunnel: {e}");
+            }
             return;
         }
     };

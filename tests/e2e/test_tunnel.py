@@ -1,0 +1,229 @@
+"""SSH tunnels: servers on hosts whose firewall lets in nothing but SSH.
+
+The host's namespace firewall (``scripts/testbed firewall NODE on``) drops every
+inbound TCP port but 22; ``isolate`` also keeps the host from opening
+connections to the hub side. The hub reaches the server through a local port
+carried over the pooled SSH connection (``tunnel``), and with ``hub_tunnel`` the
+server reaches the hub API through a remote forward. Both must come back after
+a hub restart and an sshd restart, and close when the server stops.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+from urllib.parse import quote
+
+import requests
+
+from .conftest import REPO, assert_server_process, bed_fault, wait_until
+
+ALICE = "tb-alice"
+BOB = "tb.bob-2"
+
+
+# This checkout's script: the bed may have been brought up by an older one.
+TESTBED_SCRIPT = str(REPO / "scripts" / "testbed")
+
+
+@contextlib.contextmanager
+def firewall(host: str, mode: str):
+    subprocess.run([TESTBED_SCRIPT, "firewall", host, mode], check=True, timeout=120)
+    try:
+        yield
+    finally:
+        subprocess.run([TESTBED_SCRIPT, "firewall", host, "off"], check=True, timeout=120)
+
+
+def can_connect(address: str, port: int, netns: str | None = None) -> bool:
+    if netns is None:
+        with contextlib.suppress(OSError), socket.create_connection((address, port), timeout=2):
+            return True
+        return False
+    probe = subprocess.run(
+        ["ip", "netns", "exec", netns, "timeout", "3", "bash", "-c", f"</dev/tcp/{address}/{port}"],
+        capture_output=True,
+        timeout=10,
+        check=False,
+    )
+    return probe.returncode == 0
+
+
+def host_config(tb: dict, name: str) -> list[dict]:
+    return [{"address": h["address"], "name": h["name"]} for h in tb["hosts"] if h["name"] == name]
+
+
+def fresh_token(hub, user: str) -> str:
+    """A new token of the user: the server has never seen it, so it must ask
+    the hub API (through whatever path the server has to the hub)."""
+    r = hub.api("POST", f"/users/{quote(user, safe='')}/tokens", json={"expires_in": 600})
+    assert r.status_code in (200, 201), (r.status_code, r.text)
+    return r.json()["token"]
+
+
+def status_with_fresh_token(hub, user: str) -> int:
+    token = fresh_token(hub, user)
+    with contextlib.suppress(requests.RequestException):
+        r = requests.get(
+            f"{hub.url}/user/{quote(user)}/api/status",
+            headers={"Authorization": f"token {token}"},
+            timeout=10,
+            allow_redirects=False,
+        )
+        return r.status_code
+    return -1
+
+
+def status(hub, user: str) -> int:
+    with contextlib.suppress(requests.RequestException):
+        return hub.proxy_get(f"/user/{quote(user)}/api/status").status_code
+    return -1
+
+
+def test_tunnel_through_a_firewall_survives_hub_and_sshd_restarts(testbed, hub_factory):
+    node = "node2"
+    with firewall(node, "on"):
+        hub = hub_factory(
+            {
+                "SSHSpawner.hosts": host_config(testbed, node),
+                "SSHSpawner.tunnel": True,
+                "JupyterHub.cleanup_servers": False,
+                "Spawner.poll_interval": 2,
+            }
+        )
+        hub.spawn(ALICE)
+        state = hub.ssh_state(ALICE)
+        local = state["tunnel_port"]
+        assert can_connect("127.0.0.1", local)
+        _, env = assert_server_process(testbed, state, ALICE)
+        # The server listens on the host's loopback only, and the firewall
+        # would drop the hub's direct connection anyway.
+        assert env["JUPYTERHUB_SERVICE_URL"].startswith(f"http://127.0.0.1:{state['port']}/")
+        assert not can_connect(state["address"], state["port"])
+        assert status(hub, ALICE) == 200
+
+        # Hub restart: the same local port listens again on the first poll.
+        hub.stop()
+        assert not can_connect("127.0.0.1", local), "tunnel outlived the hub process"
+        hub.start()
+        wait_until(lambda: status(hub, ALICE) == 200, 30, what="the server through the tunnel")
+        assert hub.ssh_state(ALICE)["tunnel_port"] == local
+        assert hub.ssh_state(ALICE)["pid"] == state["pid"]
+
+        # sshd restarts under the pooled connection: a brief pause at most.
+        bed_fault(testbed, "sshd-restart", node)
+        wait_until(lambda: status(hub, ALICE) == 200, 15, what="the tunnel after sshd restart")
+
+        hub.stop_server(ALICE)
+        wait_until(
+            lambda: not can_connect("127.0.0.1", local), 10, what="the tunnel to close on stop"
+        )
+
+
+def test_hub_tunnel_for_a_host_that_cannot_reach_the_hub(testbed, hub_factory):
+    node = "node3"
+    with firewall(node, "isolate"):
+        hub = hub_factory(
+            {
+                "SSHSpawner.hosts": host_config(testbed, node),
+                "SSHSpawner.tunnel": True,
+                "SSHSpawner.hub_tunnel": True,
+                "JupyterHub.cleanup_servers": False,
+                # the e2e service also makes tokens the server has never seen
+                "JupyterHub.load_roles": [
+                    {
+                        "name": "e2e",
+                        "scopes": [
+                            "admin:users",
+                            "admin:servers",
+                            "access:servers",
+                            "read:users",
+                            "list:users",
+                            "tokens",
+                        ],
+                        "services": ["e2e"],
+                    }
+                ],
+                "Spawner.poll_interval": 2,
+            }
+        )
+        ns = f"tb-{node}"
+        # The host really cannot open a connection to the hub API.
+        assert not can_connect(hub.hub_ip, hub.hub_port, netns=ns)
+
+        hub.spawn(BOB)
+        state = hub.ssh_state(BOB)
+        remote = state["hub_forward_port"]
+        assert state["hub_forward_to"] == f"{hub.hub_ip}:{hub.hub_port}"
+        _, env = assert_server_process(testbed, state, BOB)
+        for var in ("JUPYTERHUB_API_URL", "JUPYTERHUB_ACTIVITY_URL"):
+            assert env[var].startswith(f"http://127.0.0.1:{remote}/hub/api"), (var, env[var])
+        # A token the server has never seen is checked with the hub API,
+        # through the remote forward.
+        assert status_with_fresh_token(hub, BOB) == 200
+
+        hub.stop()
+        hub.start()
+        wait_until(
+            lambda: status_with_fresh_token(hub, BOB) == 200,
+            30,
+            what="the server to reach the hub API again after a hub restart",
+        )
+        assert hub.ssh_state(BOB)["hub_forward_port"] == remote
+
+        bed_fault(testbed, "sshd-restart", node)
+        wait_until(
+            lambda: status_with_fresh_token(hub, BOB) == 200,
+            15,
+            what="the hub tunnel after sshd restart",
+        )
+
+        hub.stop_server(BOB)
+        assert not can_connect("127.0.0.1", state["tunnel_port"])
+        wait_until(
+            lambda: not can_connect("127.0.0.1", remote, netns=ns),
+            10,
+            what="the hub tunnel to close on stop",
+        )
+
+
+def test_internal_ssl_runs_end_to_end_through_both_tunnels(testbed, hub_factory, tmp_path):
+    """The tunnels carry bytes only: TLS is between the hub and the server (the
+    server's certificate names 127.0.0.1, as does the hub's)."""
+    node = "node3"
+    with firewall(node, "isolate"):
+        hub = hub_factory(
+            {
+                "SSHSpawner.hosts": host_config(testbed, node),
+                "SSHSpawner.tunnel": True,
+                "SSHSpawner.hub_tunnel": True,
+                "JupyterHub.internal_ssl": True,
+                "JupyterHub.internal_certs_location": str(tmp_path / "internal-ssl"),
+                # the proxy reaches the hub at hub_ip: its certificate must name it
+                "JupyterHub.trusted_alt_names": [f"IP:{testbed['hub_address']}"],
+                "JupyterHub.load_roles": [
+                    {
+                        "name": "e2e",
+                        "scopes": [
+                            "admin:users",
+                            "admin:servers",
+                            "access:servers",
+                            "read:users",
+                            "list:users",
+                            "tokens",
+                        ],
+                        "services": ["e2e"],
+                    }
+                ],
+            }
+        )
+        hub.spawn(ALICE)
+        state = hub.ssh_state(ALICE)
+        _, env = assert_server_process(testbed, state, ALICE)
+        assert env["JUPYTERHUB_SERVICE_URL"].startswith(f"https://127.0.0.1:{state['port']}/")
+        assert env["JUPYTERHUB_API_URL"].startswith(
+            f"https://127.0.0.1:{state['hub_forward_port']}/hub/api"
+        )
+        assert status_with_fresh_token(hub, ALICE) == 200
+        hub.stop_server(ALICE)
