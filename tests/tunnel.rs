@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::testbed;
+use common::{testbed, Undo};
 use ssh_spawner::ssh::{Command, LocalForward, RemoteForward};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -233,6 +233,106 @@ except OSError as e:
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+#[tokio::test]
+async fn both_tunnels_work_again_after_a_dropped_link() {
+    let Some(tb) = testbed("both_tunnels_work_again_after_a_dropped_link") else {
+        return;
+    };
+    let echo = RemoteEcho::start("tb-node1");
+    // Short bounds: the blackholed connection is declared dead by keepalives
+    // within about 3 s, so the tunnels must move to a new connection.
+    let mut opts = tb.pool_options();
+    opts.connect.connect_timeout = Duration::from_secs(2);
+    opts.connect.keepalive_interval = Duration::from_secs(1);
+    opts.connect.keepalive_max = 2;
+    opts.channel_timeout = Duration::from_secs(2);
+    let pool = ssh_spawner::ssh::Pool::new(opts);
+    let target = tb.target("node1", &tb.alice().name);
+
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let to = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                if s.read_to_end(&mut data).await.is_ok() {
+                    let _ = s.write_all(&reversed(&data)).await;
+                }
+            });
+        }
+    });
+    let local = LocalForward::bind(
+        pool.clone(),
+        target.clone(),
+        0,
+        "127.0.0.1".into(),
+        echo.port,
+    )
+    .await
+    .unwrap();
+    let remote = RemoteForward::open(pool.clone(), target.clone(), 0, to)
+        .await
+        .unwrap();
+    let rport = remote.port();
+    let probe = Command::new("/usr/bin/python3 -")
+        .stdin(format!(
+            "import socket\ns = socket.create_connection(('127.0.0.1', {rport}), timeout=3)\n\
+             s.sendall(b'ping'); s.shutdown(socket.SHUT_WR)\nprint(s.recv(100).decode())\n"
+        ))
+        .timeout(Duration::from_secs(5));
+    let remote_ok = || async {
+        pool.exec(&target, &probe)
+            .await
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "gnip")
+            .unwrap_or(false)
+    };
+    assert_eq!(
+        round_trip(local.port(), b"before").await.unwrap(),
+        b"erofeb"
+    );
+    assert!(remote_ok().await);
+    let handshakes = pool.stats().handshakes;
+
+    let undo = Undo {
+        testbed: &tb,
+        action: "heal",
+        host: "node1".into(),
+    };
+    tb.fault("cut", "node1");
+    // While cut, a connection through the tunnel is closed, not hung.
+    let started = Instant::now();
+    assert_eq!(
+        round_trip(local.port(), b"cut").await.unwrap_or_default(),
+        b""
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // Let the keepalives give up on the old connection.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    drop(undo); // heal
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let local_ok = round_trip(local.port(), b"after").await.unwrap_or_default() == b"retfa";
+        if local_ok && remote_ok().await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "tunnels not back after heal (local {local_ok})"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        pool.stats().handshakes > handshakes,
+        "the tunnels should be on a new connection"
+    );
+    assert_eq!(remote.port(), rport);
 }
 
 /// Await futures concurrently on this task.
