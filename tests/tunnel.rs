@@ -335,6 +335,129 @@ async fn both_tunnels_work_again_after_a_dropped_link() {
     assert_eq!(remote.port(), rport);
 }
 
+/// GET `path` from `127.0.0.1:port`; the raw response (empty if none).
+async fn http_get(port: u16, path: &str) -> String {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)).await else {
+        return String::new();
+    };
+    let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return String::new();
+    }
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).to_string()
+}
+
+async fn wait_http_200(port: u16, path: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let text = http_get(port, path).await;
+        if text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200") {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "127.0.0.1:{port}{path}: {text:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test]
+async fn spawner_tunnel_follows_the_server_across_a_hub_restart_and_closes_on_stop() {
+    use ssh_spawner::config::Config;
+    use ssh_spawner::spawner::{PollOutcome, Progress, SpawnRequest, Spawner};
+
+    let Some(tb) =
+        testbed("spawner_tunnel_follows_the_server_across_a_hub_restart_and_closes_on_stop")
+    else {
+        return;
+    };
+    let h = tb.host("node2");
+    let text = format!(
+        "known_hosts = \"{}\"\nkey_path = \"{}\"\nconnect_timeout = 3\ncommand_timeout = 15\n\
+         stop_grace = 3\nstate_dir = \"~/.ssh-spawner-tunnel-test-{}\"\ntunnel = true\n\
+         [[hosts]]\naddress = \"{}\"\nname = \"{}\"\n",
+        tb.known_hosts.display(),
+        tb.hub_key.display(),
+        common::rand_suffix(),
+        h.address,
+        h.name
+    );
+    let config: Config = toml::from_str(&text).unwrap();
+    let user = tb.bob().name.clone();
+    let command = vec![
+        tb.python.display().to_string(),
+        "-m".into(),
+        "jupyterhub.tests.mocksu".into(),
+    ];
+    let env = {
+        let user = user.clone();
+        move |s: &ssh_spawner::plan::state::ServerState| {
+            vec![
+                (
+                    "JUPYTERHUB_SERVICE_URL".to_string(),
+                    format!("http://127.0.0.1:{}/user/{user}/", s.port),
+                ),
+                ("JUPYTERHUB_USER".to_string(), user.clone()),
+            ]
+        }
+    };
+    let req = SpawnRequest {
+        username: user.clone(),
+        ..Default::default()
+    };
+
+    let sp = Spawner::new(config.clone()).unwrap();
+    let state = sp
+        .spawn(&req, env, &command, &Progress::new())
+        .await
+        .unwrap();
+    let local = state
+        .tunnel_port
+        .expect("the state records the tunnel port");
+    let path = format!("/user/{user}/hello");
+    assert!(wait_http_200(local, &path).await.contains("hello"));
+    // Behind the tunnel the server answers on the host's loopback only.
+    assert!(
+        TcpStream::connect((h.address.as_str(), state.port))
+            .await
+            .is_err(),
+        "the server listens on the network"
+    );
+
+    // "Hub restart": this spawner goes away with its tunnels ...
+    drop(sp);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect(("127.0.0.1", local)).await.is_ok() {
+        assert!(Instant::now() < deadline, "tunnel outlived its spawner");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ... and a new one listens on the recorded port again, once it knows
+    // the server runs; a taken port is a clear error naming it.
+    let sp = Spawner::new(config).unwrap();
+    let squatter = std::net::TcpListener::bind(("127.0.0.1", local)).unwrap();
+    assert!(matches!(sp.poll(&state).await, PollOutcome::Running));
+    let err = sp.ensure_tunnels(&state).await.unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("127.0.0.1:{local}")),
+        "{err}"
+    );
+    drop(squatter);
+    sp.ensure_tunnels(&state).await.unwrap();
+    assert_eq!(sp.tunnel_count(), (1, 0));
+    assert!(wait_http_200(local, &path).await.contains("hello"));
+
+    sp.stop(&state).await.unwrap();
+    assert_eq!(sp.tunnel_count(), (0, 0));
+    assert!(TcpStream::connect(("127.0.0.1", local)).await.is_err());
+    let dir = std::path::Path::new(&state.dir);
+    if let Some(parent) = dir.parent() {
+        let _ = std::fs::remove_dir_all(parent);
+    }
+}
+
 /// Await futures concurrently on this task.
 async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
     let handles: Vec<_> = futs.map(|f| Box::pin(f)).collect();
