@@ -10,6 +10,9 @@ use ssh_spawner::ssh::{Command, LocalForward, RemoteForward};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// The two tests on node2 take turns: one restarts its sshd.
+static NODE2: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// An echo server inside the host's namespace on its loopback: each
 /// connection is read to EOF, then answered with the reversed bytes and closed
 /// (so the test sees that half-close travels through the tunnel).
@@ -83,6 +86,7 @@ async fn local_forward_carries_bytes_survives_sshd_restart_and_closes_on_drop() 
     else {
         return;
     };
+    let _node2 = NODE2.lock().await;
     let echo = RemoteEcho::start("tb-node2");
     let pool = tb.pool();
     let target = tb.target("node2", &tb.alice().name);
@@ -374,6 +378,7 @@ async fn spawner_tunnel_follows_the_server_across_a_hub_restart_and_closes_on_st
     else {
         return;
     };
+    let _node2 = NODE2.lock().await;
     let h = tb.host("node2");
     let text = format!(
         "known_hosts = \"{}\"\nkey_path = \"{}\"\nconnect_timeout = 3\ncommand_timeout = 15\n\
