@@ -65,7 +65,9 @@ def testbed() -> dict:
             pytrace=False,
         )
     tb = json.loads(path.read_text())
-    tb["script"] = tb.get("testbed_script") or str(REPO / "scripts" / "testbed")
+    # The fault handles of this checkout (the bed may have been brought up by another).
+    own = REPO / "scripts" / "testbed"
+    tb["script"] = str(own) if own.is_file() else tb.get("testbed_script")
     tb["uids"] = {u["name"]: u["uid"] for u in tb["users"]}
     tb["homes"] = {u["name"]: u["home"] for u in tb["users"]}
     wait_bed_up(tb)
@@ -302,6 +304,14 @@ class Hub:
             raise AssertionError(f"hub did not exit within {timeout} s of SIGTERM") from None
         finally:
             self._kill_proxy()
+
+    def kill(self) -> None:
+        """SIGKILL the hub process alone (its proxy lives on, as after a crash)."""
+        assert self.proc is not None and self.proc.poll() is None, "hub not running"
+        self.proc.kill()
+        self.proc.wait(10)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n===== e2e: hub SIGKILLed at {time.strftime('%T')} =====\n".encode())
 
     def _kill_proxy(self) -> None:
         pid_file = self.dir / "jupyterhub-proxy.pid"
