@@ -251,7 +251,28 @@ impl Spawner {
         .port(host.port))
     }
 
+    /// Will poll and stop act on this state? It must be valid, and name the
+    /// remote user the configuration maps its hub user to: a forged or
+    /// corrupted state naming another login would let one user's state act
+    /// as another's. (The remote scripts then only ever touch that login's
+    /// own processes.)
+    pub fn check_state(&self, state: &ServerState) -> Result<()> {
+        state.validate()?;
+        let expected = self.config.remote_user_for(&state.username)?;
+        if state.remote_user != expected {
+            return Err(Error::Invalid {
+                what: format!("server state of {:?}", state.username),
+                reason: format!(
+                    "names remote user {:?}, but the configuration maps {:?} to {:?}; refusing to act on it",
+                    state.remote_user, state.username, expected
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn state_target(&self, state: &ServerState) -> Result<Target> {
+        self.check_state(state)?;
         Ok(Target::new(
             &state.address,
             &state.remote_user,

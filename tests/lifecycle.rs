@@ -562,7 +562,52 @@ async fn forged_state_never_signals_someone_elses_process() {
     let mut stolen = state.clone();
     stolen.remote_user = tb.bob().name.clone();
     stolen.username = tb.bob().name.clone();
-    let _ = sp.stop(&stolen).await;
+    assert_eq!(sp.stop(&stolen).await.unwrap(), Stopped::AlreadyGone);
+    // Alice's state naming bob's login: refused before any exec.
+    let mut other_login = state.clone();
+    other_login.remote_user = tb.bob().name.clone();
+    let err = sp
+        .stop(&other_login)
+        .await
+        .expect_err("a state naming another login is refused");
+    assert!(err.to_string().contains("refusing to act on it"), "{err}");
+    // Alice's state edited to name bob's running process (pid, group, start
+    // time, uid): alice's login sees it is not hers and never signals it.
+    let bob = tb.bob().name.clone();
+    let bobs = sp
+        .spawn(
+            &request(&bob),
+            env_for(&bob, vec![]),
+            &["sleep".to_string(), "1401".to_string()],
+            &Progress::new(),
+        )
+        .await
+        .unwrap();
+    let mut pointed = state.clone();
+    pointed.pid = bobs.pid;
+    pointed.pgid = bobs.pgid;
+    pointed.start_time = bobs.start_time;
+    pointed.uid = bobs.uid;
+    assert!(matches!(
+        sp.poll(&pointed).await,
+        PollOutcome::Exited {
+            reason: ExitReason::PidReused,
+            ..
+        }
+    ));
+    let mut pointed_elsewhere = pointed.clone();
+    pointed_elsewhere.dir = format!("{}/f1f1f1f1f1f1f1f1", state.dir.rsplit_once('/').unwrap().0);
+    pointed_elsewhere.run_id = "f1f1f1f1f1f1f1f1".into();
+    assert_eq!(
+        sp.stop(&pointed_elsewhere).await.unwrap(),
+        Stopped::AlreadyGone
+    );
+    assert!(
+        matches!(sp.poll(&bobs).await, PollOutcome::Running),
+        "alice's forged state signalled bob's server"
+    );
+    sp.stop(&bobs).await.unwrap();
+    std::fs::remove_dir_all(&bobs.dir).unwrap();
     assert!(
         matches!(sp.poll(&state).await, PollOutcome::Running),
         "another user's stop hit the server"

@@ -421,6 +421,12 @@ class SSHSpawner(Spawner):
             self._unreachable_since = None
             self._freshly_loaded = False
             return None
+        if status == "invalid":
+            # A forged or corrupted state: report the server stopped (the hub
+            # then clears the state) and touch nothing on any host.
+            self.log.error("%s: refusing the saved state: %s", self._log_name, detail)
+            self._freshly_loaded = False
+            return 1
         if status == "exited":
             self._freshly_loaded = False
             self.log.info("%s: server is gone (%s)", self._log_name, detail)
@@ -508,6 +514,14 @@ class SSHSpawner(Spawner):
     def load_state(self, state):
         super().load_state(state)
         ssh = state.get("ssh")
+        if ssh and ssh.get("username") != self.user.name:
+            # The state of another hub user in this user's row: never act on it.
+            self.log.error(
+                "%s: ignoring a saved state that belongs to user %r",
+                self._log_name,
+                ssh.get("username"),
+            )
+            ssh = None
         if ssh:
             self._state_json = json.dumps(ssh)
             self._freshly_loaded = True

@@ -221,21 +221,24 @@ def forge(hub, user: str, name: str, changes: dict) -> dict:
 
 def test_forged_state_never_signals_another_users_process(testbed, hub_factory):
     """Alice's saved states are edited to name bob's running server (its pid,
-    process group, start time, uid; once also bob as the remote user). The
-    restarted hub polls and stops alice's servers: bob's server is untouched."""
+    process group, start time, uid; then also bob as the remote user; then
+    bob as the user too). The restarted hub drops alice's servers and bob's
+    server is untouched."""
     hub = hub_factory({"JupyterHub.cleanup_servers": False, "Spawner.poll_interval": 1})
     hub.spawn(BOB)
     hub.spawn(ALICE, "a")
     hub.spawn(ALICE, "b")
+    hub.spawn(ALICE, "c")
     bob = hub.ssh_state(BOB)
     bob_proc, _ = assert_server_process(testbed, bob, BOB)
     hub.stop()
     take = {k: bob[k] for k in ("pid", "pgid", "start_time", "uid", "boot_id", "host", "address")}
     forge(hub, ALICE, "a", take)
     forge(hub, ALICE, "b", {**take, "remote_user": BOB})
+    forge(hub, ALICE, "c", {**take, "remote_user": BOB, "username": BOB})
     log_before = len(hub.log_text())
     hub.start()
-    for name in ("a", "b"):
+    for name in ("a", "b", "c"):
         wait_until(
             lambda name=name: hub.server_model(ALICE, name) is None,
             30,
@@ -249,6 +252,13 @@ def test_forged_state_never_signals_another_users_process(testbed, hub_factory):
     assert r.status_code == 200, r.text[:300]
     log = hub.log_text()[log_before:]
     print("\n".join(line for line in log.splitlines() if "tb-alice" in line)[-3000:])
+    # a: alice's login, bob's uid: the poll sees a process that is not hers.
+    assert "tb-alice:a: server is gone" in log
+    # b: bob as the remote user of alice's state: refused without an exec.
+    assert "tb-alice:b: refusing the saved state" in log
+    assert "refusing to act on it" in log
+    # c: a state of user bob in alice's row: not even loaded.
+    assert "tb-alice:c: ignoring a saved state that belongs to user 'tb.bob-2'" in log
     # Alice's real servers (not named by the forged states any more) are
     # orphans now; the teardown kills them.
     hub.expect_leftovers = True
