@@ -850,6 +850,8 @@ async fn failover_when_a_host_is_cut() {
     c.host_selection = Strategy::RoundRobin;
     c.facts_cache = 600.0;
     c.command_timeout = 3.0;
+    let state_dir = format!(".jupyterhub-ssh-failover-{}", rand_suffix());
+    c.state_dir = format!("~/{state_dir}");
     let sp = Spawner::new(c).unwrap();
     let user = tb.alice().name.clone();
     let progress = Progress::new();
@@ -897,6 +899,33 @@ async fn failover_when_a_host_is_cut() {
         .any(|e| e.message.contains("node2 did not answer")));
     http_get(&state.address, state.port, &format!("/user/{user}/")).await;
     drop(undo);
+    // Healed: nothing of the attempt on node2 is left, on any host (they
+    // share the file system and the process table): one run directory, and
+    // only the live server's processes carry this state dir in their argv.
+    let base = tb.alice().home.join(&state_dir);
+    let dirs: Vec<_> = std::fs::read_dir(&base)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(dirs, vec![std::path::PathBuf::from(&state.dir)]);
+    let pgid = state.pgid.unwrap().to_string();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&state_dir) {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let pgrp = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(2))
+                .unwrap_or("");
+            assert_eq!(
+                pgrp,
+                pgid,
+                "left behind: {}",
+                String::from_utf8_lossy(&cmdline)
+            );
+        }
+    }
     sp.stop(&state).await.unwrap();
-    std::fs::remove_dir_all(&state.dir).unwrap();
+    std::fs::remove_dir_all(&base).unwrap();
 }
