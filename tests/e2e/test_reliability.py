@@ -372,3 +372,30 @@ def test_blackholed_host_bounds_every_wait_and_spares_other_users(testbed, hub_f
     hub.stop_server(BOB)
     hub.stop_server(ALICE)
     assert read_proc(state["pid"]) is None or proc_start_time(state["pid"]) != state["start_time"]
+
+
+def test_hostile_server_names_reach_the_server_exactly_and_run_nothing(testbed, hub_factory):
+    """JupyterHub 6 refuses server names that are not safe slugs (400); one
+    that gets through travels in the environment only (never in a path or a
+    command line) and arrives byte-exact. Either way nothing of it runs."""
+    canary = Path(testbed["homes"][ALICE]) / "e2e-pwned"
+    canary.unlink(missing_ok=True)
+    c = canary.name
+    names = [
+        f"x$(touch${{IFS}}{c})`touch${{IFS}}{c}`;touch${{IFS}}{c}&&touch${{IFS}}{c}",
+        "ünï-✓-" + "ö" * 100,
+    ]
+    hub = hub_factory({})
+    for name in names:
+        r = hub.request_spawn(ALICE, name)
+        if r.status_code == 400:
+            print(f"SERVER NAME {name[:40]!r}: refused by the hub: {r.text[:200]}")
+            continue
+        assert r.status_code in (201, 202), (name, r.status_code, r.text)
+        hub.wait_ready(ALICE, name)
+        state = hub.ssh_state(ALICE, name)
+        _, env = assert_server_process(testbed, state, ALICE)
+        assert env["JUPYTERHUB_SERVER_NAME"] == name
+        assert name not in state["dir"]
+        hub.stop_server(ALICE, name)
+    assert not canary.exists(), "a server name ran as a command"
