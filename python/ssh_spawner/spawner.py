@@ -235,7 +235,14 @@ class SSHSpawner(Spawner):
     # ---- journal of starts in flight -------------------------------------
 
     def _journal_write(self, state_json: str) -> None:
-        run_id = Journal(self.journal_dir).write(state_json)
+        journal = Journal(self.journal_dir)
+        try:
+            run_id = journal.write(state_json)
+        except (OSError, ValueError) as e:
+            # Launching without the entry could orphan the server: refuse.
+            raise self._spawn_error(
+                RuntimeError(f"cannot write the start journal in {journal.dir}: {e}")
+            ) from None
         self._journaled = (*self._journaled, run_id)
 
     def _journal_forget(self) -> None:
@@ -254,6 +261,12 @@ class SSHSpawner(Spawner):
             _SWEPT[key] = asyncio.get_running_loop().create_task(self._sweep(journal))
 
     async def _sweep(self, journal: Journal) -> None:
+        try:
+            await self._sweep_entries(journal)
+        except Exception:  # a background task: its failure must be seen
+            self.log.exception("SSHSpawner journal: the sweep of %s failed", journal.dir)
+
+    async def _sweep_entries(self, journal: Journal) -> None:
         entries, bad = journal.read_all()
         for path, why in bad:
             self.log.error("SSHSpawner journal: ignoring %s: %s", path, why)
@@ -326,7 +339,11 @@ class SSHSpawner(Spawner):
         # Recorded before anything is launched: a cancelled start leaves a
         # state that stop can act on, and a killed hub a journal entry.
         self._state_json = self._prepared.state
-        self._journal_write(self._prepared.state)
+        try:
+            self._journal_write(self._prepared.state)
+        except Exception:
+            self._finish_progress()
+            raise
         self.ip = "0.0.0.0"
         self.port = self._prepared.port
 

@@ -399,3 +399,17 @@ def test_hostile_server_names_reach_the_server_exactly_and_run_nothing(testbed, 
         assert name not in state["dir"]
         hub.stop_server(ALICE, name)
     assert not canary.exists(), "a server name ran as a command"
+
+
+def test_unwritable_journal_fails_the_spawn_before_anything_runs(testbed, hub_factory, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    hub = hub_factory({"SSHSpawner.journal_dir": str(blocker / "journal")})
+    r = hub.request_spawn(ALICE)
+    failure = hub.progress_failure(ALICE)
+    print(f"POST {r.status_code}; {failure}")
+    assert "Spawn failed" in failure, failure
+    assert "cannot write the start journal" in failure, failure
+    assert str(blocker) in failure, failure
+    assert not hub.user_model(ALICE)["servers"]
+    assert not hub.my_procs()
