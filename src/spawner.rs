@@ -1069,6 +1069,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_state_naming_another_login_is_refused() {
+        let c: Config = toml::from_str(
+            "known_hosts = \"/nonexistent\"\nkey_path = \"/keys/{username}\"\nremote_user = \"lab-{username}\"\n\
+             [[hosts]]\naddress = \"198.18.0.11\"\n",
+        )
+        .unwrap();
+        let sp = Spawner::new(c).unwrap();
+        let good = crate::plan::state::decode(
+            r#"{"username": "ann", "host": "h", "address": "198.18.0.11", "remote_user": "lab-ann",
+                "port": 20000, "run_id": "0123456789abcdef",
+                "dir": "/home/lab-ann/.jupyterhub-ssh/0123456789abcdef"}"#,
+        )
+        .unwrap();
+        sp.check_state(&good).unwrap();
+        for (user, remote) in [("ann", "lab-bob"), ("ann", "ann"), ("bob", "lab-ann")] {
+            let mut bad = good.clone();
+            bad.username = user.into();
+            bad.remote_user = remote.into();
+            let e = sp.check_state(&bad).unwrap_err().to_string();
+            assert!(e.contains("refusing to act on it"), "{e}");
+            assert!(e.contains(remote) && e.contains(user), "{e}");
+        }
+        let mut bad = good.clone();
+        bad.username = "x$(id)".into();
+        assert!(sp.check_state(&bad).is_err());
+    }
+
+    #[tokio::test]
     async fn progress_watchers_each_get_every_event() {
         let p = Progress::new();
         p.emit(10, "a");
