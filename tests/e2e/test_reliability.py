@@ -413,3 +413,25 @@ def test_unwritable_journal_fails_the_spawn_before_anything_runs(testbed, hub_fa
     assert str(blocker) in failure, failure
     assert not hub.user_model(ALICE)["servers"]
     assert not hub.my_procs()
+
+
+def test_sshd_restarted_under_pooled_connections_is_invisible(testbed, hub_factory):
+    """sshd restarts on the server's host while the hub holds pooled
+    connections there: polls go on (no warning, nothing dropped) and stop
+    still reaches the server."""
+    hub = hub_factory({"Spawner.poll_interval": 1})
+    hub.spawn(ALICE)
+    state = hub.ssh_state(ALICE)
+    assert_server_process(testbed, state, ALICE)
+    time.sleep(1.5)  # a poll has gone over the pooled connection
+    log_before = len(hub.log_text())
+    bed_fault(testbed, "sshd-restart", state["host"])
+    time.sleep(3)  # polls after the restart, over new connections
+    log = hub.log_text()[log_before:]
+    assert "cannot reach the host" not in log
+    assert "server is gone" not in log
+    assert hub.server_model(ALICE)["ready"]
+    assert proc_start_time(state["pid"]) == state["start_time"]
+    hub.stop_server(ALICE)
+    assert proc_start_time(state["pid"]) != state["start_time"], "stop did not reach the server"
+    assert not group_members(state["pgid"])
