@@ -339,11 +339,18 @@ impl Core {
         })
     }
 
-    /// `("running", None, "")`, `("exited", status, reason)` or `("unknown", None, error)`.
+    /// `("running", None, "")`, `("exited", status, reason)`, `("unknown", None, error)`
+    /// (no answer) or `("invalid", None, error)` (a state it will not act on).
     fn poll<'py>(&self, py: Python<'py>, state_json: &str) -> PyResult<Bound<'py, PyAny>> {
         let st = state::decode(state_json).map_err(py_err)?;
         let sp = self.0.clone();
+        // A state the core refuses to act on (forged, corrupted): no waiting
+        // for its host to answer, no exec at all.
+        let refused = sp.check_state(&st).err();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            if let Some(e) = refused {
+                return Ok(("invalid".to_string(), None, e.to_string()));
+            }
             Ok(match sp.poll(&st).await {
                 // A restarted hub listens on the server's tunnel ports again.
                 PollOutcome::Running => match sp.ensure_tunnels(&st).await {

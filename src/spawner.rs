@@ -261,7 +261,28 @@ impl Spawner {
         .port(host.port))
     }
 
+    /// Will poll and stop act on this state? It must be valid, and name the
+    /// remote user the configuration maps its hub user to: a forged or
+    /// corrupted state naming another login would let one user's state act
+    /// as another's. (The remote scripts then only ever touch that login's
+    /// own processes.)
+    pub fn check_state(&self, state: &ServerState) -> Result<()> {
+        state.validate()?;
+        let expected = self.config.remote_user_for(&state.username)?;
+        if state.remote_user != expected {
+            return Err(Error::Invalid {
+                what: format!("server state of {:?}", state.username),
+                reason: format!(
+                    "names remote user {:?}, but the configuration maps {:?} to {:?}; refusing to act on it",
+                    state.remote_user, state.username, expected
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn state_target(&self, state: &ServerState) -> Result<Target> {
+        self.check_state(state)?;
         Ok(Target::new(
             &state.address,
             &state.remote_user,
@@ -1226,6 +1247,34 @@ mod tests {
             alt_names("gpu1.lab.org", "gpu1", "GPU 1"),
             vec!["DNS:gpu1.lab.org", "DNS:gpu1"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_state_naming_another_login_is_refused() {
+        let c: Config = toml::from_str(
+            "known_hosts = \"/nonexistent\"\nkey_path = \"/keys/{username}\"\nremote_user = \"lab-{username}\"\n\
+             [[hosts]]\naddress = \"198.18.0.11\"\n",
+        )
+        .unwrap();
+        let sp = Spawner::new(c).unwrap();
+        let good = crate::plan::state::decode(
+            r#"{"username": "ann", "host": "h", "address": "198.18.0.11", "remote_user": "lab-ann",
+                "port": 20000, "run_id": "0123456789abcdef",
+                "dir": "/home/lab-ann/.jupyterhub-ssh/0123456789abcdef"}"#,
+        )
+        .unwrap();
+        sp.check_state(&good).unwrap();
+        for (user, remote) in [("ann", "lab-bob"), ("ann", "ann"), ("bob", "lab-ann")] {
+            let mut bad = good.clone();
+            bad.username = user.into();
+            bad.remote_user = remote.into();
+            let e = sp.check_state(&bad).unwrap_err().to_string();
+            assert!(e.contains("refusing to act on it"), "{e}");
+            assert!(e.contains(remote) && e.contains(user), "{e}");
+        }
+        let mut bad = good.clone();
+        bad.username = "x$(id)".into();
+        assert!(sp.check_state(&bad).is_err());
     }
 
     #[tokio::test]

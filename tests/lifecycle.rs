@@ -562,7 +562,52 @@ async fn forged_state_never_signals_someone_elses_process() {
     let mut stolen = state.clone();
     stolen.remote_user = tb.bob().name.clone();
     stolen.username = tb.bob().name.clone();
-    let _ = sp.stop(&stolen).await;
+    assert_eq!(sp.stop(&stolen).await.unwrap(), Stopped::AlreadyGone);
+    // Alice's state naming bob's login: refused before any exec.
+    let mut other_login = state.clone();
+    other_login.remote_user = tb.bob().name.clone();
+    let err = sp
+        .stop(&other_login)
+        .await
+        .expect_err("a state naming another login is refused");
+    assert!(err.to_string().contains("refusing to act on it"), "{err}");
+    // Alice's state edited to name bob's running process (pid, group, start
+    // time, uid): alice's login sees it is not hers and never signals it.
+    let bob = tb.bob().name.clone();
+    let bobs = sp
+        .spawn(
+            &request(&bob),
+            env_for(&bob, vec![]),
+            &["sleep".to_string(), "1401".to_string()],
+            &Progress::new(),
+        )
+        .await
+        .unwrap();
+    let mut pointed = state.clone();
+    pointed.pid = bobs.pid;
+    pointed.pgid = bobs.pgid;
+    pointed.start_time = bobs.start_time;
+    pointed.uid = bobs.uid;
+    assert!(matches!(
+        sp.poll(&pointed).await,
+        PollOutcome::Exited {
+            reason: ExitReason::PidReused,
+            ..
+        }
+    ));
+    let mut pointed_elsewhere = pointed.clone();
+    pointed_elsewhere.dir = format!("{}/f1f1f1f1f1f1f1f1", state.dir.rsplit_once('/').unwrap().0);
+    pointed_elsewhere.run_id = "f1f1f1f1f1f1f1f1".into();
+    assert_eq!(
+        sp.stop(&pointed_elsewhere).await.unwrap(),
+        Stopped::AlreadyGone
+    );
+    assert!(
+        matches!(sp.poll(&bobs).await, PollOutcome::Running),
+        "alice's forged state signalled bob's server"
+    );
+    sp.stop(&bobs).await.unwrap();
+    std::fs::remove_dir_all(&bobs.dir).unwrap();
     assert!(
         matches!(sp.poll(&state).await, PollOutcome::Running),
         "another user's stop hit the server"
@@ -805,6 +850,8 @@ async fn failover_when_a_host_is_cut() {
     c.host_selection = Strategy::RoundRobin;
     c.facts_cache = 600.0;
     c.command_timeout = 3.0;
+    let state_dir = format!(".jupyterhub-ssh-failover-{}", rand_suffix());
+    c.state_dir = format!("~/{state_dir}");
     let sp = Spawner::new(c).unwrap();
     let user = tb.alice().name.clone();
     let progress = Progress::new();
@@ -852,6 +899,33 @@ async fn failover_when_a_host_is_cut() {
         .any(|e| e.message.contains("node2 did not answer")));
     http_get(&state.address, state.port, &format!("/user/{user}/")).await;
     drop(undo);
+    // Healed: nothing of the attempt on node2 is left, on any host (they
+    // share the file system and the process table): one run directory, and
+    // only the live server's processes carry this state dir in their argv.
+    let base = tb.alice().home.join(&state_dir);
+    let dirs: Vec<_> = std::fs::read_dir(&base)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(dirs, vec![std::path::PathBuf::from(&state.dir)]);
+    let pgid = state.pgid.unwrap().to_string();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&state_dir) {
+            let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+            let pgrp = stat
+                .rsplit_once(')')
+                .and_then(|(_, r)| r.split_whitespace().nth(2))
+                .unwrap_or("");
+            assert_eq!(
+                pgrp,
+                pgid,
+                "left behind: {}",
+                String::from_utf8_lossy(&cmdline)
+            );
+        }
+    }
     sp.stop(&state).await.unwrap();
-    std::fs::remove_dir_all(&state.dir).unwrap();
+    std::fs::remove_dir_all(&base).unwrap();
 }

@@ -18,6 +18,7 @@ from jupyterhub.spawner import Spawner
 from traitlets import Bool, Dict, Float, Integer, List, Tuple, Unicode, Union, default
 
 from . import _core
+from .journal import Journal, is_alive, this_process, to_sweep
 
 try:  # JupyterHub >= 6: a policy failure, logged without a traceback
     from jupyterhub.spawner import SpawnException
@@ -28,6 +29,10 @@ except ImportError:  # JupyterHub 5
 # spawners of a hub share it.
 _CORES: dict[str, _core.Core] = {}
 _LOG_PUMP: asyncio.Task | None = None
+# Run ids whose state this hub process loaded from its database, and the
+# journal directories already swept (once per hub process).
+_CLAIMED: set[str] = set()
+_SWEPT: dict[str, asyncio.Task] = {}
 _LEVELS = {
     "ERROR": logging.ERROR,
     "WARN": logging.WARNING,
@@ -181,6 +186,14 @@ class SSHSpawner(Spawner):
         the hub. JUPYTERHUB_API_URL and JUPYTERHUB_ACTIVITY_URL point at that port.""",
     ).tag(config=True)
 
+    journal_dir = Unicode(
+        "ssh-spawner-journal",
+        help="""Directory on the hub (relative to its working directory, like
+        ``jupyterhub.sqlite``) for the journal of starts in flight: a hub killed
+        in the middle of a start stops, once restarted, what it had launched but
+        not yet saved in its database. Created 0700, entries 0600.""",
+    ).tag(config=True)
+
     @default("cmd")
     def _default_cmd(self):
         return ["jupyterhub-singleuser"]
@@ -239,6 +252,68 @@ class SSHSpawner(Spawner):
     _freshly_loaded = False
     _launching = False
     _cleaned_up = None  # state JSON of an exited server already cleaned up
+    _journaled = ()  # run ids this spawner wrote to the journal, not yet in the db
+
+    # ---- journal of starts in flight -------------------------------------
+
+    def _journal_write(self, state_json: str) -> None:
+        journal = Journal(self.journal_dir)
+        try:
+            run_id = journal.write(state_json)
+        except (OSError, ValueError) as e:
+            # Launching without the entry could orphan the server: refuse.
+            raise self._spawn_error(
+                RuntimeError(f"cannot write the start journal in {journal.dir}: {e}")
+            ) from None
+        self._journaled = (*self._journaled, run_id)
+
+    def _journal_forget(self) -> None:
+        journal = Journal(self.journal_dir)
+        for run_id in self._journaled:
+            journal.remove(run_id)
+        self._journaled = ()
+
+    def _sweep_journal_once(self) -> None:
+        """After a restart: stop the runs a killed hub launched but never
+        saved. Runs once per hub process, after init_spawners has loaded every
+        saved state (so _CLAIMED holds every run id the database knows)."""
+        journal = Journal(self.journal_dir)
+        key = str(journal.dir)
+        if key not in _SWEPT:
+            _SWEPT[key] = asyncio.get_running_loop().create_task(self._sweep(journal))
+
+    async def _sweep(self, journal: Journal) -> None:
+        try:
+            await self._sweep_entries(journal)
+        except Exception:  # a background task: its failure must be seen
+            self.log.exception("SSHSpawner journal: the sweep of %s failed", journal.dir)
+
+    async def _sweep_entries(self, journal: Journal) -> None:
+        entries, bad = journal.read_all()
+        for path, why in bad:
+            self.log.error("SSHSpawner journal: ignoring %s: %s", path, why)
+        me = this_process()
+        alive = {e.writer for e in entries if e.writer != me and is_alive(e.writer)}
+        stop, forget = to_sweep(entries, set(_CLAIMED), me, alive)
+        for e in forget:
+            journal.remove(e.run_id)
+        for e in stop:
+            try:
+                result = await self.core.stop(e.state)
+                self.log.warning(
+                    "SSHSpawner journal: run %s was launched by a hub that died before"
+                    " saving it; stopped it (%s)",
+                    e.run_id,
+                    result,
+                )
+                journal.remove(e.run_id)
+            except _core.SpawnerError as err:
+                # Kept in the journal: the next restart tries again.
+                self.log.error(
+                    "SSHSpawner journal: cannot stop orphaned run %s yet: %s", e.run_id, err
+                )
+                if err.unreachable:
+                    self.core.clean_up_later(e.state)
 
     def _request(self, exclude=()) -> str:
         opts = self.user_options or {}
@@ -284,8 +359,13 @@ class SSHSpawner(Spawner):
             self._finish_progress()
             raise self._spawn_error(e) from None
         # Recorded before anything is launched: a cancelled start leaves a
-        # state that stop can act on.
+        # state that stop can act on, and a killed hub a journal entry.
         self._state_json = self._prepared.state
+        try:
+            self._journal_write(self._prepared.state)
+        except Exception:
+            self._finish_progress()
+            raise
         # Behind a tunnel the server listens on the host's loopback only.
         self.ip = "127.0.0.1" if self.tunnel else "0.0.0.0"
         self.port = self._prepared.port
@@ -327,6 +407,7 @@ class SSHSpawner(Spawner):
     # ---- lifecycle ------------------------------------------------------
 
     async def start(self):
+        self._sweep_journal_once()
         self._launching = True
         progress = self._progress_stream()
         try:
@@ -388,10 +469,14 @@ class SSHSpawner(Spawner):
         }
 
     async def poll(self):
+        self._sweep_journal_once()
         if self._state_json is None:
             return 0
         if self._launching:
             return None
+        if self._journaled:
+            # start() returned and the hub committed the state right after it.
+            self._journal_forget()
         status, code, detail = await self.core.poll(self._state_json)
         if status == "running":
             if self._unreachable_since is not None:
@@ -399,6 +484,12 @@ class SSHSpawner(Spawner):
             self._unreachable_since = None
             self._freshly_loaded = False
             return None
+        if status == "invalid":
+            # A forged or corrupted state: report the server stopped (the hub
+            # then clears the state) and touch nothing on any host.
+            self.log.error("%s: refusing the saved state: %s", self._log_name, detail)
+            self._freshly_loaded = False
+            return 1
         if status == "exited":
             self._freshly_loaded = False
             self.log.info("%s: server is gone (%s)", self._log_name, detail)
@@ -486,12 +577,25 @@ class SSHSpawner(Spawner):
     def load_state(self, state):
         super().load_state(state)
         ssh = state.get("ssh")
+        if ssh and ssh.get("username") != self.user.name:
+            # The state of another hub user in this user's row: never act on it.
+            self.log.error(
+                "%s: ignoring a saved state that belongs to user %r",
+                self._log_name,
+                ssh.get("username"),
+            )
+            ssh = None
         if ssh:
             self._state_json = json.dumps(ssh)
             self._freshly_loaded = True
+            run_id = ssh.get("run_id")
+            if isinstance(run_id, str):
+                # The database knows this run: the journal need not.
+                _CLAIMED.add(run_id)
 
     def clear_state(self):
         super().clear_state()
+        self._journal_forget()
         self._state_json = None
         self._prepared = None
         self._progress = None

@@ -737,13 +737,17 @@ dead() {{
   xs "$2"
   if [ -n "$xf" ]; then say "$1" exited; else say "$1" gone; fi
 }}
+# The login's own uid: a state whose uid is another user's names a process
+# that is not this login's server, whatever its pid and start time say.
+me=
+if ru "$$"; then me=$s_uid; fi
 p() {{
   if [ "$5" != "$boot" ]; then xs "$6"; say "$1" rebooted; return 0; fi
   if ! rs "$2"; then dead "$1" "$6"; return 0; fi
   if ! live; then xs "$6"; say "$1" zombie; return 0; fi
   if [ "$s_start" != "$3" ]; then xs "$6"; say "$1" reused; return 0; fi
   if ! ru "$2"; then dead "$1" "$6"; return 0; fi
-  if [ "$s_uid" != "$4" ]; then xs "$6"; say "$1" reused; return 0; fi
+  if [ "$s_uid" != "$4" ] || [ "$4" != "$me" ]; then xs "$6"; say "$1" reused; return 0; fi
   x=
   say "$1" running
 }}
@@ -929,6 +933,11 @@ hit() {{
   done
 }}
 tree=' '
+# Only the login's own processes are ever signalled: a state (forged, or
+# corrupted) whose uid is another user's matches nothing.
+me=
+if ru "$$"; then me=$s_uid; fi
+[ "$uid" = "$me" ] || want=not-this-login
 if [ "$boot" = "$want" ] && rs "$pid" && live && [ "$s_start" = "$start" ] && ru "$pid" && [ "$s_uid" = "$uid" ]; then
   tree=" $pid:$start "
   c_ppid=$s_ppid c_pgrp=$s_pgrp

@@ -44,6 +44,10 @@ MARKER = b"ssh-spawner-run:"
 TIMINGS: list[tuple[str, str, float]] = []
 # Processes a test left behind after its hub stopped cleanly (a spawner bug).
 LEAKS: list[str] = []
+# Every hub of the session (its token, log and directory are scanned at the end).
+HUBS: list[Hub] = []
+# Secrets found where they must not be, by the session-wide secret watch.
+SECRET_HITS: list[str] = []
 
 
 # --------------------------------------------------------------------------
@@ -65,7 +69,9 @@ def testbed() -> dict:
             pytrace=False,
         )
     tb = json.loads(path.read_text())
-    tb["script"] = tb.get("testbed_script") or str(REPO / "scripts" / "testbed")
+    # The fault handles of this checkout (the bed may have been brought up by another).
+    own = REPO / "scripts" / "testbed"
+    tb["script"] = str(own) if own.is_file() else tb.get("testbed_script")
     tb["uids"] = {u["name"]: u["uid"] for u in tb["users"]}
     tb["homes"] = {u["name"]: u["home"] for u in tb["users"]}
     wait_bed_up(tb)
@@ -201,6 +207,7 @@ class Hub:
         self.proc: subprocess.Popen | None = None
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"token {self.token}"
+        HUBS.append(self)
 
     # ---- config and process ---------------------------------------------
 
@@ -302,6 +309,14 @@ class Hub:
             raise AssertionError(f"hub did not exit within {timeout} s of SIGTERM") from None
         finally:
             self._kill_proxy()
+
+    def kill(self) -> None:
+        """SIGKILL the hub process alone (its proxy lives on, as after a crash)."""
+        assert self.proc is not None and self.proc.poll() is None, "hub not running"
+        self.proc.kill()
+        self.proc.wait(10)
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n===== e2e: hub SIGKILLed at {time.strftime('%T')} =====\n".encode())
 
     def _kill_proxy(self) -> None:
         pid_file = self.dir / "jupyterhub-proxy.pid"
@@ -516,6 +531,8 @@ def hub_factory(testbed, tmp_path, request):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGKILL)
         for d in hub.host_dirs():
+            if SECRET_WATCH is not None:
+                SECRET_WATCH.scan_tree(d, f"{request.node.nodeid}: host file")
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -572,6 +589,170 @@ def argv_watch():
     w = ArgvWatch().start()
     yield w
     w.stop()
+
+
+class SecretWatch:
+    """The whole e2e session long: every ~100 ms read every /proc/*/cmdline
+    (kept, deduplicated) and learn the secrets of the moment from the
+    environment of the servers (JUPYTERHUB_API_TOKEN) and proxies
+    (CONFIGPROXY_AUTH_TOKEN). At the end, every argv seen, every hub log,
+    every file in the hubs' and servers' directories and the hosts' sshd logs
+    are searched for every secret learnt, the hubs' service tokens and the
+    test bed's private keys. It starts no process (so puts nothing in argv)."""
+
+    SCAN_ENV = (b"jupyterhub-singleuser", b"configurable-http-proxy")
+    ENV_SECRETS = (b"JUPYTERHUB_API_TOKEN=", b"CONFIGPROXY_AUTH_TOKEN=")
+
+    def __init__(self, tb: dict):
+        self.tb = tb
+        self.cmdlines: set[bytes] = set()
+        self.secrets: dict[bytes, str] = {}
+        self.env_read: set[tuple[str, bytes]] = set()
+        self.passes = 0
+        self.files_scanned = 0
+        self.sshd_logs = {h["log"]: _size(h["log"]) for h in tb["hosts"]}
+        keys = [("hub key", tb["hub_key"]), ("stranger key", tb["stranger_key"])]
+        keys.append(("user CA key", tb.get("user_ca_private") or ""))
+        for u in tb["users"]:
+            for kind, path in (u.get("keys") or {}).items():
+                if path and not str(path).endswith(".pub"):
+                    keys.append((f"{u['name']} {kind} key", path))
+        for label, path in keys:
+            self._learn_key(label, path)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="secret-watch", daemon=True)
+
+    def _learn_key(self, label: str, path: str) -> None:
+        """Lines of the base64 body of a private key (its second half: the
+        first holds the common header and the public key, which may be
+        anywhere)."""
+        try:
+            lines = Path(path).read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            return
+        try:
+            public = Path(path + ".pub").read_text()
+        except OSError:
+            public = ""
+        body = [ln for ln in lines if ln and not ln.startswith("-----")]
+        for ln in body[len(body) // 2 :]:
+            if len(ln) >= 60 and ln[:60] not in public:
+                self.secrets[ln[:60].encode()] = f"private key material ({label})"
+
+    def learn(self, value: str, label: str) -> None:
+        if value and len(value) >= 16:
+            with self._lock:
+                self.secrets.setdefault(value.encode(), label)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for name in os.listdir("/proc"):
+                if not name.isdigit():
+                    continue
+                try:
+                    with open(f"/proc/{name}/cmdline", "rb") as f:
+                        data = f.read()
+                except OSError:
+                    continue
+                if not data:
+                    continue
+                self.cmdlines.add(data)
+                if any(n in data for n in self.SCAN_ENV) and (name, data) not in self.env_read:
+                    self.env_read.add((name, data))
+                    self._learn_env(name)
+            self.passes += 1
+            self._stop.wait(0.1)
+
+    def _learn_env(self, pid: str) -> None:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            return
+        for item in env.split(b"\0"):
+            for prefix in self.ENV_SECRETS:
+                if item.startswith(prefix):
+                    self.learn(item[len(prefix) :].decode(errors="replace"), prefix[:-1].decode())
+
+    def start(self) -> SecretWatch:
+        self._thread.start()
+        return self
+
+    def _hits(self, data: bytes, where: str) -> None:
+        with self._lock:
+            secrets = list(self.secrets.items())
+        for needle, label in secrets:
+            if needle in data:
+                SECRET_HITS.append(f"{label} in {where}")
+
+    def scan_file(self, path: Path, where: str) -> None:
+        try:
+            data = path.read_bytes()
+        except OSError:
+            return
+        self.files_scanned += 1
+        self._hits(data, f"{where} {path}")
+
+    def scan_tree(self, root: Path, where: str, skip: tuple[str, ...] = ()) -> None:
+        for dirpath, _dirs, names in os.walk(root):
+            for n in names:
+                if n not in skip:
+                    self.scan_file(Path(dirpath) / n, where)
+
+    def finish(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for hub in HUBS:
+            self.learn(hub.token, f"service token of {hub.dir}")
+        for cmd in self.cmdlines:
+            self._hits(cmd, f"argv {cmd[:160]!r}")
+        for hub in HUBS:
+            # jupyterhub_config.py is the test's own (it sets the service token).
+            self.scan_tree(hub.dir, "hub file", skip=("jupyterhub_config.py",))
+        for path, size in self.sshd_logs.items():
+            try:
+                with open(path, "rb") as f:
+                    f.seek(size)
+                    data = f.read()
+            except OSError:
+                continue
+            self.files_scanned += 1
+            self._hits(data, f"sshd log {path}")
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+SECRET_WATCH: SecretWatch | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def secret_watch(request):
+    """Fails the session (an error in the last test's teardown, and a red
+    exit status) if any secret shows up in an argv, a log or a file."""
+    global SECRET_WATCH
+    if os.geteuid() != 0 or not Path(TESTBED_JSON).is_file():
+        yield None  # the testbed fixture skips every test loudly
+        return
+    tb = json.loads(Path(TESTBED_JSON).read_text())
+    SECRET_WATCH = SecretWatch(tb).start()
+    yield SECRET_WATCH
+    w, SECRET_WATCH = SECRET_WATCH, None
+    w.finish()
+    print(
+        f"\nSECRET_WATCH passes={w.passes} argvs={len(w.cmdlines)} secrets={len(w.secrets)}"
+        f" files={w.files_scanned} hits={len(SECRET_HITS)}"
+    )
+    if TIMINGS:  # a server ran: its token must have been learnt
+        assert w.passes > 10, "the secret watch hardly ran"
+        assert any(label == "JUPYTERHUB_API_TOKEN" for label in w.secrets.values()), (
+            "the secret watch never saw a server's API token: it watches nothing"
+        )
+    assert not SECRET_HITS, "secrets leaked:\n" + "\n".join(SECRET_HITS[:50])
 
 
 # --------------------------------------------------------------------------

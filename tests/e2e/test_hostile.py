@@ -39,7 +39,16 @@ def test_unknown_host_key_fails_clearly(testbed, hub_factory, tmp_path):
     assert not any(d.exists() for d in hub.host_dirs())
 
 
-HOSTILE = ["x$(id)", "x`id`", "-oproxycommand=id", "a;id"]
+HOSTILE = [
+    "x$(id)",
+    "x`id`",
+    "-oproxycommand=id",
+    "a;id",
+    "x'\"<>|&",
+    "ünïcödé-✓",
+    "\u202eevil",
+    "long" + "x" * 200,
+]
 
 
 def test_hostile_user_names_are_refused(testbed, hub_factory):

@@ -1,0 +1,445 @@
+"""Rows of the fault and hostile-input matrix (docs/reliability.md) that need
+the whole chain: a real hub, its database, the proxy and the test bed."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+from .conftest import (
+    SpawnFailed,
+    all_procs,
+    assert_server_process,
+    bed_fault,
+    group_members,
+    proc_start_time,
+    read_proc,
+    wait_until,
+)
+
+ALICE = "tb-alice"
+BOB = "tb.bob-2"
+
+
+def journal_entries(hub) -> list[Path]:
+    d = hub.dir / "ssh-spawner-journal"
+    return sorted(p for p in d.iterdir() if p.suffix == ".json") if d.exists() else []
+
+
+def test_hub_sigkilled_mid_start_leaves_no_orphan(testbed, hub_factory):
+    """The hub dies after the launch reached the host but before start()
+    returned (so before the hub saved the state): the restarted hub stops what
+    was launched, and the journal ends empty."""
+    marker = "3.77"  # the prologue's `sleep`: the launch exec is under way while it runs
+    hub = hub_factory(
+        {
+            "JupyterHub.cleanup_servers": False,
+            "SSHSpawner.prologue": [f"sleep {marker}"],
+        }
+    )
+    hub.create_user(ALICE)
+
+    # The POST waits for the spawn (up to slow_spawn_timeout): the hub dies under it.
+    def post_spawn():
+        with contextlib.suppress(requests.RequestException):
+            hub.api("POST", hub.server_path(ALICE), timeout=30)
+
+    post = threading.Thread(target=post_spawn, daemon=True)
+    post.start()
+
+    def prologue_running():
+        return [p for p in all_procs() if p.argv == ["sleep", marker]]
+
+    wait_until(prologue_running, 20, interval=0.05, what="the launch's prologue to run")
+    entries = journal_entries(hub)
+    assert len(entries) == 1, entries
+    entry = json.loads(entries[0].read_text())
+    assert stat.S_IMODE(entries[0].stat().st_mode) == 0o600
+    assert stat.S_IMODE(entries[0].parent.stat().st_mode) == 0o700
+    hub.kill()
+
+    # With the hub gone the launch goes on: the server starts, and the database
+    # has no state for it.
+    wrappers = wait_until(hub.my_procs, 20, what="the orphaned launch to start its server")
+    print(f"ORPHAN {[(p.pid, p.argv[-1][-60:]) for p in wrappers]}")
+    assert any(entry["run_id"].encode() in p.cmdline for p in wrappers)
+    db = sqlite3.connect(hub.dir / "jupyterhub.sqlite")
+    try:
+        (saved,) = db.execute(
+            "SELECT spawners.state FROM spawners JOIN users ON spawners.user_id = users.id"
+            " WHERE users.name = ?",
+            (ALICE,),
+        ).fetchone()
+    finally:
+        db.close()
+    assert "ssh" not in json.loads(saved or "{}"), saved
+
+    t0 = time.monotonic()
+    hub.start()
+    wait_until(
+        lambda: not hub.my_procs() and not journal_entries(hub),
+        30,
+        interval=0.2,
+        what="the restarted hub to stop the orphaned server and empty its journal",
+    )
+    print(f"RESTART_TO_ORPHAN_STOPPED seconds={time.monotonic() - t0:.2f}")
+    wait_until(
+        lambda: "launched by a hub that died before saving it" in hub.log_text(),
+        10,
+        interval=0.25,
+        what="the journal sweep to be logged",
+    )
+    assert not hub.user_model(ALICE)["servers"]
+    # The user can start again.
+    hub.config["SSHSpawner.prologue"] = []
+    hub.stop()
+    hub.start()
+    hub.spawn(ALICE)
+    assert_server_process(testbed, hub.ssh_state(ALICE), ALICE)
+    hub.stop_server(ALICE)
+    assert not journal_entries(hub)
+
+
+def test_host_reboot_reports_the_server_stopped_and_clears_its_state(testbed, hub_factory):
+    """A rebooted host has lost its processes: poll says stopped, the state is
+    cleared and the user starts again (the bed shares one kernel: a reboot is
+    sshd down, the server's processes killed, sshd up)."""
+    hub = hub_factory({"Spawner.poll_interval": 1, "SSHSpawner.connect_timeout": 3.0})
+    hub.spawn(ALICE)
+    state = hub.ssh_state(ALICE)
+    assert_server_process(testbed, state, ALICE)
+    host = state["host"]
+    log_before = len(hub.log_text())
+
+    bed_fault(testbed, "reboot", host)
+    wait_until(lambda: hub.server_model(ALICE) is None, 30, what="the hub to see it stopped")
+    log = hub.log_text()[log_before:]
+    assert "server is gone" in log
+    assert proc_start_time(state["pid"]) != state["start_time"]
+    db = sqlite3.connect(hub.dir / "jupyterhub.sqlite")
+    try:
+        (saved,) = db.execute(
+            "SELECT spawners.state FROM spawners JOIN users ON spawners.user_id = users.id"
+            " WHERE users.name = ? AND spawners.name = ''",
+            (ALICE,),
+        ).fetchone()
+    finally:
+        db.close()
+    assert "ssh" not in json.loads(saved or "{}"), f"state kept after the reboot: {saved}"
+    hub.spawn(ALICE)
+    again = hub.ssh_state(ALICE)
+    assert again["run_id"] != state["run_id"]
+    assert_server_process(testbed, again, ALICE)
+
+
+ALL_BYTES = "".join(chr(i) for i in range(1, 256))
+
+
+def run_as(user: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["runuser", "-u", user, "--", *argv], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_private_modes_exact_env_and_other_users_locked_out(testbed, hub_factory):
+    hub = hub_factory(
+        {
+            "Spawner.environment": {"E2E_ALL_BYTES": ALL_BYTES},
+            "Spawner.poll_interval": 1,
+        }
+    )
+    hub.spawn(ALICE)
+    state = hub.ssh_state(ALICE)
+    p, env = assert_server_process(testbed, state, ALICE)
+
+    # Every byte but NUL arrives exactly (non-ASCII as the hub's UTF-8).
+    raw = Path(f"/proc/{p.pid}/environ").read_bytes()
+    want = b"E2E_ALL_BYTES=" + ALL_BYTES.encode() + b"\0"
+    assert want in b"\0" + raw, "E2E_ALL_BYTES changed on its way"
+    assert env["E2E_ALL_BYTES"] == ALL_BYTES
+
+    # Modes: the state dir and the server's dir 0700, its files 0600, all alice's.
+    uid = testbed["uids"][ALICE]
+    d = Path(state["dir"])
+    for path in (d.parent, d):
+        st = path.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o700, f"{path} mode {oct(st.st_mode)}"
+        assert st.st_uid == uid
+    files = [f for f in d.iterdir()]
+    assert {f.name for f in files} >= {"pid", "server.log"}, files
+    for f in files:
+        st = f.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o600, f"{f} mode {oct(st.st_mode)}"
+        assert st.st_uid == uid
+    # The hub's journal: 0700, and its entry gone once the state is saved.
+    jdir = hub.dir / "ssh-spawner-journal"
+    assert stat.S_IMODE(jdir.stat().st_mode) == 0o700
+    wait_until(lambda: not journal_entries(hub), 10, what="the journal entry to be removed")
+
+    # Bob, on the same host, can neither read alice's files nor signal her server.
+    for argv in (
+        ["cat", str(d / "server.log")],
+        ["cat", str(d / "pid")],
+        ["ls", str(d)],
+        ["kill", "-TERM", str(state["pid"])],
+        ["kill", "-KILL", str(state["pgid"])],
+        ["cat", f"/proc/{state['pid']}/environ"],
+    ):
+        r = run_as(BOB, *argv)
+        print(f"AS {BOB}: {' '.join(argv)} -> {r.returncode} {r.stderr.strip()[:120]}")
+        assert r.returncode != 0, f"{BOB} could run {argv}: {r.stdout[:200]}"
+        assert env["JUPYTERHUB_API_TOKEN"] not in r.stdout
+    time.sleep(1.5)  # a poll interval: a signal would have been noticed
+    assert proc_start_time(state["pid"]) == state["start_time"], "bob's signal reached alice"
+    assert hub.server_model(ALICE)["ready"]
+    hub.stop_server(ALICE)
+
+
+def forge(hub, user: str, name: str, changes: dict) -> dict:
+    db = sqlite3.connect(hub.dir / "jupyterhub.sqlite")
+    try:
+        row = db.execute(
+            "SELECT spawners.id, spawners.state FROM spawners JOIN users"
+            " ON spawners.user_id = users.id WHERE users.name = ? AND spawners.name = ?",
+            (user, name),
+        ).fetchone()
+        state = json.loads(row[1])
+        state["ssh"].update(changes)
+        db.execute("UPDATE spawners SET state = ? WHERE id = ?", (json.dumps(state), row[0]))
+        db.commit()
+    finally:
+        db.close()
+    return state["ssh"]
+
+
+def test_forged_state_never_signals_another_users_process(testbed, hub_factory):
+    """Alice's saved states are edited to name bob's running server (its pid,
+    process group, start time, uid; then also bob as the remote user; then
+    bob as the user too). The restarted hub drops alice's servers and bob's
+    server is untouched."""
+    hub = hub_factory({"JupyterHub.cleanup_servers": False, "Spawner.poll_interval": 1})
+    hub.spawn(BOB)
+    hub.spawn(ALICE, "a")
+    hub.spawn(ALICE, "b")
+    hub.spawn(ALICE, "c")
+    bob = hub.ssh_state(BOB)
+    bob_proc, _ = assert_server_process(testbed, bob, BOB)
+    hub.stop()
+    take = {k: bob[k] for k in ("pid", "pgid", "start_time", "uid", "boot_id", "host", "address")}
+    forge(hub, ALICE, "a", take)
+    forge(hub, ALICE, "b", {**take, "remote_user": BOB})
+    forge(hub, ALICE, "c", {**take, "remote_user": BOB, "username": BOB})
+    log_before = len(hub.log_text())
+    hub.start()
+    for name in ("a", "b", "c"):
+        wait_until(
+            lambda name=name: hub.server_model(ALICE, name) is None,
+            30,
+            what=f"the hub to drop alice's forged server {name}",
+        )
+    time.sleep(2)  # more polls
+    assert proc_start_time(bob["pid"]) == bob["start_time"], "bob's server was signalled"
+    assert group_members(bob["pgid"]), "bob's process group was signalled"
+    assert hub.server_model(BOB)["ready"]
+    r = hub.proxy_get(f"/user/{BOB}/api/status")
+    assert r.status_code == 200, r.text[:300]
+    log = hub.log_text()[log_before:]
+    print("\n".join(line for line in log.splitlines() if "tb-alice" in line)[-3000:])
+    # a: alice's login, bob's uid: the poll sees a process that is not hers.
+    assert "tb-alice:a: server is gone" in log
+    # b: bob as the remote user of alice's state: refused without an exec.
+    assert "tb-alice:b: refusing the saved state" in log
+    assert "refusing to act on it" in log
+    # c: a state of user bob in alice's row: not even loaded.
+    assert "tb-alice:c: ignoring a saved state that belongs to user 'tb.bob-2'" in log
+    # Alice's real servers (not named by the forged states any more) are
+    # orphans now; the teardown kills them.
+    hub.expect_leftovers = True
+    hub.stop_server(BOB)
+
+
+def test_twenty_servers_on_three_hosts_survive_a_hub_restart(testbed, hub_factory):
+    hub = hub_factory({"JupyterHub.cleanup_servers": False, "Spawner.poll_interval": 2})
+    wanted = [(u, f"r{i}") for u in (ALICE, BOB) for i in range(10)]
+    for u in (ALICE, BOB):
+        hub.create_user(u)
+    errors = []
+
+    def spawn(user, name):
+        try:
+            hub.spawn(user, name, timeout=120)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(f"{user}/{name}: {e}")
+
+    threads = [threading.Thread(target=spawn, args=w) for w in wanted]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert not errors, "\n".join(errors)
+    states = {w: hub.ssh_state(*w) for w in wanted}
+    hosts = {s["host"] for s in states.values()}
+    assert hosts == {h["name"] for h in testbed["hosts"]}, f"servers only on {hosts}"
+    hub.stop()
+    for s in states.values():
+        assert proc_start_time(s["pid"]) == s["start_time"]
+    log_before = len(hub.log_text())
+
+    t0 = time.monotonic()
+    hub.start(timeout=90)
+
+    def all_reachable():
+        return all(hub.proxy_get(f"/user/{u}/{n}/api/status").status_code == 200 for u, n in wanted)
+
+    wait_until(all_reachable, 60, interval=0.5, what="all twenty to be routed again")
+    print(f"TWENTY_RESTART_TO_REACHABLE seconds={time.monotonic() - t0:.2f}")
+    time.sleep(4)  # two poll intervals
+    for (user, name), s in states.items():
+        assert hub.ssh_state(user, name) == s
+        assert proc_start_time(s["pid"]) == s["start_time"], f"{user}/{name} restarted or gone"
+        assert hub.server_model(user, name)["ready"]
+    log = hub.log_text()[log_before:]
+    assert "stopped while the Hub was down" not in log
+    assert log.count("still running") >= len(wanted), log.count("still running")
+    errors.clear()
+
+    def stop(user, name):
+        try:
+            hub.stop_server(user, name)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(f"stop {user}/{name}: {e}")
+
+    threads = [threading.Thread(target=stop, args=w) for w in wanted]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, "\n".join(errors)
+    assert not hub.my_procs()
+
+
+def test_blackholed_host_bounds_every_wait_and_spares_other_users(testbed, hub_factory):
+    """Packets to alice's host are dropped: polls of her server stay bounded
+    (unknown, kept), the API answers, and bob's spawn goes to a healthy host
+    without waiting on the dead one beyond the connect timeout."""
+    hub = hub_factory(
+        {
+            "Spawner.poll_interval": 1,
+            "SSHSpawner.connect_timeout": 3.0,
+            "SSHSpawner.command_timeout": 5.0,
+            "SSHSpawner.facts_cache": 0.0,
+        }
+    )
+    hub.spawn(ALICE)
+    state = hub.ssh_state(ALICE)
+    host = state["host"]
+    bed_fault(testbed, "cut", host)
+    try:
+        log_before = len(hub.log_text())
+        wait_until(
+            lambda: "cannot reach the host" in hub.log_text()[log_before:],
+            20,
+            what="the poll of the blackholed host to give up",
+        )
+        t0 = time.monotonic()
+        model, took = hub.spawn(BOB, timeout=30)
+        bob = hub.ssh_state(BOB)
+        print(f"BLACKHOLE bob spawned on {bob['host']} in {took:.2f} s (alice on {host})")
+        assert bob["host"] != host
+        assert took < 20, f"bob's spawn waited {took:.1f} s on the blackholed host"
+        for _ in range(5):
+            t1 = time.monotonic()
+            r = hub.api("GET", f"/users/{ALICE}", timeout=10)
+            assert r.status_code == 200
+            assert time.monotonic() - t1 < 2, "the hub API stalls behind the blackholed host"
+        assert hub.server_model(ALICE) is not None, "alice's server dropped within the grace"
+        assert proc_start_time(state["pid"]) == state["start_time"]
+        print(f"BLACKHOLE checks done {time.monotonic() - t0:.2f} s")
+    finally:
+        bed_fault(testbed, "heal", host)
+    wait_until(
+        lambda: hub.proxy_get(f"/user/{ALICE}/api/status").status_code == 200,
+        30,
+        what="alice's server to answer after heal",
+    )
+    hub.stop_server(BOB)
+    hub.stop_server(ALICE)
+    assert read_proc(state["pid"]) is None or proc_start_time(state["pid"]) != state["start_time"]
+
+
+def test_hostile_server_names_reach_the_server_exactly_and_run_nothing(testbed, hub_factory):
+    """JupyterHub 6 refuses server names that are not safe slugs (400); one
+    that gets through travels in the environment only (never in a path or a
+    command line) and arrives byte-exact. Either way nothing of it runs."""
+    canary = Path(testbed["homes"][ALICE]) / "e2e-pwned"
+    canary.unlink(missing_ok=True)
+    c = canary.name
+    names = [
+        f"x$(touch${{IFS}}{c})`touch${{IFS}}{c}`;touch${{IFS}}{c}&&touch${{IFS}}{c}",
+        "ünï-✓-" + "ö" * 100,
+    ]
+    # A name the hub accepts may still break its routing (JupyterHub 5 puts
+    # it in the server's URL): that fails the spawn, which is not ours to fix.
+    hub = hub_factory({"Spawner.http_timeout": 10})
+    for name in names:
+        r = hub.request_spawn(ALICE, name)
+        if r.status_code == 400:
+            print(f"SERVER NAME {name[:40]!r}: refused by the hub: {r.text[:200]}")
+            continue
+        assert r.status_code in (201, 202), (name, r.status_code, r.text)
+        try:
+            hub.wait_ready(ALICE, name)
+        except SpawnFailed as e:
+            print(f"SERVER NAME {name[:40]!r}: accepted, but the spawn failed: {e}")
+            assert not hub.my_procs()
+            continue
+        state = hub.ssh_state(ALICE, name)
+        _, env = assert_server_process(testbed, state, ALICE)
+        assert env["JUPYTERHUB_SERVER_NAME"] == name
+        assert name not in state["dir"]
+        hub.stop_server(ALICE, name)
+    assert not canary.exists(), "a server name ran as a command"
+
+
+def test_unwritable_journal_fails_the_spawn_before_anything_runs(testbed, hub_factory, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    hub = hub_factory({"SSHSpawner.journal_dir": str(blocker / "journal")})
+    r = hub.request_spawn(ALICE)
+    failure = hub.progress_failure(ALICE)
+    print(f"POST {r.status_code}; {failure}")
+    assert "Spawn failed" in failure, failure
+    assert "cannot write the start journal" in failure, failure
+    assert str(blocker) in failure, failure
+    assert not hub.user_model(ALICE)["servers"]
+    assert not hub.my_procs()
+
+
+def test_sshd_restarted_under_pooled_connections_is_invisible(testbed, hub_factory):
+    """sshd restarts on the server's host while the hub holds pooled
+    connections there: polls go on (no warning, nothing dropped) and stop
+    still reaches the server."""
+    hub = hub_factory({"Spawner.poll_interval": 1})
+    hub.spawn(ALICE)
+    state = hub.ssh_state(ALICE)
+    assert_server_process(testbed, state, ALICE)
+    time.sleep(1.5)  # a poll has gone over the pooled connection
+    log_before = len(hub.log_text())
+    bed_fault(testbed, "sshd-restart", state["host"])
+    time.sleep(3)  # polls after the restart, over new connections
+    log = hub.log_text()[log_before:]
+    assert "cannot reach the host" not in log
+    assert "server is gone" not in log
+    assert hub.server_model(ALICE)["ready"]
+    assert proc_start_time(state["pid"]) == state["start_time"]
+    hub.stop_server(ALICE)
+    assert proc_start_time(state["pid"]) != state["start_time"], "stop did not reach the server"
+    assert not group_members(state["pgid"])
