@@ -42,7 +42,10 @@ def browser():
         if not ok
     ]
     if missing:
-        pytest.skip(f"!!! BROWSER TEST SKIPPED: missing {', '.join(missing)} !!!")
+        why = f"missing {', '.join(missing)}"
+        if os.environ.get("SSH_SPAWNER_REQUIRE_BROWSER") == "1":  # CI: never skip
+            pytest.fail(f"browser test required but {why}", pytrace=False)
+        pytest.skip(f"!!! BROWSER TEST SKIPPED: {why} !!!")
     opts = Options()
     opts.binary_location = CHROMIUM
     for arg in (
