@@ -382,8 +382,11 @@ class SSHSpawner(Spawner):
         kind = getattr(e, "kind", "error")
         if SpawnException is not None:
             status = 400 if kind == "invalid" else 503
-            return SpawnException(message, reason=kind, status_code=status)
-        err = RuntimeError(message)
+            err = SpawnException(message, reason=kind, status_code=status)
+        else:
+            err = RuntimeError(message)
+        # What the progress page shows after "Spawn failed: " (without it,
+        # JupyterHub 6 shows "503 SpawnException(reason=…): " first).
         err.jupyterhub_message = message
         return err
 

@@ -1,7 +1,8 @@
 """The spawn page in a real browser: headless Chromium (Debian's ``chromium``
 and ``chromium-driver``) driven by Selenium. Log in, open the options form,
-submit a refused value and read the message, pick a host, watch the progress
-messages, land on the running server.
+submit a refused value and read the message, see a failed spawn's reason on
+the progress page, pick a host, watch the progress messages, land on the
+running server.
 
 Screenshots of the form and of the progress page are written to the test's
 temporary directory, or to ``$SSH_SPAWNER_SCREENSHOTS`` when set
@@ -79,7 +80,10 @@ def test_spawn_page_in_a_browser(testbed, hub_factory, browser, tmp_path):
             "SSHSpawner.options_form_enabled": True,
             "SSHSpawner.user_mem_limit_max": "4G",
             "SSHSpawner.user_cpu_limit_max": 2.0,
-            "Spawner.mem_limit": "1G",
+            # No systemd user manager on the testbed hosts: a memory limit
+            # cannot be enforced there, so choosing one makes the spawn fail
+            # (a real failure whose reason the page must show).
+            "SSHSpawner.enforcement": "systemd",
             # Long enough to watch the progress page, not a proof of anything.
             "SSHSpawner.prologue": ["sleep 2"],
         }
@@ -117,7 +121,28 @@ def test_spawn_page_in_a_browser(testbed, hub_factory, browser, tmp_path):
     assert 'memory (mem_limit) "64G": must be between 128M and 4G' in error.text, error.text
     assert not hub.user_model(ALICE)["servers"]
 
-    # Pick a host and start.
+    # A value within bounds that the host cannot honour: the spawn fails and
+    # the progress page says why.
+    b.find_element(By.CSS_SELECTOR, f'input[name="host"][value="{pick}"]').click()
+    mem = b.find_element(By.NAME, "mem_limit")
+    mem.clear()
+    mem.send_keys("1G")
+    b.find_element(By.CSS_SELECTOR, '#spawn_form button[type="submit"]').click()
+
+    # JupyterHub shows a spawn that fails at once above the form, and one
+    # that fails later under the progress bar ("Spawn failed: ...").
+    def failure(d):
+        shown = d.find_elements(By.CSS_SELECTOR, ".spawn-error-msg, #progress-message")
+        return next((e.text for e in shown if "no systemd" in e.text), None)
+
+    failed = wait.until(failure)
+    print("FAILED_PAGE", b.current_url, failed)
+    assert "enforcement = systemd, but no systemd user manager answers there" in failed, failed
+    assert "SpawnException" not in failed, failed
+
+    # Pick a host and start, without a limit this time.
+    b.get(f"{hub.url}/hub/spawn")
+    wait.until(lambda d: d.find_elements(By.ID, "spawn_form"))
     b.find_element(By.CSS_SELECTOR, f'input[name="host"][value="{pick}"]').click()
     b.find_element(By.NAME, "mem_limit").clear()
     b.find_element(By.CSS_SELECTOR, '#spawn_form button[type="submit"]').click()

@@ -60,6 +60,7 @@ def refused(hub, user: str, options: dict) -> str:
     r = hub.request_spawn(user, json=options)
     assert r.status_code >= 400, (options, r.status_code, r.text)
     said = r.text + "\n" + hub.progress_failure(user)
+    print(f"REFUSED {options} -> HTTP {r.status_code}: {said.strip()[:300]!r}")
     assert not hub.user_model(user)["servers"], hub.user_model(user)
     return said
 
@@ -155,6 +156,7 @@ def test_form_shows_live_figures_and_a_down_host_cannot_be_chosen(testbed, hub_f
         said = refused(hub, ALICE, {"host": down})
         assert f"{down}, the host you chose, cannot take the server now" in said, said
         assert "choose another host or let the spawner choose" in said, said
+        assert f"Spawn failed: {down}, the host you chose" in said, "plain words on the page"
     finally:
         bed_fault(testbed, "heal", down)
     wait_until(lambda: not hub.my_procs(), 5, what="no processes")
