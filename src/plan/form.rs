@@ -327,7 +327,7 @@ pub fn render(rows: &[HostRow], bounds: &Bounds, current: &Choice) -> String {
         let default = bounds
             .mem_limit_default
             .map(|d| format!("; default {}", human_bytes(d)))
-            .unwrap_or_default();
+            .unwrap_or_else(|| "; empty: no limit".into());
         let value = current.mem_limit.map(human_bytes).unwrap_or_default();
         let _ = writeln!(
             h,
@@ -344,7 +344,7 @@ pub fn render(rows: &[HostRow], bounds: &Bounds, current: &Choice) -> String {
         let default = bounds
             .cpu_limit_default
             .map(|d| format!("; default {d}"))
-            .unwrap_or_default();
+            .unwrap_or_else(|| "; empty: no limit".into());
         let value = current.cpu_limit.map(|c| c.to_string()).unwrap_or_default();
         let _ = writeln!(
             h,
@@ -540,6 +540,7 @@ mod tests {
         assert!(html.contains("value=\"auto\" checked"), "{html}");
         assert!(html.contains("from 128M to 8G; default 2G"), "{html}");
         assert!(html.contains("name=\"cpu_limit\""), "{html}");
+        assert!(html.contains("from 0.1 to 4; empty: no limit"), "{html}");
         let none = Bounds {
             hosts: vec!["node1".into()],
             ..Bounds::default()

@@ -23,6 +23,7 @@ CHROMEDRIVER = shutil.which("chromedriver")
 
 try:
     from selenium import webdriver
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -89,7 +90,14 @@ def test_spawn_page_in_a_browser(testbed, hub_factory, browser, tmp_path):
         }
     )
     shots = shots_dir(tmp_path)
-    wait = WebDriverWait(browser, 60, poll_frequency=0.1)
+    # Pages are replaced under the waits (form → pending page → server):
+    # an element gone stale mid-check means "look again".
+    wait = WebDriverWait(
+        browser,
+        60,
+        poll_frequency=0.1,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    )
     b = browser
 
     # Log in.
@@ -117,8 +125,10 @@ def test_spawn_page_in_a_browser(testbed, hub_factory, browser, tmp_path):
     mem = b.find_element(By.NAME, "mem_limit")
     mem.send_keys("64G")
     b.find_element(By.CSS_SELECTOR, '#spawn_form button[type="submit"]').click()
-    error = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".spawn-error-msg"))[0]
-    assert 'memory (mem_limit) "64G": must be between 128M and 4G' in error.text, error.text
+    error = wait.until(
+        lambda d: [e.text for e in d.find_elements(By.CSS_SELECTOR, ".spawn-error-msg")]
+    )[0]
+    assert 'memory (mem_limit) "64G": must be between 128M and 4G' in error, error
     assert not hub.user_model(ALICE)["servers"]
 
     # A value within bounds that the host cannot honour: the spawn fails and
