@@ -287,3 +287,131 @@ impl Error {
 
 /// Shorthand used across the crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One of each variant. The match has no wildcard: a new variant does
+    /// not compile until it is added here (and so to the check below).
+    fn one_of_each() -> Vec<Error> {
+        let h = || "node1:22".to_string();
+        let u = || "alice".to_string();
+        let all = vec![
+            Error::Unreachable {
+                host: h(),
+                user: u(),
+                reason: "refused".into(),
+            },
+            Error::Timeout {
+                host: h(),
+                user: u(),
+                phase: Phase::Connect,
+                after: Duration::from_secs(1),
+            },
+            Error::HostKeyUnknown {
+                host: h(),
+                fingerprint: "SHA256:x".into(),
+                known_hosts: "k".into(),
+            },
+            Error::HostKeyChanged {
+                host: h(),
+                fingerprint: "SHA256:x".into(),
+                known_hosts: "k".into(),
+                line: 1,
+            },
+            Error::HostKeyRevoked {
+                host: h(),
+                fingerprint: "SHA256:x".into(),
+                known_hosts: "k".into(),
+                line: 1,
+            },
+            Error::KnownHosts {
+                path: "k".into(),
+                reason: "missing".into(),
+            },
+            Error::AuthRefused {
+                host: h(),
+                user: u(),
+                identity: "key k".into(),
+            },
+            Error::Key {
+                path: "k".into(),
+                reason: "missing".into(),
+            },
+            Error::Agent {
+                socket: "s".into(),
+                reason: "missing".into(),
+            },
+            Error::Ssh {
+                host: h(),
+                user: u(),
+                reason: "eof".into(),
+            },
+            Error::CommandFailed {
+                host: h(),
+                user: u(),
+                status: "status 1".into(),
+                stderr_tail: String::new(),
+            },
+            Error::OutputTooLarge {
+                host: h(),
+                user: u(),
+                limit: 1,
+            },
+            Error::Sftp {
+                host: h(),
+                user: u(),
+                path: "p".into(),
+                reason: "denied".into(),
+            },
+            Error::NoHost {
+                detail: "none".into(),
+            },
+            Error::ServerExited {
+                host: h(),
+                status: "status 1".into(),
+                log_tail: String::new(),
+            },
+            Error::PortTaken { host: h(), port: 1 },
+            Error::Invalid {
+                what: "w".into(),
+                reason: "r".into(),
+            },
+        ];
+        for e in &all {
+            match e {
+                Error::Unreachable { .. }
+                | Error::Timeout { .. }
+                | Error::HostKeyUnknown { .. }
+                | Error::HostKeyChanged { .. }
+                | Error::HostKeyRevoked { .. }
+                | Error::KnownHosts { .. }
+                | Error::AuthRefused { .. }
+                | Error::Key { .. }
+                | Error::Agent { .. }
+                | Error::Ssh { .. }
+                | Error::CommandFailed { .. }
+                | Error::OutputTooLarge { .. }
+                | Error::Sftp { .. }
+                | Error::NoHost { .. }
+                | Error::ServerExited { .. }
+                | Error::PortTaken { .. }
+                | Error::Invalid { .. } => {}
+            }
+        }
+        all
+    }
+
+    #[test]
+    fn every_error_kind_is_in_the_troubleshooting_page() {
+        let page = include_str!("../docs/troubleshooting.md");
+        for e in one_of_each() {
+            let needle = format!("`kind`: `{}`", e.kind());
+            assert!(
+                page.contains(&needle),
+                "docs/troubleshooting.md lacks {needle} ({e})"
+            );
+        }
+    }
+}

@@ -21,6 +21,7 @@ use tracing_subscriber::layer::SubscriberExt;
 
 use crate::config::Config;
 use crate::error::Error;
+use crate::plan::form;
 use crate::plan::hosts::Requirements;
 use crate::plan::limits::Limits;
 use crate::plan::state;
@@ -382,6 +383,66 @@ impl Core {
         Ok(())
     }
 
+    /// Display names of the configured hosts, in configuration order.
+    fn host_names(&self) -> Vec<String> {
+        self.0
+            .config()
+            .hosts
+            .iter()
+            .map(|h| h.display_name().to_string())
+            .collect()
+    }
+
+    /// The options form's HTML for `username`: the hosts in `bounds.hosts`
+    /// with live figures (read through the pool, shared for `max_age`
+    /// seconds, each waited for at most `wait` seconds), and the memory and
+    /// CPU fields the bounds allow. `current_json`: earlier options.
+    fn options_form<'py>(
+        &self,
+        py: Python<'py>,
+        username: String,
+        bounds_json: &str,
+        current_json: &str,
+        max_age: f64,
+        wait: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let bounds = parse_bounds(bounds_json)?;
+        // Earlier options that no longer validate are simply not preselected.
+        let current = serde_json::from_str::<serde_json::Value>(current_json)
+            .ok()
+            .and_then(|v| form::fields_from_json(&v).ok())
+            .and_then(|f| form::parse(&f, &bounds).ok())
+            .unwrap_or_default();
+        let sp = self.0.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let rows = if bounds.hosts.is_empty() {
+                Vec::new()
+            } else {
+                sp.host_status(
+                    &username,
+                    &bounds.hosts,
+                    Config::duration(max_age),
+                    Config::duration(wait),
+                )
+                .await
+                .map_err(py_err)?
+            };
+            let rows: Vec<form::HostRow> = rows
+                .into_iter()
+                .map(|(name, status)| form::HostRow {
+                    name,
+                    status: status.map(|f| form::HostLoad {
+                        mem_available: f.mem_available,
+                        load1: f.load1,
+                        cpus: f.cpus,
+                        servers: f.servers,
+                    }),
+                })
+                .collect();
+            Ok(form::render(&rows, &bounds, &current))
+        })
+    }
+
     /// `ssh-spawner check` as JSON.
     fn check<'py>(&self, py: Python<'py>, username: String) -> PyResult<Bound<'py, PyAny>> {
         let sp = self.0.clone();
@@ -390,6 +451,29 @@ impl Core {
             serde_json::to_string(&rows).map_err(|e| SpawnerError::new_err(e.to_string()))
         })
     }
+}
+
+fn parse_bounds(json: &str) -> PyResult<form::Bounds> {
+    serde_json::from_str(json)
+        .map_err(|e| SpawnerError::new_err(format!("invalid options form bounds: {e}")))
+}
+
+/// Validate a user's options (JSON: form fields or a REST body) against the
+/// admin's bounds (JSON of `plan::form::Bounds`); returns the choice as JSON
+/// (`host`, `mem_limit` bytes, `cpu_limit` cores, each possibly null).
+#[pyfunction]
+fn validate_options(options_json: &str, bounds_json: &str) -> PyResult<String> {
+    let bounds = parse_bounds(bounds_json)?;
+    let value: serde_json::Value = serde_json::from_str(options_json).map_err(|e| {
+        py_err(Error::Invalid {
+            what: "server options".into(),
+            reason: format!("not JSON: {e}"),
+        })
+    })?;
+    let choice = form::fields_from_json(&value)
+        .and_then(|f| form::parse(&f, &bounds))
+        .map_err(py_err)?;
+    serde_json::to_string(&choice).map_err(|e| SpawnerError::new_err(e.to_string()))
 }
 
 /// The `ssh_spawner._core` module.
@@ -403,5 +487,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Prepared>()?;
     m.add_class::<Progress>()?;
     m.add_function(wrap_pyfunction!(drain_logs, m)?)?;
+    m.add_function(wrap_pyfunction!(validate_options, m)?)?;
     Ok(())
 }

@@ -18,7 +18,7 @@ use tokio::sync::{oneshot, Notify};
 use crate::config::{check_username, Config, HostConfig};
 use crate::error::{Error, Result};
 use crate::plan::adopt;
-use crate::plan::hosts::{self, Candidate, HostFacts, Requirements};
+use crate::plan::hosts::{self, Candidate, HostFacts, Requirements, Strategy};
 use crate::plan::limits::{self, Limits};
 use crate::plan::ports::choose_port;
 use crate::plan::script::{self, LaunchSpec, Proc, ProcStatus};
@@ -183,6 +183,11 @@ type PollReply = oneshot::Sender<Result<ProcStatus>>;
 /// Host facts by (host, remote user), with when they were read.
 type FactsCache = HashMap<(String, String), (Instant, HostFacts)>;
 
+/// What the options form shows per (host, remote user): read once, shared by
+/// every page opened while it is fresh.
+type StatusCell = Arc<tokio::sync::OnceCell<std::result::Result<HostFacts, String>>>;
+type StatusCache = HashMap<(String, String), (Instant, StatusCell)>;
+
 /// Polls waiting for one exec on one target.
 #[derive(Default)]
 struct PollQueue {
@@ -209,6 +214,7 @@ pub struct Spawner {
     config: Arc<Config>,
     pool: Pool,
     facts: Arc<Mutex<FactsCache>>,
+    status: Arc<Mutex<StatusCache>>,
     round_robin: Arc<AtomicUsize>,
     polls: Arc<Mutex<HashMap<Target, PollQueue>>>,
     poll_execs: Arc<AtomicUsize>,
@@ -225,6 +231,7 @@ impl Spawner {
             config: Arc::new(config),
             pool,
             facts: Arc::new(Mutex::new(HashMap::new())),
+            status: Arc::new(Mutex::new(HashMap::new())),
             round_robin: Arc::new(AtomicUsize::new(0)),
             polls: Arc::new(Mutex::new(HashMap::new())),
             poll_execs: Arc::new(AtomicUsize::new(0)),
@@ -327,6 +334,60 @@ impl Spawner {
         Ok(f)
     }
 
+    /// Live figures of the hosts named in `names` (all hosts when empty), for
+    /// the options form: one exec per host, all at once, each waited for at
+    /// most `wait` (a host that does not answer by then is shown as not
+    /// answering). Results, failures included, are shared for `max_age`:
+    /// pages opened together cost one exec per host, not one per page.
+    pub async fn host_status(
+        &self,
+        username: &str,
+        names: &[String],
+        max_age: Duration,
+        wait: Duration,
+    ) -> Result<Vec<(String, std::result::Result<HostFacts, String>)>> {
+        check_username(username)?;
+        let hosts: Vec<&HostConfig> = self
+            .config
+            .hosts
+            .iter()
+            .filter(|h| names.is_empty() || names.iter().any(|n| n == h.display_name()))
+            .collect();
+        let targets = hosts
+            .iter()
+            .map(|h| self.target(h, username))
+            .collect::<Result<Vec<_>>>()?;
+        let results = futures_join(hosts.iter().zip(&targets).map(|(h, t)| async move {
+            let key = (h.display_name().to_string(), t.user.clone());
+            let cell = match self.status.lock() {
+                Ok(mut cache) => {
+                    cache.retain(|_, (at, _)| at.elapsed() < max_age);
+                    cache
+                        .entry(key)
+                        .or_insert_with(|| (Instant::now(), StatusCell::default()))
+                        .1
+                        .clone()
+                }
+                Err(_) => StatusCell::default(),
+            };
+            cell.get_or_init(|| async {
+                match tokio::time::timeout(wait, self.host_facts(t, None)).await {
+                    Ok(Ok(f)) => Ok(f),
+                    Ok(Err(e)) => Err(short_reason(&e)),
+                    Err(_) => Err(format!("no answer within {wait:?}")),
+                }
+            })
+            .await
+            .clone()
+        }))
+        .await;
+        Ok(hosts
+            .iter()
+            .map(|h| h.display_name().to_string())
+            .zip(results)
+            .collect())
+    }
+
     /// Count a new server against the cached facts, so spawns that arrive
     /// together within the cache time spread out instead of piling onto the
     /// host that looked best a moment ago.
@@ -371,7 +432,20 @@ impl Spawner {
                 },
             });
         }
-        progress.emit(5, "Checking which hosts can take the server");
+        progress.emit(
+            5,
+            if hosts.len() == 1 {
+                format!(
+                    "Connecting to {} to check its free memory and load",
+                    hosts[0].display_name()
+                )
+            } else {
+                format!(
+                    "Connecting to {} hosts to check their free memory and load",
+                    hosts.len()
+                )
+            },
+        );
         let targets = hosts
             .iter()
             .map(|h| self.target(h, &req.username))
@@ -399,7 +473,15 @@ impl Spawner {
             self.config.host_selection,
             rr,
             &mut rand::rng(),
-        )?;
+        )
+        .map_err(|e| match (&req.host, e) {
+            // The user pinned this host: say so, and do not move the server.
+            (Some(h), Error::NoHost { detail }) => Error::NoHost {
+                detail: format!("{h}, the host you chose, cannot take the server now ({detail}); choose another host or let the spawner choose"),
+            },
+            (_, e) => e,
+        })?;
+        let fit = order.len();
         for i in order {
             let (host, Ok(f)) = (hosts[i], &facts[i]) else {
                 continue;
@@ -447,19 +529,31 @@ impl Spawner {
                 .enumerate()
                 .filter(|(j, _)| *j != i)
                 .map(|(_, c)| match &c.facts {
-                    Ok(f) => format!("{} {} servers", c.name, f.servers),
+                    Ok(f) => format!("{} {}", c.name, plural(f.servers, "server")),
                     Err(e) => format!("{} {e}", c.name),
                 })
                 .collect();
+            let why = if req.host.is_some() {
+                "as you asked".to_string()
+            } else {
+                match self.config.host_selection {
+                    _ if fit == 1 => "the only host that fits".to_string(),
+                    Strategy::Random => format!("at random among the {fit} hosts that fit"),
+                    Strategy::RoundRobin => format!("next in turn among the {fit} hosts that fit"),
+                    Strategy::LeastLoaded => {
+                        format!("the least busy of the {fit} hosts that fit")
+                    }
+                }
+            };
             progress.emit(
                 20,
                 format!(
-                    "Host {} chosen ({} free, load {:.1} on {} cores, {} servers){}; port {port}",
+                    "Host {} chosen, {why} ({} free, load {:.1} on {} cores, {}){}; port {port}",
                     host.display_name(),
                     hosts::human_bytes(f.mem_available),
                     f.load1,
                     f.cpus,
-                    f.servers,
+                    plural(f.servers, "server"),
                     if others.is_empty() {
                         String::new()
                     } else {
@@ -553,7 +647,10 @@ impl Spawner {
             .await?;
         progress.emit(
             35,
-            format!("Certificates copied to {}", prepared.state.host),
+            format!(
+                "Certificates copied to {} (readable only by {})",
+                prepared.state.host, prepared.state.remote_user
+            ),
         );
         Ok(paths)
     }
@@ -635,7 +732,10 @@ impl Spawner {
         })?;
         progress.emit(
             45,
-            format!("Starting the server on {} ({enforcement})", state.host),
+            format!(
+                "Starting the server on {} as {} ({enforcement})",
+                state.host, state.remote_user
+            ),
         );
         let out = self
             .pool
@@ -823,7 +923,7 @@ impl Spawner {
                         let next = self.repick_port(&mut prepared)?;
                         progress.emit(40, format!("Port {port} was taken meanwhile; using {next}"));
                     }
-                    Err(e) if e.is_unreachable() => {
+                    Err(e) if e.is_unreachable() && req.host.is_none() => {
                         progress.emit(
                             15,
                             format!(
@@ -1199,6 +1299,11 @@ fn short_reason(e: &Error) -> String {
         Error::AuthRefused { .. } => "authentication refused".into(),
         other => other.to_string(),
     }
+}
+
+/// `1 server`, `3 servers`.
+fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
 }
 
 fn new_run_id() -> String {

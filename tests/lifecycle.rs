@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::{mode_of, rand_suffix, testbed, Testbed, Undo};
 use ssh_spawner::config::Config;
-use ssh_spawner::plan::hosts::{Requirements, Strategy};
+use ssh_spawner::plan::hosts::{HostFacts, Requirements, Strategy};
 use ssh_spawner::plan::limits::Limits;
 use ssh_spawner::plan::script::{ExitReason, Stopped};
 use ssh_spawner::plan::state::{self, ServerState};
@@ -928,4 +928,71 @@ async fn failover_when_a_host_is_cut() {
     }
     sp.stop(&state).await.unwrap();
     std::fs::remove_dir_all(&base).unwrap();
+}
+
+#[tokio::test]
+async fn form_host_figures_are_read_once_while_fresh() {
+    let Some(tb) = testbed("form_host_figures_are_read_once_while_fresh") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice().name.clone();
+    let (fresh, wait) = (Duration::from_secs(60), Duration::from_secs(10));
+    // Sixty spawn pages opened at once.
+    let pages: Vec<_> = (0..60)
+        .map(|_| {
+            let (sp, user) = (sp.clone(), user.clone());
+            tokio::spawn(async move { sp.host_status(&user, &[], fresh, wait).await.unwrap() })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for p in pages {
+        seen.push(p.await.unwrap());
+    }
+    let first = seen[0].clone();
+    assert_eq!(first.len(), tb.hosts.len());
+    assert!(first.iter().all(|(_, s)| s.is_ok()), "{first:?}");
+    assert!(
+        seen.iter().all(|s| *s == first),
+        "pages opened together saw different reads"
+    );
+    // A new server on the hosts (they share the process table): a page
+    // opened while the figures are fresh still shows the shared read, one
+    // that asks for fresh figures counts it.
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _marker = KillOnDrop(
+        std::process::Command::new("/bin/sh")
+            .args([
+                "-c",
+                "sleep 60; :",
+                &format!("ssh-spawner-run:form-{}", rand_suffix()),
+            ])
+            .spawn()
+            .unwrap(),
+    );
+    type Status = Vec<(String, std::result::Result<HostFacts, String>)>;
+    let servers =
+        |s: &Status| -> Vec<usize> { s.iter().map(|(_, f)| f.as_ref().unwrap().servers).collect() };
+    let cached = sp.host_status(&user, &[], fresh, wait).await.unwrap();
+    assert_eq!(
+        servers(&cached),
+        servers(&first),
+        "a fresh read was not shared"
+    );
+    let reread = sp
+        .host_status(&user, &[], Duration::ZERO, wait)
+        .await
+        .unwrap();
+    let want: Vec<usize> = servers(&first).iter().map(|n| n + 1).collect();
+    assert_eq!(
+        servers(&reread),
+        want,
+        "the new server is counted once read anew"
+    );
 }

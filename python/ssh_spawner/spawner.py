@@ -8,6 +8,7 @@ the hub's event loop: every call to a host is an awaitable.
 from __future__ import annotations
 
 import asyncio
+import html
 import inspect
 import json
 import logging
@@ -15,6 +16,7 @@ import time
 from urllib.parse import urlsplit
 
 from jupyterhub.spawner import Spawner
+from jupyterhub.traitlets import ByteSpecification
 from traitlets import Bool, Dict, Float, Integer, List, Tuple, Unicode, Union, default
 
 from . import _core
@@ -194,6 +196,65 @@ class SSHSpawner(Spawner):
         not yet saved in its database. Created 0700, entries 0600.""",
     ).tag(config=True)
 
+    options_form_enabled = Bool(
+        False,
+        help="""Show users a spawn form: a host to run on (each with its free
+        memory, load and number of servers, read live), and memory and CPU
+        within ``user_mem_limit_max`` / ``user_cpu_limit_max``. "Let the
+        spawner choose" is the default. Values are checked on the hub, both
+        when the form is submitted and again at start (``user_options`` can
+        also come through the REST API); a refused value comes back to the
+        form with a message naming the field and what is allowed. A host the
+        user chose is kept: if it cannot take the server, the spawn fails
+        with that reason instead of moving elsewhere.""",
+    ).tag(config=True)
+
+    user_hosts = List(
+        Unicode(),
+        help="""Hosts (by name as shown, i.e. ``name`` or ``address`` in
+        ``hosts``) a user may choose in the form or with the REST API option
+        ``host``. Empty: every host in ``hosts``.""",
+    ).tag(config=True)
+
+    user_mem_limit_max = ByteSpecification(
+        None,
+        allow_none=True,
+        help="""Most memory a user may ask for (e.g. ``"8G"``); it becomes the
+        server's ``mem_limit``. Unset: memory is not a choice (``mem_limit``
+        applies).""",
+    ).tag(config=True)
+
+    user_cpu_limit_max = Float(
+        None,
+        allow_none=True,
+        help="""Most CPU cores a user may ask for; it becomes the server's
+        ``cpu_limit``. Unset: CPU is not a choice (``cpu_limit`` applies).""",
+    ).tag(config=True)
+
+    options_form_cache = Float(
+        10.0,
+        help="""Seconds the form's host figures are shared between page views,
+        so many users opening the page at once cost one command per host.""",
+    ).tag(config=True)
+
+    options_form_wait = Float(
+        3.0,
+        help="""Seconds the form waits for a host's figures; a host that has
+        not answered by then is shown as not answering and cannot be chosen.""",
+    ).tag(config=True)
+
+    @default("options_form")
+    def _default_options_form(self):
+        if not self.options_form_enabled:
+            return ""
+        return lambda spawner: spawner._render_options_form()
+
+    @default("options_from_form")
+    def _default_options_from_form(self):
+        if self.options_form_enabled:
+            return self._options_from_form_fields
+        return getattr(Spawner, "_passthrough_options_from_form", lambda form_data: form_data)
+
     @default("cmd")
     def _default_cmd(self):
         return ["jupyterhub-singleuser"]
@@ -315,17 +376,95 @@ class SSHSpawner(Spawner):
                 if err.unreachable:
                     self.core.clean_up_later(e.state)
 
+    # ---- user options (the form and the REST API) -------------------------
+
+    def _bounds_json(self) -> str:
+        names = self.core.host_names()
+        hosts = list(self.user_hosts) or names
+        unknown = [h for h in hosts if h not in names]
+        if unknown:
+            raise ValueError(
+                f"SSHSpawner.user_hosts: {', '.join(unknown)} not in SSHSpawner.hosts"
+                f" (names: {', '.join(names)})"
+            )
+        return json.dumps(
+            {
+                "hosts": hosts,
+                "mem_limit_max": self.user_mem_limit_max,
+                "cpu_limit_max": self.user_cpu_limit_max,
+                "mem_limit_default": self.mem_limit or None,
+                "cpu_limit_default": self.cpu_limit or None,
+            }
+        )
+
+    def _options_from_form_fields(self, form_data):
+        """Check the submitted form on the hub; a refused value raises with a
+        message the spawn page shows above the form."""
+        fields = {}
+        for key, values in form_data.items():
+            if not all(isinstance(v, str) for v in values):
+                raise ValueError(f"invalid option {key!r}: files are not accepted")
+            fields[key] = values
+        try:
+            return json.loads(_core.validate_options(json.dumps(fields), self._bounds_json()))
+        except _core.SpawnerError as e:
+            raise ValueError(str(e)) from None
+
+    def _user_choice(self) -> dict:
+        """The user's options, validated again: they may come from the REST
+        API (or a stored earlier spawn) without passing the form."""
+        try:
+            options = json.dumps(self.user_options or {})
+        except (TypeError, ValueError):
+            raise self._spawn_error(
+                ValueError("invalid server options: not JSON (files are not accepted)")
+            ) from None
+        try:
+            return json.loads(_core.validate_options(options, self._bounds_json()))
+        except _core.SpawnerError as e:
+            raise self._spawn_error(e) from None
+
+    async def _render_options_form(self) -> str:
+        try:
+            current = json.dumps(self.user_options or {})
+        except (TypeError, ValueError):
+            current = "{}"
+        try:
+            return await self.core.options_form(
+                self.user.name,
+                self._bounds_json(),
+                current,
+                self.options_form_cache,
+                self.options_form_wait,
+            )
+        except _core.SpawnerError as e:
+            self.log.warning("%s: cannot build the options form: %s", self._log_name, e)
+            return (
+                "<p>The hosts cannot be listed right now "
+                f"({html.escape(str(e))}); the spawner will choose one.</p>"
+            )
+
+    _choice: dict = {}
+
+    def get_env(self):
+        env = super().get_env()
+        if self._choice.get("mem_limit"):
+            env["MEM_LIMIT"] = str(self._choice["mem_limit"])
+        if self._choice.get("cpu_limit"):
+            env["CPU_LIMIT"] = str(self._choice["cpu_limit"])
+        return env
+
     def _request(self, exclude=()) -> str:
-        opts = self.user_options or {}
+        self._choice = choice = self._user_choice()
         return json.dumps(
             {
                 "username": self.user.name,
                 "server_name": self.name or "",
                 "mem_guarantee": self.mem_guarantee or None,
                 "cpu_guarantee": self.cpu_guarantee or None,
-                "mem_limit": self.mem_limit or None,
-                "cpu_limit": self.cpu_limit or None,
-                "host": opts.get("host") or None,
+                "mem_limit": choice.get("mem_limit") or self.mem_limit or None,
+                "cpu_limit": choice.get("cpu_limit") or self.cpu_limit or None,
+                "host": choice.get("host"),
                 "exclude": list(exclude),
             }
         )
@@ -340,8 +479,11 @@ class SSHSpawner(Spawner):
         kind = getattr(e, "kind", "error")
         if SpawnException is not None:
             status = 400 if kind == "invalid" else 503
-            return SpawnException(message, reason=kind, status_code=status)
-        err = RuntimeError(message)
+            err = SpawnException(message, reason=kind, status_code=status)
+        else:
+            err = RuntimeError(message)
+        # What the progress page shows after "Spawn failed: " (without it,
+        # JupyterHub 6 shows "503 SpawnException(reason=…): " first).
         err.jupyterhub_message = message
         return err
 
@@ -352,11 +494,12 @@ class SSHSpawner(Spawner):
 
     async def _prepare(self, exclude=()) -> None:
         try:
-            self._prepared = await self.core.prepare(
-                self._request(exclude), self._progress_stream()
-            )
-        except _core.SpawnerError as e:
+            request = self._request(exclude)
+            self._prepared = await self.core.prepare(request, self._progress_stream())
+        except Exception as e:
             self._finish_progress()
+            if not isinstance(e, _core.SpawnerError):
+                raise
             raise self._spawn_error(e) from None
         # Recorded before anything is launched: a cancelled start leaves a
         # state that stop can act on, and a killed hub a journal entry.
@@ -426,9 +569,22 @@ class SSHSpawner(Spawner):
                     break
                 except _core.SpawnerError as e:
                     if e.kind == "port_taken":
+                        taken = self.port
                         self.port = self.core.repick_port(self._prepared)
-                        progress.emit(40, f"Port was taken meanwhile; using {self.port}")
+                        progress.emit(
+                            40, f"Port {taken} was taken meanwhile; trying port {self.port}"
+                        )
                         continue
+                    if e.unreachable and self._choice.get("host"):
+                        # The user chose this host: say so rather than move.
+                        self.core.clean_up_later(self._prepared.state)
+                        raise self._spawn_error(
+                            RuntimeError(
+                                f"{self._prepared.host}, the host you chose, stopped answering"
+                                f" ({self._redact(str(e))}); the server was not moved to"
+                                " another host: choose another host or let the spawner choose"
+                            )
+                        ) from None
                     if e.unreachable and not self.internal_ssl:
                         # The launch may have reached the host: clean it up
                         # when it answers again, and try another host now.

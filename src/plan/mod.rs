@@ -5,9 +5,11 @@
 //! - [`limits`]: how memory and CPU limits are enforced on a host.
 //! - [`script`]: the launch, poll and stop scripts, and what they print.
 //! - [`adopt`]: finding a server whose start was interrupted.
+//! - [`form`]: the spawn options form, rendered and validated.
 //! - [`state`]: the versioned server state kept by the hub.
 
 pub mod adopt;
+pub mod form;
 pub mod hosts;
 pub mod limits;
 pub mod ports;

@@ -1,0 +1,576 @@
+//! The spawn options form: what a user may choose (a host, memory, CPU),
+//! rendered as HTML and validated on the server.
+//!
+//! Values arrive two ways: from the form (a map of field names to lists of
+//! strings) and through the REST API (any JSON the user sends as
+//! `user_options`). Both go through [`parse`], once when the options are
+//! submitted and again when the server starts, so nothing a user sends can
+//! reach a host unless it lies within what the admin allows.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use super::hosts::human_bytes;
+use crate::config::parse_size;
+use crate::error::{Error, Result};
+
+/// Form fields as a browser sends them: name → values.
+pub type Fields = BTreeMap<String, Vec<String>>;
+
+/// The host choice that lets the spawner choose.
+pub const AUTO: &str = "auto";
+
+/// Less memory than this cannot run a Jupyter server: refused even if the
+/// admin's maximum allows it.
+pub const MIN_MEM: u64 = 128 << 20;
+
+/// Fewer cores than this is refused.
+pub const MIN_CPU: f64 = 0.1;
+
+/// Field names the form uses (and the REST API accepts).
+pub const FIELDS: [&str; 3] = ["host", "mem_limit", "cpu_limit"];
+
+/// What the admin lets users choose.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bounds {
+    /// Hosts (display names) a user may pin the server to.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Most memory a user may ask for (bytes); unset: memory is not a choice.
+    #[serde(default)]
+    pub mem_limit_max: Option<u64>,
+    /// Most cores a user may ask for; unset: CPU is not a choice.
+    #[serde(default)]
+    pub cpu_limit_max: Option<f64>,
+    /// The admin's `mem_limit`, used when the user leaves memory empty.
+    #[serde(default)]
+    pub mem_limit_default: Option<u64>,
+    /// The admin's `cpu_limit`, used when the user leaves CPU empty.
+    #[serde(default)]
+    pub cpu_limit_default: Option<f64>,
+}
+
+/// What a user chose, validated. `None` everywhere: the admin's defaults.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Choice {
+    /// Pin the server to this host; `None`: the spawner chooses.
+    pub host: Option<String>,
+    /// Memory limit in bytes.
+    pub mem_limit: Option<u64>,
+    /// CPU limit in cores.
+    pub cpu_limit: Option<f64>,
+}
+
+fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::Invalid {
+        what: what.into(),
+        reason: reason.into(),
+    }
+}
+
+/// A user's options sent as JSON (REST API body, or stored `user_options`),
+/// as form fields. `null` is an empty object; strings and numbers become
+/// one value, lists of them several; anything else is refused.
+pub fn fields_from_json(value: &serde_json::Value) -> Result<Fields> {
+    use serde_json::Value;
+    let map = match value {
+        Value::Null => return Ok(Fields::new()),
+        Value::Object(m) => m,
+        other => {
+            return Err(invalid(
+                "server options",
+                format!(
+                    "expected a JSON object of option names, got {}",
+                    kind(other)
+                ),
+            ))
+        }
+    };
+    let scalar = |key: &str, v: &Value| -> Result<Option<String>> {
+        match v {
+            Value::String(s) => Ok(Some(s.clone())),
+            Value::Number(n) => Ok(Some(n.to_string())),
+            Value::Null => Ok(None),
+            other => Err(invalid(
+                format!("option {key:?}"),
+                format!("expected a string or a number, got {}", kind(other)),
+            )),
+        }
+    };
+    let mut fields = Fields::new();
+    for (key, v) in map {
+        let values = match v {
+            Value::Array(items) => items
+                .iter()
+                .map(|i| scalar(key, i))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .flatten()
+                .collect(),
+            other => scalar(key, other)?.into_iter().collect(),
+        };
+        fields.insert(key.clone(), values);
+    }
+    Ok(fields)
+}
+
+fn kind(v: &serde_json::Value) -> &'static str {
+    use serde_json::Value;
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "true/false",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// One value of a field; empty or absent is `None`.
+fn single<'a>(fields: &'a Fields, key: &str) -> Result<Option<&'a str>> {
+    match fields.get(key).map(Vec::as_slice) {
+        None | Some([]) => Ok(None),
+        Some([v]) => {
+            let v = v.trim();
+            Ok((!v.is_empty()).then_some(v))
+        }
+        Some(_) => Err(invalid(
+            format!("option {key:?}"),
+            "give one value, not several",
+        )),
+    }
+}
+
+/// Shorten what a user typed for an error message (it may be anything).
+fn shown(v: &str) -> String {
+    let mut s: String = v.chars().take(40).collect();
+    if v.chars().count() > 40 {
+        s.push('…');
+    }
+    format!("{s:?}")
+}
+
+/// Validate a user's options against the admin's bounds.
+///
+/// Field names starting with `_` (the form's `_xsrf`) are ignored; any other
+/// unknown field is refused, naming it. The error names the field, the value
+/// and what is allowed.
+pub fn parse(fields: &Fields, bounds: &Bounds) -> Result<Choice> {
+    for key in fields.keys() {
+        if !key.starts_with('_') && !FIELDS.contains(&key.as_str()) {
+            return Err(invalid(
+                format!("option {}", shown(key)),
+                format!(
+                    "not an option of this hub; the options are {}",
+                    FIELDS.join(", ")
+                ),
+            ));
+        }
+    }
+    let host = match single(fields, "host")? {
+        None => None,
+        Some(h) if h.eq_ignore_ascii_case(AUTO) => None,
+        Some(h) => {
+            if !bounds.hosts.iter().any(|b| b == h) {
+                return Err(invalid(
+                    format!("host {}", shown(h)),
+                    if bounds.hosts.is_empty() {
+                        "this hub lets the spawner choose the host".to_string()
+                    } else {
+                        format!(
+                            "not one you may choose; choose one of {} or {AUTO} (let the spawner choose)",
+                            bounds.hosts.join(", ")
+                        )
+                    },
+                ));
+            }
+            Some(h.to_string())
+        }
+    };
+    let mem_limit = match single(fields, "mem_limit")? {
+        None => None,
+        Some(v) => {
+            let what = format!("memory (mem_limit) {}", shown(v));
+            let Some(max) = bounds.mem_limit_max else {
+                return Err(invalid(what, "memory is not a choice on this hub"));
+            };
+            let bytes = parse_size(v)
+                .map_err(|_| invalid(&what, "write it like 2G or 512M (K, M, G or T)"))?;
+            if bytes < MIN_MEM || bytes > max {
+                return Err(invalid(
+                    what,
+                    format!(
+                        "must be between {} and {}",
+                        human_bytes(MIN_MEM),
+                        human_bytes(max)
+                    ),
+                ));
+            }
+            Some(bytes)
+        }
+    };
+    let cpu_limit = match single(fields, "cpu_limit")? {
+        None => None,
+        Some(v) => {
+            let what = format!("CPU cores (cpu_limit) {}", shown(v));
+            let Some(max) = bounds.cpu_limit_max else {
+                return Err(invalid(what, "CPU is not a choice on this hub"));
+            };
+            let cores = v
+                .parse::<f64>()
+                .ok()
+                .filter(|c| c.is_finite())
+                .ok_or_else(|| invalid(&what, "write a number of cores like 1 or 0.5"))?;
+            if !(MIN_CPU..=max).contains(&cores) {
+                return Err(invalid(
+                    what,
+                    format!("must be between {MIN_CPU} and {max}"),
+                ));
+            }
+            Some(cores)
+        }
+    };
+    Ok(Choice {
+        host,
+        mem_limit,
+        cpu_limit,
+    })
+}
+
+/// What the form shows about one host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostRow {
+    /// Display name.
+    pub name: String,
+    /// Live figures, or why there are none (the host cannot be chosen then).
+    pub status: std::result::Result<HostLoad, String>,
+}
+
+/// Live figures of a host, as read through the pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostLoad {
+    /// Available memory in bytes.
+    pub mem_available: u64,
+    /// One-minute load.
+    pub load1: f64,
+    /// Cores.
+    pub cpus: u32,
+    /// Servers of all users on the host.
+    pub servers: usize,
+}
+
+/// Escape text for HTML element content and attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One line describing a host's live figures.
+pub fn describe(load: &HostLoad) -> String {
+    format!(
+        "{} free, load {:.1} on {} cores, {} server{}",
+        human_bytes(load.mem_available),
+        load.load1,
+        load.cpus,
+        load.servers,
+        if load.servers == 1 { "" } else { "s" }
+    )
+}
+
+/// The form's HTML (JupyterHub wraps it in a `<form>` with a submit
+/// button). `current` preselects earlier choices. Everything inserted is
+/// escaped; a host with an error is shown "not answering" and disabled.
+pub fn render(rows: &[HostRow], bounds: &Bounds, current: &Choice) -> String {
+    let mut h = String::new();
+    let checked = |yes: bool| if yes { " checked" } else { "" };
+    h.push_str("<div class=\"ssh-spawner-options\">\n");
+    if !rows.is_empty() {
+        h.push_str(
+            "<fieldset class=\"form-group\" id=\"ssh-spawner-hosts\">\n<legend>Host</legend>\n",
+        );
+        let _ = writeln!(
+            h,
+            "<div class=\"form-check\"><input class=\"form-check-input\" type=\"radio\" name=\"host\" id=\"host-{AUTO}\" value=\"{AUTO}\"{}>\
+             <label class=\"form-check-label\" for=\"host-{AUTO}\">Let the spawner choose (recommended)</label></div>",
+            checked(current.host.is_none())
+        );
+        for (i, row) in rows.iter().enumerate() {
+            let name = escape(&row.name);
+            let (detail, disabled) = match &row.status {
+                Ok(load) => (escape(&describe(load)), ""),
+                Err(why) => (format!("not answering ({})", escape(why)), " disabled"),
+            };
+            let picked = current.host.as_deref() == Some(row.name.as_str()) && disabled.is_empty();
+            let _ = writeln!(
+                h,
+                "<div class=\"form-check\"><input class=\"form-check-input\" type=\"radio\" name=\"host\" id=\"host-{i}\" value=\"{name}\"{}{disabled}>\
+                 <label class=\"form-check-label\" for=\"host-{i}\"><strong>{name}</strong>: {detail}</label></div>",
+                checked(picked)
+            );
+        }
+        h.push_str("</fieldset>\n");
+    }
+    if let Some(max) = bounds.mem_limit_max {
+        let default = bounds
+            .mem_limit_default
+            .map(|d| format!("; default {}", human_bytes(d)))
+            .unwrap_or_else(|| "; empty: no limit".into());
+        let value = current.mem_limit.map(human_bytes).unwrap_or_default();
+        let _ = writeln!(
+            h,
+            "<div class=\"form-group\"><label for=\"ssh-mem-limit\">Memory (from {} to {}{})</label>\
+             <input class=\"form-control\" type=\"text\" id=\"ssh-mem-limit\" name=\"mem_limit\" value=\"{}\" placeholder=\"{}\"></div>",
+            human_bytes(MIN_MEM),
+            human_bytes(max),
+            escape(&default),
+            escape(&value),
+            escape(&bounds.mem_limit_default.map(human_bytes).unwrap_or_else(|| "e.g. 2G".into())),
+        );
+    }
+    if let Some(max) = bounds.cpu_limit_max {
+        let default = bounds
+            .cpu_limit_default
+            .map(|d| format!("; default {d}"))
+            .unwrap_or_else(|| "; empty: no limit".into());
+        let value = current.cpu_limit.map(|c| c.to_string()).unwrap_or_default();
+        let _ = writeln!(
+            h,
+            "<div class=\"form-group\"><label for=\"ssh-cpu-limit\">CPU cores (from {MIN_CPU} to {max}{})</label>\
+             <input class=\"form-control\" type=\"text\" id=\"ssh-cpu-limit\" name=\"cpu_limit\" value=\"{}\" placeholder=\"{}\"></div>",
+            escape(&default),
+            escape(&value),
+            escape(&bounds.cpu_limit_default.map(|c| c.to_string()).unwrap_or_else(|| "e.g. 1".into())),
+        );
+    }
+    h.push_str("</div>\n");
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bounds() -> Bounds {
+        Bounds {
+            hosts: vec!["node1".into(), "node2".into()],
+            mem_limit_max: Some(8 << 30),
+            cpu_limit_max: Some(4.0),
+            mem_limit_default: Some(2 << 30),
+            cpu_limit_default: None,
+        }
+    }
+
+    fn fields(pairs: &[(&str, &str)]) -> Fields {
+        let mut f = Fields::new();
+        for (k, v) in pairs {
+            f.entry(k.to_string()).or_default().push(v.to_string());
+        }
+        f
+    }
+
+    #[test]
+    fn empty_form_means_the_admins_defaults() {
+        assert_eq!(parse(&Fields::new(), &bounds()).unwrap(), Choice::default());
+        let f = fields(&[
+            ("host", "auto"),
+            ("mem_limit", ""),
+            ("cpu_limit", " "),
+            ("_xsrf", "x"),
+        ]);
+        assert_eq!(parse(&f, &bounds()).unwrap(), Choice::default());
+    }
+
+    #[test]
+    fn values_within_bounds_are_accepted() {
+        let f = fields(&[("host", "node2"), ("mem_limit", "4G"), ("cpu_limit", "1.5")]);
+        assert_eq!(
+            parse(&f, &bounds()).unwrap(),
+            Choice {
+                host: Some("node2".into()),
+                mem_limit: Some(4 << 30),
+                cpu_limit: Some(1.5)
+            }
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_field_and_what_is_allowed() {
+        let cases = [
+            (
+                fields(&[("host", "node9")]),
+                "host \"node9\"",
+                "node1, node2",
+            ),
+            (
+                fields(&[("mem_limit", "64G")]),
+                "memory (mem_limit) \"64G\"",
+                "between 128M and 8G",
+            ),
+            (
+                fields(&[("mem_limit", "1M")]),
+                "memory (mem_limit)",
+                "between 128M and 8G",
+            ),
+            (
+                fields(&[("mem_limit", "lots")]),
+                "memory (mem_limit) \"lots\"",
+                "like 2G",
+            ),
+            (
+                fields(&[("cpu_limit", "16")]),
+                "CPU cores (cpu_limit) \"16\"",
+                "between 0.1 and 4",
+            ),
+            (
+                fields(&[("cpu_limit", "NaN")]),
+                "CPU cores",
+                "number of cores",
+            ),
+            (
+                fields(&[("cpu_limit", "inf")]),
+                "CPU cores",
+                "number of cores",
+            ),
+            (
+                fields(&[("image", "x")]),
+                "option \"image\"",
+                "host, mem_limit, cpu_limit",
+            ),
+            (
+                fields(&[("host", "node1"), ("host", "node2")]),
+                "option \"host\"",
+                "one value",
+            ),
+        ];
+        for (f, what, allowed) in cases {
+            let msg = parse(&f, &bounds()).unwrap_err().to_string();
+            assert!(msg.contains(what), "{msg:?} lacks {what:?}");
+            assert!(msg.contains(allowed), "{msg:?} lacks {allowed:?}");
+        }
+    }
+
+    #[test]
+    fn a_resource_without_a_maximum_is_not_a_choice() {
+        let b = Bounds {
+            hosts: vec!["node1".into()],
+            ..Bounds::default()
+        };
+        let msg = parse(&fields(&[("mem_limit", "1G")]), &b)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("not a choice"), "{msg}");
+        let msg = parse(&fields(&[("cpu_limit", "1")]), &b)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("not a choice"), "{msg}");
+    }
+
+    #[test]
+    fn json_options_become_fields_and_round_trip() {
+        let choice = Choice {
+            host: Some("node1".into()),
+            mem_limit: Some(3 << 30),
+            cpu_limit: Some(0.5),
+        };
+        let json = serde_json::to_value(&choice).unwrap();
+        let f = fields_from_json(&json).unwrap();
+        assert_eq!(parse(&f, &bounds()).unwrap(), choice);
+        assert_eq!(
+            fields_from_json(&serde_json::Value::Null).unwrap(),
+            Fields::new()
+        );
+        let msg = fields_from_json(&serde_json::json!({"host": {"a": 1}}))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("\"host\"") && msg.contains("an object"),
+            "{msg}"
+        );
+        assert!(fields_from_json(&serde_json::json!([1])).is_err());
+    }
+
+    #[test]
+    fn the_form_escapes_everything_and_disables_hosts_that_do_not_answer() {
+        let rows = vec![
+            HostRow {
+                name: "node1".into(),
+                status: Ok(HostLoad {
+                    mem_available: 3 << 30,
+                    load1: 0.3,
+                    cpus: 2,
+                    servers: 1,
+                }),
+            },
+            HostRow {
+                name: "<b>\"x'&".into(),
+                status: Err("timed out <script>".into()),
+            },
+        ];
+        let html = render(&rows, &bounds(), &Choice::default());
+        assert!(
+            html.contains("3G free, load 0.3 on 2 cores, 1 server<"),
+            "{html}"
+        );
+        assert!(html.contains("&lt;b&gt;&quot;x&#39;&amp;"), "{html}");
+        assert!(
+            !html.contains("<script>") && !html.contains("<b>"),
+            "{html}"
+        );
+        assert!(
+            html.contains("value=\"&lt;b&gt;&quot;x&#39;&amp;\" disabled"),
+            "{html}"
+        );
+        assert!(
+            html.contains("not answering (timed out &lt;script&gt;)"),
+            "{html}"
+        );
+        assert!(html.contains("value=\"auto\" checked"), "{html}");
+        assert!(html.contains("from 128M to 8G; default 2G"), "{html}");
+        assert!(html.contains("name=\"cpu_limit\""), "{html}");
+        assert!(html.contains("from 0.1 to 4; empty: no limit"), "{html}");
+        let none = Bounds {
+            hosts: vec!["node1".into()],
+            ..Bounds::default()
+        };
+        let html = render(&rows[..1], &none, &Choice::default());
+        assert!(
+            !html.contains("mem_limit") && !html.contains("cpu_limit"),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn an_earlier_choice_is_preselected() {
+        let rows = vec![HostRow {
+            name: "node1".into(),
+            status: Ok(HostLoad {
+                mem_available: 1 << 30,
+                load1: 0.0,
+                cpus: 1,
+                servers: 0,
+            }),
+        }];
+        let c = Choice {
+            host: Some("node1".into()),
+            mem_limit: Some(1 << 30),
+            cpu_limit: None,
+        };
+        let html = render(&rows, &bounds(), &c);
+        assert!(html.contains("value=\"node1\" checked"), "{html}");
+        assert!(html.contains("value=\"auto\">"), "{html}");
+        assert!(html.contains("name=\"mem_limit\" value=\"1G\""), "{html}");
+    }
+}
