@@ -196,6 +196,14 @@ pub const RUN_ENV: &str = "SSH_SPAWNER_RUN";
 /// Most servers polled in one exec.
 const POLL_CHUNK: usize = 500;
 
+/// How long a port handed to a start stays claimed (unless the server is
+/// stopped first): long enough for its server to listen, after which the
+/// host's facts show the port taken anyway.
+const PORT_CLAIM: Duration = Duration::from_secs(120);
+
+/// Ports recently handed to starts, by host display name, with when.
+type PortClaims = HashMap<String, HashMap<u16, Instant>>;
+
 /// The lifecycle, shared by every spawn of a hub. Clones share everything.
 #[derive(Clone)]
 pub struct Spawner {
@@ -205,6 +213,7 @@ pub struct Spawner {
     round_robin: Arc<AtomicUsize>,
     polls: Arc<Mutex<HashMap<Target, PollQueue>>>,
     poll_execs: Arc<AtomicUsize>,
+    claims: Arc<Mutex<PortClaims>>,
 }
 
 impl Spawner {
@@ -219,6 +228,7 @@ impl Spawner {
             round_robin: Arc::new(AtomicUsize::new(0)),
             polls: Arc::new(Mutex::new(HashMap::new())),
             poll_execs: Arc::new(AtomicUsize::new(0)),
+            claims: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -314,6 +324,28 @@ impl Spawner {
         }
     }
 
+    /// A free port on `host`, claimed under one lock: starts that run at once
+    /// (each with its own, possibly equally old, view of the host) never get
+    /// the same port, even before their servers listen.
+    fn claim_port(
+        &self,
+        host: &str,
+        listening: &BTreeSet<u16>,
+        tried: &BTreeSet<u16>,
+    ) -> Option<u16> {
+        let Ok(mut claims) = self.claims.lock() else {
+            return choose_port(self.config.port_range, listening, tried, &mut rand::rng());
+        };
+        let now = Instant::now();
+        let mine = claims.entry(host.to_string()).or_default();
+        mine.retain(|_, at| now.duration_since(*at) < PORT_CLAIM);
+        let mut avoid = tried.clone();
+        avoid.extend(mine.keys().copied());
+        let port = choose_port(self.config.port_range, listening, &avoid, &mut rand::rng())?;
+        mine.insert(port, now);
+        Some(port)
+    }
+
     /// Choose host and port: every eligible host's facts are read at once
     /// (cached briefly), hosts that do not fit are passed over, and when none
     /// fits the error lists every host and why.
@@ -373,12 +405,8 @@ impl Spawner {
             let (host, Ok(f)) = (hosts[i], &facts[i]) else {
                 continue;
             };
-            let Some(port) = choose_port(
-                self.config.port_range,
-                &f.listening,
-                &BTreeSet::new(),
-                &mut rand::rng(),
-            ) else {
+            let Some(port) = self.claim_port(host.display_name(), &f.listening, &BTreeSet::new())
+            else {
                 continue;
             };
             let run_id = new_run_id();
@@ -462,15 +490,15 @@ impl Spawner {
                 ),
             });
         }
-        let port = choose_port(
-            self.config.port_range,
-            &prepared.facts.listening,
-            &prepared.tried_ports,
-            &mut rand::rng(),
-        )
-        .ok_or_else(|| Error::NoHost {
-            detail: format!("{}: no free port left in the range", prepared.state.host),
-        })?;
+        let port = self
+            .claim_port(
+                &prepared.state.host,
+                &prepared.facts.listening,
+                &prepared.tried_ports,
+            )
+            .ok_or_else(|| Error::NoHost {
+                detail: format!("{}: no free port left in the range", prepared.state.host),
+            })?;
         prepared.tried_ports.insert(port);
         prepared.state.port = port;
         Ok(port)
@@ -555,6 +583,7 @@ impl Spawner {
             command,
             workdir: None,
             limits: &plan,
+            settle_ms: (self.config.launch_settle * 1000.0).round() as u32,
         })?;
         progress.emit(
             45,
@@ -761,6 +790,11 @@ impl Spawner {
     /// removed (its log kept unless configured otherwise). Stopping a stopped
     /// server is a no-op; an unreachable host is an error.
     pub async fn stop(&self, state: &ServerState) -> Result<script::Stopped> {
+        if let Ok(mut claims) = self.claims.lock() {
+            if let Some(mine) = claims.get_mut(&state.host) {
+                mine.remove(&state.port);
+            }
+        }
         let Some(state) = self.adopt(state).await? else {
             // Nothing was started: remove what prepare and certs left.
             let target = self.state_target(state)?;
