@@ -392,7 +392,7 @@ def plot(fig: dict, path: Path, title: str) -> None:
             ax.set_title(
                 f"d. storm: {r[0]['starts']} starts at once\n{ok}/{sum(x['starts'] for x in r)} ok"
             )
-    fig_.suptitle(title, fontsize=9)
+    fig_.suptitle(title, fontsize=8)
     fig_.tight_layout()
     fig_.savefig(path, dpi=110)
 
@@ -503,7 +503,12 @@ def cmd_report(args) -> None:
         docs = Path(args.docs)
         docs.mkdir(parents=True, exist_ok=True)
         png = docs / "benchmarks.png"
-        plot(fig, png, head.replace("\n", "  "))
+        plot(
+            fig,
+            png,
+            f"ssh-spawner {m['commit']}, {m['date']}\n{m['cpu']}, {m['cores']} cores, "
+            f"{m['ram_gib']} GiB, {m['openssh'].split(',')[0]}, load {m['load'][0]:.1f}",
+        )
         text = [
             "# Benchmarks",
             "",
