@@ -201,6 +201,9 @@ const POLL_CHUNK: usize = 500;
 /// host's facts show the port taken anyway.
 const PORT_CLAIM: Duration = Duration::from_secs(120);
 
+/// A lock per (host, remote user) held while its facts are read.
+type FactsReads = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
+
 /// Ports recently handed to starts, by host display name, with when.
 type PortClaims = HashMap<String, HashMap<u16, Instant>>;
 
@@ -214,6 +217,9 @@ pub struct Spawner {
     polls: Arc<Mutex<HashMap<Target, PollQueue>>>,
     poll_execs: Arc<AtomicUsize>,
     claims: Arc<Mutex<PortClaims>>,
+    /// One facts read at a time per (host, user): starts that miss the cache
+    /// together wait for the first read instead of each running their own.
+    facts_reads: Arc<Mutex<FactsReads>>,
 }
 
 impl Spawner {
@@ -229,6 +235,7 @@ impl Spawner {
             polls: Arc::new(Mutex::new(HashMap::new())),
             poll_execs: Arc::new(AtomicUsize::new(0)),
             claims: Arc::new(Mutex::new(HashMap::new())),
+            facts_reads: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -292,12 +299,26 @@ impl Spawner {
     async fn cached_facts(&self, host: &HostConfig, target: &Target) -> Result<HostFacts> {
         let key = (host.display_name().to_string(), target.user.clone());
         let max_age = Config::duration(self.config.facts_cache);
-        if let Ok(cache) = self.facts.lock() {
-            if let Some((at, f)) = cache.get(&key) {
-                if at.elapsed() < max_age {
-                    return Ok(f.clone());
-                }
-            }
+        let cached = || -> Option<HostFacts> {
+            let cache = self.facts.lock().ok()?;
+            let (at, f) = cache.get(&key)?;
+            (at.elapsed() < max_age).then(|| f.clone())
+        };
+        if let Some(f) = cached() {
+            return Ok(f);
+        }
+        if max_age.is_zero() {
+            return self.host_facts(target, None).await;
+        }
+        let read_lock = self
+            .facts_reads
+            .lock()
+            .map(|mut m| m.entry(key.clone()).or_default().clone())
+            .unwrap_or_default();
+        let _reading = read_lock.lock().await;
+        // Another start may have read them while this one waited.
+        if let Some(f) = cached() {
+            return Ok(f);
         }
         let f = self.host_facts(target, None).await?;
         if let Ok(mut cache) = self.facts.lock() {
