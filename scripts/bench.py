@@ -492,11 +492,14 @@ def cmd_report(args) -> None:
     lab = read_lines(out / "lab.jsonl")
     hub = read_lines(out / "hub.jsonl")
     m = machine()
+    # The load when the measurements ended (scripts/bench records it).
+    with contextlib.suppress(OSError, ValueError):
+        m["load"] = tuple(float(x) for x in (out / "load.txt").read_text().split()[:3])
     rows, fig = build_rows(lab, hub)
     head = (
         f"ssh-spawner benchmarks, commit {m['commit']}, {m['date']}\n"
         f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM, "
-        f"Linux {m['kernel']}, {m['openssh']}; load average at the end "
+        f"Linux {m['kernel']}, {m['openssh']}; load average when measured "
         f"{m['load'][0]:.2f} {m['load'][1]:.2f} {m['load'][2]:.2f}"
     )
     tunnel = Path(out / "tunnel.txt").read_text() if (out / "tunnel.txt").is_file() else ""
