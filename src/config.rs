@@ -418,6 +418,20 @@ prologue = ["module load python"]
 "#;
 
     #[test]
+    fn launch_settle_defaults_to_0_3_s_and_bad_values_are_named() {
+        let c: Config = toml::from_str(MIN).unwrap();
+        assert_eq!(c.launch_settle, 0.3);
+        for bad in ["-1", "61", "nan"] {
+            let text = format!("launch_settle = {bad}\n{MIN}");
+            let c: Config = toml::from_str(&text).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("launch_settle"), "{bad}: {err}");
+        }
+        let c: Config = toml::from_str(&format!("launch_settle = 0\n{MIN}")).unwrap();
+        c.validate().unwrap();
+    }
+
+    #[test]
     fn a_minimal_toml_gets_the_documented_defaults() {
         let c: Config = toml::from_str(MIN).unwrap();
         c.validate().unwrap();
