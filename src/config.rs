@@ -95,6 +95,11 @@ pub struct Config {
     /// Seconds host facts are cached for host choice.
     #[serde(default = "d_facts_cache")]
     pub facts_cache: f64,
+    /// Seconds launch waits after the server's pid is known, so a server that
+    /// dies at once is reported by the start (with its log) instead of after
+    /// the hub's `http_timeout`. 0 returns as soon as the pid is known.
+    #[serde(default = "d_launch_settle")]
+    pub launch_settle: f64,
     /// Channels per SSH connection (sshd's MaxSessions).
     #[serde(default = "d_max_sessions")]
     pub max_sessions_per_connection: usize,
@@ -144,6 +149,9 @@ fn d_30() -> f64 {
 }
 fn d_facts_cache() -> f64 {
     5.0
+}
+fn d_launch_settle() -> f64 {
+    0.3
 }
 fn d_max_sessions() -> usize {
     10
@@ -248,8 +256,18 @@ impl Config {
             ("command_timeout", self.command_timeout),
             ("facts_cache", self.facts_cache),
             ("idle_timeout", self.idle_timeout),
+            ("launch_settle", self.launch_settle),
         ] {
             secs(what, v)?;
+        }
+        if self.launch_settle > 60.0 {
+            return Err(invalid(
+                "launch_settle",
+                format!(
+                    "{} s is longer than a start should wait (at most 60)",
+                    self.launch_settle
+                ),
+            ));
         }
         if self.command.is_empty() {
             return Err(invalid("command", "empty"));
@@ -407,6 +425,20 @@ name = "node2"
 max_servers = 20
 prologue = ["module load python"]
 "#;
+
+    #[test]
+    fn launch_settle_defaults_to_0_3_s_and_bad_values_are_named() {
+        let c: Config = toml::from_str(MIN).unwrap();
+        assert_eq!(c.launch_settle, 0.3);
+        for bad in ["-1", "61", "nan"] {
+            let text = format!("launch_settle = {bad}\n{MIN}");
+            let c: Config = toml::from_str(&text).unwrap();
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("launch_settle"), "{bad}: {err}");
+        }
+        let c: Config = toml::from_str(&format!("launch_settle = 0\n{MIN}")).unwrap();
+        c.validate().unwrap();
+    }
 
     #[test]
     fn a_minimal_toml_gets_the_documented_defaults() {

@@ -208,6 +208,17 @@ struct ServerTunnels {
     hub: Option<RemoteForward>,
 }
 
+/// How long a port handed to a start stays claimed (unless the server is
+/// stopped first): long enough for its server to listen, after which the
+/// host's facts show the port taken anyway.
+const PORT_CLAIM: Duration = Duration::from_secs(120);
+
+/// A lock per (host, remote user) held while its facts are read.
+type FactsReads = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
+
+/// Ports recently handed to starts, by host display name, with when.
+type PortClaims = HashMap<String, HashMap<u16, Instant>>;
+
 /// The lifecycle, shared by every spawn of a hub. Clones share everything.
 #[derive(Clone)]
 pub struct Spawner {
@@ -220,6 +231,10 @@ pub struct Spawner {
     poll_execs: Arc<AtomicUsize>,
     /// Tunnels by run id; closed on stop and when the last clone is dropped.
     tunnels: Arc<Mutex<HashMap<String, ServerTunnels>>>,
+    claims: Arc<Mutex<PortClaims>>,
+    /// One facts read at a time per (host, user): starts that miss the cache
+    /// together wait for the first read instead of each running their own.
+    facts_reads: Arc<Mutex<FactsReads>>,
 }
 
 impl Spawner {
@@ -236,6 +251,8 @@ impl Spawner {
             polls: Arc::new(Mutex::new(HashMap::new())),
             poll_execs: Arc::new(AtomicUsize::new(0)),
             tunnels: Arc::new(Mutex::new(HashMap::new())),
+            claims: Arc::new(Mutex::new(HashMap::new())),
+            facts_reads: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -320,12 +337,26 @@ impl Spawner {
     async fn cached_facts(&self, host: &HostConfig, target: &Target) -> Result<HostFacts> {
         let key = (host.display_name().to_string(), target.user.clone());
         let max_age = Config::duration(self.config.facts_cache);
-        if let Ok(cache) = self.facts.lock() {
-            if let Some((at, f)) = cache.get(&key) {
-                if at.elapsed() < max_age {
-                    return Ok(f.clone());
-                }
-            }
+        let cached = || -> Option<HostFacts> {
+            let cache = self.facts.lock().ok()?;
+            let (at, f) = cache.get(&key)?;
+            (at.elapsed() < max_age).then(|| f.clone())
+        };
+        if let Some(f) = cached() {
+            return Ok(f);
+        }
+        if max_age.is_zero() {
+            return self.host_facts(target, None).await;
+        }
+        let read_lock = self
+            .facts_reads
+            .lock()
+            .map(|mut m| m.entry(key.clone()).or_default().clone())
+            .unwrap_or_default();
+        let _reading = read_lock.lock().await;
+        // Another start may have read them while this one waited.
+        if let Some(f) = cached() {
+            return Ok(f);
         }
         let f = self.host_facts(target, None).await?;
         if let Ok(mut cache) = self.facts.lock() {
@@ -404,6 +435,28 @@ impl Spawner {
                 }
             }
         }
+    }
+
+    /// A free port on `host`, claimed under one lock: starts that run at once
+    /// (each with its own, possibly equally old, view of the host) never get
+    /// the same port, even before their servers listen.
+    fn claim_port(
+        &self,
+        host: &str,
+        listening: &BTreeSet<u16>,
+        tried: &BTreeSet<u16>,
+    ) -> Option<u16> {
+        let Ok(mut claims) = self.claims.lock() else {
+            return choose_port(self.config.port_range, listening, tried, &mut rand::rng());
+        };
+        let now = Instant::now();
+        let mine = claims.entry(host.to_string()).or_default();
+        mine.retain(|_, at| now.duration_since(*at) < PORT_CLAIM);
+        let mut avoid = tried.clone();
+        avoid.extend(mine.keys().copied());
+        let port = choose_port(self.config.port_range, listening, &avoid, &mut rand::rng())?;
+        mine.insert(port, now);
+        Some(port)
     }
 
     /// Choose host and port: every eligible host's facts are read at once
@@ -486,12 +539,8 @@ impl Spawner {
             let (host, Ok(f)) = (hosts[i], &facts[i]) else {
                 continue;
             };
-            let Some(port) = choose_port(
-                self.config.port_range,
-                &f.listening,
-                &BTreeSet::new(),
-                &mut rand::rng(),
-            ) else {
+            let Some(port) = self.claim_port(host.display_name(), &f.listening, &BTreeSet::new())
+            else {
                 continue;
             };
             let run_id = new_run_id();
@@ -590,15 +639,15 @@ impl Spawner {
                 ),
             });
         }
-        let port = choose_port(
-            self.config.port_range,
-            &prepared.facts.listening,
-            &prepared.tried_ports,
-            &mut rand::rng(),
-        )
-        .ok_or_else(|| Error::NoHost {
-            detail: format!("{}: no free port left in the range", prepared.state.host),
-        })?;
+        let port = self
+            .claim_port(
+                &prepared.state.host,
+                &prepared.facts.listening,
+                &prepared.tried_ports,
+            )
+            .ok_or_else(|| Error::NoHost {
+                detail: format!("{}: no free port left in the range", prepared.state.host),
+            })?;
         prepared.tried_ports.insert(port);
         prepared.state.port = port;
         Ok(port)
@@ -729,6 +778,7 @@ impl Spawner {
             command,
             workdir: None,
             limits: &plan,
+            settle_ms: (self.config.launch_settle * 1000.0).round() as u32,
         })?;
         progress.emit(
             45,
@@ -1060,6 +1110,11 @@ impl Spawner {
     /// removed (its log kept unless configured otherwise). Stopping a stopped
     /// server is a no-op; an unreachable host is an error.
     pub async fn stop(&self, state: &ServerState) -> Result<script::Stopped> {
+        if let Ok(mut claims) = self.claims.lock() {
+            if let Some(mine) = claims.get_mut(&state.host) {
+                mine.remove(&state.port);
+            }
+        }
         let Some(state) = self.adopt(state).await? else {
             // Nothing was started: remove what prepare and certs left.
             let target = self.state_target(state)?;

@@ -617,6 +617,46 @@ async fn forged_state_never_signals_someone_elses_process() {
 }
 
 #[tokio::test]
+async fn starts_at_once_never_share_a_port() {
+    let Some(tb) = testbed("starts_at_once_never_share_a_port") else {
+        return;
+    };
+    // 40 ports for 40 prepares on one host, all at once, each reading the
+    // host's facts itself (no cache): a pick from the facts alone would
+    // almost surely hand out some port twice.
+    let mut cfg = config(&tb);
+    cfg.port_range = ssh_spawner::plan::ports::PortRange {
+        start: 21000,
+        end: 21039,
+    };
+    cfg.hosts.truncate(1);
+    let sp = Spawner::new(cfg).unwrap();
+    let user = tb.alice().name.clone();
+    let tasks: Vec<_> = (0..40)
+        .map(|_| {
+            let (sp, user) = (sp.clone(), user.clone());
+            tokio::spawn(async move { sp.prepare(&request(&user), &Progress::new()).await })
+        })
+        .collect();
+    let mut ports = BTreeSet::new();
+    for t in tasks {
+        let prepared = t.await.unwrap().expect("prepare");
+        assert!(
+            ports.insert(prepared.state.port),
+            "port {} handed out twice",
+            prepared.state.port
+        );
+    }
+    assert_eq!(ports.len(), 40);
+    // Every port is claimed now: the next start is told so, plainly.
+    let err = sp
+        .prepare(&request(&user), &Progress::new())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no free port"), "{err}");
+}
+
+#[tokio::test]
 async fn many_polls_on_one_host_share_an_exec() {
     let Some(tb) = testbed("many_polls_on_one_host_share_an_exec") else {
         return;

@@ -148,6 +148,12 @@ class SSHSpawner(Spawner):
     facts_cache = Float(
         5.0, help="Seconds host facts (free memory, load, servers) are cached for host choice."
     ).tag(config=True)
+    launch_settle = Float(
+        0.3,
+        help="""Seconds a start waits after the server's pid is known, so a server
+        that dies at once fails the start with its log instead of after
+        ``http_timeout``. 0 returns as soon as the pid is known.""",
+    ).tag(config=True)
     max_sessions_per_connection = Integer(
         10, help="Commands at once on one SSH connection (sshd's MaxSessions)."
     ).tag(config=True)
@@ -283,6 +289,7 @@ class SSHSpawner(Spawner):
             "auth_timeout": self.auth_timeout,
             "command_timeout": self.command_timeout,
             "facts_cache": self.facts_cache,
+            "launch_settle": self.launch_settle,
             "max_sessions_per_connection": self.max_sessions_per_connection,
             "max_connections_per_host": self.max_connections_per_host,
             "idle_timeout": self.idle_timeout,
