@@ -374,6 +374,10 @@ mod tests {
                 log_tail: String::new(),
             },
             Error::PortTaken { host: h(), port: 1 },
+            Error::Tunnel {
+                what: "t".into(),
+                reason: "r".into(),
+            },
             Error::Invalid {
                 what: "w".into(),
                 reason: "r".into(),
@@ -397,6 +401,7 @@ mod tests {
                 | Error::NoHost { .. }
                 | Error::ServerExited { .. }
                 | Error::PortTaken { .. }
+                | Error::Tunnel { .. }
                 | Error::Invalid { .. } => {}
             }
         }
