@@ -119,9 +119,15 @@ impl Testbed {
         Target::new(&h.address, user, Identity::KeyFile(self.hub_key.clone())).port(h.port)
     }
 
+    /// This checkout's `scripts/testbed`: the one in testbed.json is whichever
+    /// checkout last ran `up`, which may be gone or older.
+    pub fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/testbed")
+    }
+
     /// Run a fault handle of `scripts/testbed` and insist it worked.
     pub fn fault(&self, action: &str, host: &str) {
-        let out = std::process::Command::new(&self.testbed_script)
+        let out = std::process::Command::new(Self::script())
             .args([action, host])
             .output()
             .expect("run scripts/testbed");
@@ -143,7 +149,7 @@ pub struct Undo<'a> {
 
 impl Drop for Undo<'_> {
     fn drop(&mut self) {
-        let _ = std::process::Command::new(&self.testbed.testbed_script)
+        let _ = std::process::Command::new(Testbed::script())
             .args([self.action, &self.host])
             .status();
     }
