@@ -427,7 +427,12 @@ class SSHSpawner(Spawner):
                 ValueError("invalid server options: not JSON (files are not accepted)")
             ) from None
         try:
-            return json.loads(_core.validate_options(options, self._bounds_json()))
+            bounds = self._bounds_json()
+        except ValueError as e:  # a misnamed user_hosts: the admin's to fix
+            self.log.error("%s: %s", self._log_name, e)
+            raise self._spawn_error(RuntimeError(f"the hub is misconfigured: {e}")) from None
+        try:
+            return json.loads(_core.validate_options(options, bounds))
         except _core.SpawnerError as e:
             raise self._spawn_error(e) from None
 
@@ -437,9 +442,17 @@ class SSHSpawner(Spawner):
         except (TypeError, ValueError):
             current = "{}"
         try:
+            bounds = self._bounds_json()
+        except ValueError as e:  # a misnamed user_hosts: the admin's to fix
+            self.log.error("%s: cannot build the options form: %s", self._log_name, e)
+            return (
+                "<p>Servers cannot be started right now: the hub is misconfigured"
+                f" ({html.escape(str(e))}). Please tell the hub's administrator.</p>"
+            )
+        try:
             return await self.core.options_form(
                 self.user.name,
-                self._bounds_json(),
+                bounds,
                 current,
                 self.options_form_cache,
                 self.options_form_wait,

@@ -164,3 +164,16 @@ def test_form_shows_live_figures_and_a_down_host_cannot_be_chosen(testbed, hub_f
 
 def names_of(testbed) -> list[str]:
     return [h["name"] for h in testbed["hosts"]]
+
+
+def test_misnamed_user_hosts_is_a_clear_error_not_a_crash(testbed, hub_factory):
+    """An admin's typo in user_hosts: the spawn page says the hub is
+    misconfigured and a spawn fails naming the bad host, nothing runs."""
+    hub, names = form_hub(hub_factory, testbed, **{"SSHSpawner.user_hosts": ["gpu9"]})
+    hub.create_user(ALICE)
+    s = login(hub, ALICE)
+    page, _ = spawn_page(hub, s, ALICE)
+    assert "the hub is misconfigured" in page and "gpu9" in page, page[-2000:]
+    said = refused(hub, ALICE, {})
+    assert "misconfigured" in said and "gpu9 not in SSHSpawner.hosts" in said, said
+    assert not hub.my_procs()
