@@ -425,8 +425,10 @@ def test_unwritable_journal_fails_the_spawn_before_anything_runs(testbed, hub_fa
 
 def test_sshd_restarted_under_pooled_connections_is_invisible(testbed, hub_factory):
     """sshd restarts on the server's host while the hub holds pooled
-    connections there: polls go on (no warning, nothing dropped) and stop
-    still reaches the server."""
+    connections there: polls go on over new connections, nothing is dropped,
+    and stop still reaches the server. sshd is down for a moment while it
+    restarts: a poll that lands in that window says the host did not answer
+    (a warning, the server kept) and the next poll says it answers again."""
     hub = hub_factory({"Spawner.poll_interval": 1})
     hub.spawn(ALICE)
     state = hub.ssh_state(ALICE)
@@ -436,8 +438,16 @@ def test_sshd_restarted_under_pooled_connections_is_invisible(testbed, hub_facto
     bed_fault(testbed, "sshd-restart", state["host"])
     time.sleep(3)  # polls after the restart, over new connections
     log = hub.log_text()[log_before:]
-    assert "cannot reach the host" not in log
+    if "cannot reach the host" in log:
+        wait_until(
+            lambda: "host answers again" in hub.log_text()[log_before:],
+            5,
+            what="the next poll to reach the restarted sshd",
+        )
+        print("SSHD_RESTART: one poll landed while sshd was down; the next one answered")
+    log = hub.log_text()[log_before:]
     assert "server is gone" not in log
+    assert "reporting the server stopped" not in log
     assert hub.server_model(ALICE)["ready"]
     assert proc_start_time(state["pid"]) == state["start_time"]
     hub.stop_server(ALICE)
