@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from jupyterhub.spawner import Spawner
 from jupyterhub.traitlets import ByteSpecification
+from tornado import web
 from traitlets import Bool, Dict, Float, Integer, List, Tuple, Unicode, Union, default
 
 from . import _core
@@ -501,7 +502,11 @@ class SSHSpawner(Spawner):
             status = 400 if kind == "invalid" else 503
             err = SpawnException(message, reason=kind, status_code=status)
         else:
-            err = RuntimeError(message)
+            # JupyterHub 5 turns any other exception from a form spawn that
+            # fails at once into "Unhandled error starting server": an
+            # HTTPError passes through with its status, and the form shows
+            # jupyterhub_message.
+            err = web.HTTPError(400 if kind == "invalid" else 503, log_message=message)
         # What the progress page shows after "Spawn failed: " (without it,
         # JupyterHub 6 shows "503 SpawnException(reason=…): " first).
         err.jupyterhub_message = message
