@@ -375,6 +375,11 @@ impl Core {
         })
     }
 
+    /// The local port this process's tunnel to a run listens on, if any.
+    fn tunnel_port(&self, run_id: &str) -> Option<u16> {
+        self.0.local_tunnel_port(run_id)
+    }
+
     /// Keep trying to stop an abandoned start in the background.
     fn clean_up_later(&self, state_json: &str) -> PyResult<()> {
         let st = state::decode(state_json).map_err(py_err)?;

@@ -900,6 +900,11 @@ impl Spawner {
     /// (after a hub restart), on the same ports: the hub's proxy routes and
     /// the server's environment name them. The hub calls it after each poll
     /// that found the server running; one-shot tools (the CLI) do not.
+    ///
+    /// A local port taken meanwhile by another program is replaced by a free
+    /// one ([`Spawner::local_tunnel_port`] tells which): the hub moves its
+    /// route there (JupyterHub asks `get_url()` after a restart's poll), so the
+    /// server is neither lost nor left running unknown to the hub.
     pub async fn ensure_tunnels(&self, state: &ServerState) -> Result<()> {
         let (has_local, has_hub) = match self.tunnels.lock() {
             Ok(map) => map
@@ -918,15 +923,26 @@ impl Spawner {
         }
         let target = self.state_target(state)?;
         if let Some(port) = want_local {
-            let fwd = LocalForward::bind(
-                self.pool.clone(),
-                target.clone(),
-                port,
-                "127.0.0.1".into(),
-                state.port,
-            )
-            .await?;
-            tracing::info!(host = %state.host, run = %state.run_id, port, "tunnel to the server listening again");
+            let bind = |port| {
+                LocalForward::bind(
+                    self.pool.clone(),
+                    target.clone(),
+                    port,
+                    "127.0.0.1".into(),
+                    state.port,
+                )
+            };
+            let fwd = match bind(port).await {
+                Ok(fwd) => {
+                    tracing::info!(host = %state.host, run = %state.run_id, port, "tunnel to the server listening again");
+                    fwd
+                }
+                Err(taken) => {
+                    let fwd = bind(0).await?;
+                    tracing::warn!(host = %state.host, run = %state.run_id, port, new_port = fwd.port(), "tunnel port taken by another program ({taken}); the tunnel to the server listens on another port");
+                    fwd
+                }
+            };
             self.put_tunnel(&state.run_id, Some(fwd), None);
         }
         if let Some((port, to)) = want_hub {
@@ -935,6 +951,18 @@ impl Spawner {
             self.put_tunnel(&state.run_id, None, Some(fwd));
         }
         Ok(())
+    }
+
+    /// The local port of a server's tunnel in this process, if it has one
+    /// (it differs from the state's `tunnel_port` once that was taken).
+    pub fn local_tunnel_port(&self, run_id: &str) -> Option<u16> {
+        self.tunnels
+            .lock()
+            .ok()?
+            .get(run_id)?
+            .local
+            .as_ref()
+            .map(|f| f.port())
     }
 
     /// Tunnels currently open (local listeners, hub forwards).

@@ -10,8 +10,15 @@ restarted hub loading that state). After a restart, the first spawner call
 sweeps the journal: every run written by a hub process that is gone and not
 claimed by a state the database holds is stopped on its host.
 
-The parts that decide (entry text, what to sweep) are plain functions; the
-rest reads and writes files.
+A second journal, ``stops/`` inside it, holds the pending stops: a server
+the hub has forgotten (a stop that could not reach its host, or a server
+reported stopped after ``unreachable_grace``) while it may still run. Each
+entry is retried until its host answers and the stop is done, by this hub
+process and, after a restart, by the next one.
+
+The parts that decide (entry text, what to sweep, what to retry) are plain
+functions; the rest reads and writes files. The spawner runs the file I/O in a
+thread (``fsync`` must not block the hub's event loop).
 """
 
 from __future__ import annotations
@@ -105,6 +112,13 @@ def to_sweep(entries: list[Entry], claimed: set[str], me: Writer, alive: set[Wri
         else:
             stop.append(e)
     return stop, forget
+
+
+def stops_to_retry(entries: list[Entry], me: Writer, alive: set[Writer]) -> list[Entry]:
+    """The pending stops this process retries: its own, and those of hub
+    processes that are gone. A pending stop of another live hub process (two
+    hubs sharing a journal) is that process's to finish."""
+    return [e for e in entries if e.writer == me or e.writer not in alive]
 
 
 # ---- I/O -------------------------------------------------------------------

@@ -8,10 +8,12 @@ the hub's event loop: every call to a host is an awaitable.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
 import inspect
 import json
 import logging
+import os
 import time
 from urllib.parse import urlsplit
 
@@ -21,7 +23,7 @@ from tornado import web
 from traitlets import Bool, Dict, Float, Integer, List, Tuple, Unicode, Union, default
 
 from . import _core
-from .journal import Journal, is_alive, this_process, to_sweep
+from .journal import Journal, is_alive, stops_to_retry, this_process, to_sweep
 
 try:  # JupyterHub >= 6: a policy failure, logged without a traceback
     from jupyterhub.spawner import SpawnException
@@ -36,6 +38,13 @@ _LOG_PUMP: asyncio.Task | None = None
 # journal directories already swept (once per hub process).
 _CLAIMED: set[str] = set()
 _SWEPT: dict[str, asyncio.Task] = {}
+_BOOT_TASKS: list[asyncio.Task] = []
+# The task retrying the pending stops of a journal directory (one per hub
+# process), and the event that wakes it when a stop is added.
+_STOPPERS: dict[str, tuple[asyncio.Task, asyncio.Event]] = {}
+# Seconds between two tries of the pending stops (a host that answers again is
+# noticed within this, plus connect_timeout).
+STOP_RETRY = 15.0
 _LEVELS = {
     "ERROR": logging.ERROR,
     "WARN": logging.WARNING,
@@ -43,6 +52,11 @@ _LEVELS = {
     "DEBUG": logging.DEBUG,
     "TRACE": logging.DEBUG,
 }
+
+
+async def _blocking(fn, *args):
+    """Run a blocking call (file I/O, fsync) in a thread, off the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 async def _pump_logs(log: logging.Logger) -> None:
@@ -321,14 +335,15 @@ class SSHSpawner(Spawner):
     _freshly_loaded = False
     _launching = False
     _cleaned_up = None  # state JSON of an exited server already cleaned up
+    _pending_stop = None  # state JSON reported stopped and left to a pending stop
     _journaled = ()  # run ids this spawner wrote to the journal, not yet in the db
 
     # ---- journal of starts in flight -------------------------------------
 
-    def _journal_write(self, state_json: str) -> None:
+    async def _journal_write(self, state_json: str) -> None:
         journal = Journal(self.journal_dir)
         try:
-            run_id = journal.write(state_json)
+            run_id = await _blocking(journal.write, state_json)
         except (OSError, ValueError) as e:
             # Launching without the entry could orphan the server: refuse.
             raise self._spawn_error(
@@ -337,10 +352,21 @@ class SSHSpawner(Spawner):
         self._journaled = (*self._journaled, run_id)
 
     def _journal_forget(self) -> None:
-        journal = Journal(self.journal_dir)
-        for run_id in self._journaled:
-            journal.remove(run_id)
+        """Remove this spawner's entries (in a thread when the loop runs:
+        clear_state, which calls it, is not a coroutine)."""
+        journal, run_ids = Journal(self.journal_dir), self._journaled
         self._journaled = ()
+        if not run_ids:
+            return
+
+        def remove():
+            for run_id in run_ids:
+                journal.remove(run_id)
+
+        try:
+            asyncio.get_running_loop().run_in_executor(None, remove)
+        except RuntimeError:  # no event loop: nothing to block
+            remove()
 
     def _sweep_journal_once(self) -> None:
         """After a restart: stop the runs a killed hub launched but never
@@ -358,14 +384,14 @@ class SSHSpawner(Spawner):
             self.log.exception("SSHSpawner journal: the sweep of %s failed", journal.dir)
 
     async def _sweep_entries(self, journal: Journal) -> None:
-        entries, bad = journal.read_all()
+        entries, bad = await _blocking(journal.read_all)
         for path, why in bad:
             self.log.error("SSHSpawner journal: ignoring %s: %s", path, why)
         me = this_process()
         alive = {e.writer for e in entries if e.writer != me and is_alive(e.writer)}
         stop, forget = to_sweep(entries, set(_CLAIMED), me, alive)
         for e in forget:
-            journal.remove(e.run_id)
+            await _blocking(journal.remove, e.run_id)
         for e in stop:
             try:
                 result = await self.core.stop(e.state)
@@ -375,14 +401,108 @@ class SSHSpawner(Spawner):
                     e.run_id,
                     result,
                 )
-                journal.remove(e.run_id)
+                await _blocking(journal.remove, e.run_id)
             except _core.SpawnerError as err:
-                # Kept in the journal: the next restart tries again.
                 self.log.error(
                     "SSHSpawner journal: cannot stop orphaned run %s yet: %s", e.run_id, err
                 )
-                if err.unreachable:
-                    self.core.clean_up_later(e.state)
+                if err.unreachable and await self._stop_later(e.state, "orphaned start"):
+                    # A pending stop now: retried until the host answers.
+                    await _blocking(journal.remove, e.run_id)
+                # Otherwise kept in the journal: the next restart tries again.
+
+    # ---- pending stops (survive a hub restart) -----------------------------
+
+    def _stops_journal(self) -> Journal:
+        return Journal(os.path.join(os.path.expanduser(self.journal_dir), "stops"))
+
+    async def _stop_later(self, state_json: str, why: str) -> bool:
+        """The hub forgets a server that may still run on a host that does not
+        answer: record a pending stop (durable before this returns) and retry
+        it in the background until the host answers, across hub restarts.
+        False if it could not be recorded (then it is retried in memory only,
+        for an hour)."""
+        journal = self._stops_journal()
+        try:
+            run_id = await _blocking(journal.write, state_json)
+        except (OSError, ValueError) as e:
+            self.log.error(
+                "SSHSpawner: cannot record the pending stop (%s) in %s: %s;"
+                " retrying in memory only (lost if the hub restarts)",
+                why,
+                journal.dir,
+                e,
+            )
+            self.core.clean_up_later(state_json)
+            return False
+        self.log.warning(
+            "SSHSpawner: pending stop of run %s (%s) recorded in %s; retried every %.0f s"
+            " until its host answers",
+            run_id,
+            why,
+            journal.dir,
+            STOP_RETRY,
+        )
+        self._ensure_stopper(wake=True)
+        return True
+
+    def _ensure_stopper(self, wake: bool = False) -> None:
+        """Start this process's retrier of pending stops (once per journal)."""
+        journal = self._stops_journal()
+        key = str(journal.dir)
+        running = _STOPPERS.get(key)
+        if running is None or running[0].done():
+            event = asyncio.Event()
+            task = asyncio.get_running_loop().create_task(self._retry_stops(journal, event))
+            running = _STOPPERS[key] = (task, event)
+        if wake:
+            running[1].set()
+
+    async def _retry_stops(self, journal: Journal, wake: asyncio.Event) -> None:
+        failing: set[str] = set()  # runs whose failure was logged already
+        while True:
+            wake.clear()
+            try:
+                await self._retry_stops_once(journal, failing)
+            except Exception:  # a background task: its failure must be seen
+                self.log.exception("SSHSpawner: retrying the pending stops in %s", journal.dir)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), STOP_RETRY)
+
+    async def _retry_stops_once(self, journal: Journal, failing: set[str]) -> None:
+        entries, bad = await _blocking(journal.read_all)
+        for path, why in bad:
+            if str(path) not in failing:
+                failing.add(str(path))
+                self.log.error("SSHSpawner: ignoring pending stop %s: %s", path, why)
+        me = this_process()
+        alive = {e.writer for e in entries if e.writer != me and is_alive(e.writer)}
+        for e in stops_to_retry(entries, me, alive):
+            try:
+                result = await self.core.stop(e.state)
+            except _core.SpawnerError as err:
+                if err.kind == "invalid":
+                    # Never valid again: nothing to act on.
+                    self.log.error(
+                        "SSHSpawner: dropping the pending stop of run %s: %s", e.run_id, err
+                    )
+                    await _blocking(journal.remove, e.run_id)
+                elif e.run_id not in failing:
+                    failing.add(e.run_id)
+                    self.log.warning(
+                        "SSHSpawner: pending stop of run %s not done yet (%s); retrying",
+                        e.run_id,
+                        err,
+                    )
+                continue
+            await _blocking(journal.remove, e.run_id)
+            failing.discard(e.run_id)
+            self.log.info(
+                "SSHSpawner: finished the pending stop of run %s on %s (%s)",
+                e.run_id,
+                json.loads(e.state).get("host"),
+                result,
+            )
 
     # ---- user options (the form and the REST API) -------------------------
 
@@ -530,7 +650,7 @@ class SSHSpawner(Spawner):
         # state that stop can act on, and a killed hub a journal entry.
         self._state_json = self._prepared.state
         try:
-            self._journal_write(self._prepared.state)
+            await self._journal_write(self._prepared.state)
         except Exception:
             self._finish_progress()
             raise
@@ -576,6 +696,7 @@ class SSHSpawner(Spawner):
 
     async def start(self):
         self._sweep_journal_once()
+        self._ensure_stopper()
         self._launching = True
         progress = self._progress_stream()
         try:
@@ -602,7 +723,9 @@ class SSHSpawner(Spawner):
                         continue
                     if e.unreachable and self._choice.get("host"):
                         # The user chose this host: say so rather than move.
-                        self.core.clean_up_later(self._prepared.state)
+                        await self._stop_later(
+                            self._prepared.state, f"launch on {self._prepared.host} unanswered"
+                        )
                         raise self._spawn_error(
                             RuntimeError(
                                 f"{self._prepared.host}, the host you chose, stopped answering"
@@ -613,7 +736,9 @@ class SSHSpawner(Spawner):
                     if e.unreachable and not self.internal_ssl:
                         # The launch may have reached the host: clean it up
                         # when it answers again, and try another host now.
-                        self.core.clean_up_later(self._prepared.state)
+                        await self._stop_later(
+                            self._prepared.state, f"launch on {self._prepared.host} unanswered"
+                        )
                         tried.append(self._prepared.host)
                         progress.emit(
                             15, f"{self._prepared.host} did not answer; trying another host"
@@ -651,15 +776,23 @@ class SSHSpawner(Spawner):
 
     async def poll(self):
         self._sweep_journal_once()
+        self._ensure_stopper()
         if self._state_json is None:
             return 0
         if self._launching:
             return None
+        if self._pending_stop == self._state_json:
+            # Reported stopped already (a pending stop): the hub polls once
+            # or twice more on its way to clearing the state.
+            return 1
         if self._journaled:
             # start() returned and the hub committed the state right after it.
             self._journal_forget()
         status, code, detail = await self.core.poll(self._state_json)
+        # One line per poll (debug): tests and admins can count polls.
+        self.log.debug("%s: poll answered %s %s", self._log_name, status, detail)
         if status == "running":
+            self._follow_tunnel_port()
             if self._unreachable_since is not None:
                 self.log.info("%s: host answers again", self._log_name)
             self._unreachable_since = None
@@ -693,7 +826,9 @@ class SSHSpawner(Spawner):
             while time.monotonic() - self._unreachable_since < self.unreachable_grace:
                 await asyncio.sleep(min(5.0, self.unreachable_grace))
                 status, code, detail = await self.core.poll(self._state_json)
+                self.log.debug("%s: poll answered %s %s", self._log_name, status, detail)
                 if status == "running":
+                    self._follow_tunnel_port()
                     self.log.info("%s: host answers again", self._log_name)
                     self._unreachable_since = None
                     return None
@@ -708,7 +843,49 @@ class SSHSpawner(Spawner):
             time.monotonic() - self._unreachable_since,
             detail,
         )
+        # The hub clears the state without calling stop(): the server may
+        # still run, so stop it once the host answers again.
+        await self._stop_later(self._state_json, f"{self._log_name} reported stopped unreached")
+        self._pending_stop = self._state_json
         return 1
+
+    def _follow_tunnel_port(self) -> None:
+        """After a hub restart the tunnel's old local port may have been taken
+        by another program: the core then listens on another one. Record it in
+        the state; get_url() gives the hub the new address, and the hub moves
+        the proxy route there."""
+        state = json.loads(self._state_json)
+        recorded = state.get("tunnel_port")
+        if not recorded:
+            return
+        port = self.core.tunnel_port(state["run_id"])
+        if port and port != recorded:
+            self.log.warning(
+                "%s: tunnel port %s was taken by another program; the server is reached"
+                " through port %s now",
+                self._log_name,
+                recorded,
+                port,
+            )
+            state["tunnel_port"] = port
+            self._state_json = json.dumps(state)
+
+    async def get_url(self):
+        """The server's URL as it is now. JupyterHub asks after a restart's
+        first poll and, if it differs from its database, moves the server
+        there (and its proxy route): a tunnel may listen on another port."""
+        url = self.server.url
+        port = json.loads(self._state_json).get("tunnel_port") if self._state_json else None
+        if not port:
+            return url
+        parts = urlsplit(url)
+        if parts.port == port:
+            return url
+        orm = getattr(self, "orm_spawner", None)
+        if orm is not None:
+            # Saved with the new address by the hub's commit that follows.
+            orm.state = self.get_state()
+        return parts._replace(netloc=f"127.0.0.1:{port}").geturl()
 
     async def _clean_up_exited(self) -> None:
         """JupyterHub calls stop() only for a server poll() says is running, so
@@ -725,6 +902,7 @@ class SSHSpawner(Spawner):
             self.log.warning("%s: cannot clean up after the server: %s", self._log_name, e)
 
     async def stop(self, now=False):
+        self._ensure_stopper()
         if self._state_json is None:
             return
         try:
@@ -732,8 +910,9 @@ class SSHSpawner(Spawner):
             self.log.info("%s: stopped (%s)", self._log_name, result)
         except _core.SpawnerError as e:
             if e.unreachable:
-                # The hub forgets the server now; keep trying to stop it.
-                self.core.clean_up_later(self._state_json)
+                # The hub forgets the server now; keep trying to stop it,
+                # also after a hub restart.
+                await self._stop_later(self._state_json, f"stop of {self._log_name} unanswered")
             raise RuntimeError(self._redact(str(e))) from None
 
     async def progress(self):
@@ -783,3 +962,31 @@ class SSHSpawner(Spawner):
         self._unreachable_since = None
         self._freshly_loaded = False
         self._cleaned_up = None
+        self._pending_stop = None
+
+
+async def _retry_pending_stops_at_hub_start(config) -> None:
+    """A restarted hub with no running server calls no spawner at all: start
+    the retrier of pending stops from the hub's configuration."""
+    try:
+        SSHSpawner(config=config, log=logging.getLogger("JupyterHub"))._ensure_stopper()
+    except Exception:  # noqa: BLE001 -- never break the hub's start
+        logging.getLogger("JupyterHub").exception(
+            "SSHSpawner: cannot start retrying the pending stops"
+        )
+
+
+def _at_import() -> None:
+    """JupyterHub imports the spawner class inside its running event loop,
+    after loading its configuration."""
+    try:
+        loop = asyncio.get_running_loop()
+        from jupyterhub.app import JupyterHub
+    except (RuntimeError, ImportError):
+        return
+    if JupyterHub.initialized():
+        task = loop.create_task(_retry_pending_stops_at_hub_start(JupyterHub.instance().config))
+        _BOOT_TASKS.append(task)  # keep a reference
+
+
+_at_import()

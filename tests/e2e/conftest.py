@@ -50,6 +50,22 @@ HUBS: list[Hub] = []
 SECRET_HITS: list[str] = []
 
 
+# Tests marked any_hub run under JupyterHub 6 only in scripts/test (not again
+# under JupyterHub 5): they are slow, and what they check lives in the core,
+# the hosts and the test bed (scale, tunnels, host faults, pending stops,
+# state checks), not in what differs between the hub versions (spawn errors
+# and the spawn page, progress, the options form, internal_ssl certificates,
+# routing of odd names, the plain lifecycle), which run under both.
+ANY_HUB = (
+    "any_hub: slow and independent of the JupyterHub version; scripts/test runs it"
+    " under JupyterHub 6 only"
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", ANY_HUB)
+
+
 # --------------------------------------------------------------------------
 # the test bed
 
@@ -172,6 +188,24 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_polls(hub: Hub, who: str, n: int, since: int, timeout: float = 30) -> None:
+    """Wait until the spawner of ``who`` (JupyterHub's name for it: ``user``
+    or ``user:name``) has answered ``n`` polls after log offset ``since``:
+    "a poll interval later" as an event, not a guess of the clock."""
+    needle = f" {who}: poll answered "
+    wait_until(
+        lambda: hub.log_text()[since:].count(needle) >= n,
+        timeout,
+        what=f"{n} polls of {who}",
+    )
+
+
+def wait_scans(watch, n: int = 2, timeout: float = 10) -> None:
+    """Wait until a /proc watch (ArgvWatch) has made ``n`` more full passes."""
+    start = watch.passes
+    wait_until(lambda: watch.passes >= start + n, timeout, interval=0.01, what="/proc scans")
 
 
 # --------------------------------------------------------------------------

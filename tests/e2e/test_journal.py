@@ -10,7 +10,7 @@ import os
 import stat
 
 import pytest
-from ssh_spawner.journal import Entry, Journal, Writer, decode, encode, to_sweep
+from ssh_spawner.journal import Entry, Journal, Writer, decode, encode, stops_to_retry, to_sweep
 
 STATE = json.dumps({"run_id": "0123456789abcdef", "host": "node1", "dir": "/h/x/0123456789abcdef"})
 ME = Writer(100, 5000)
@@ -96,3 +96,8 @@ def test_files_are_private_and_bad_ones_reported(tmp_path):
     j.remove("../../etc/passwd")  # never outside the journal
     assert not path.exists()
     assert not [n for n in os.listdir(tmp_path / "journal") if n.startswith(".")]
+
+
+def test_pending_stops_retried_are_this_processes_and_dead_hubs():
+    entries = [entry("a", ME), entry("b", DEAD), entry("c", OTHER)]
+    assert [e.run_id for e in stops_to_retry(entries, ME, {OTHER})] == ["a", "b"]

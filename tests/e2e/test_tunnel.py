@@ -15,9 +15,12 @@ import socket
 import subprocess
 from urllib.parse import quote
 
+import pytest
 import requests
 
 from .conftest import REPO, assert_server_process, bed_fault, wait_until
+
+pytestmark = pytest.mark.any_hub  # see conftest.ANY_HUB
 
 ALICE = "tb-alice"
 BOB = "tb.bob-2"
@@ -119,6 +122,51 @@ def test_tunnel_through_a_firewall_survives_hub_and_sshd_restarts(testbed, hub_f
         wait_until(
             lambda: not can_connect("127.0.0.1", local), 10, what="the tunnel to close on stop"
         )
+
+
+def test_tunnel_port_taken_during_a_hub_restart_moves_the_route(testbed, hub_factory):
+    """Another program takes the tunnel's local port while the hub is down:
+    the restarted hub listens on another port, JupyterHub moves the server and
+    its proxy route there (get_url), and nothing runs unknown to the hub."""
+    node = "node2"
+    hub = hub_factory(
+        {
+            "SSHSpawner.hosts": host_config(testbed, node),
+            "SSHSpawner.tunnel": True,
+            "JupyterHub.cleanup_servers": False,
+        }
+    )
+    hub.spawn(ALICE)
+    state = hub.ssh_state(ALICE)
+    local = state["tunnel_port"]
+    hub.stop()
+    with socket.socket() as taker:
+        taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taker.bind(("127.0.0.1", local))
+        taker.listen()
+        log_before = len(hub.log_text())
+        hub.start()
+        wait_until(lambda: status(hub, ALICE) == 200, 30, what="the server on a new tunnel port")
+        moved = hub.ssh_state(ALICE)
+        assert moved["tunnel_port"] != local
+        assert moved["pid"] == state["pid"] and moved["run_id"] == state["run_id"]
+        assert hub.server_model(ALICE)["ready"]
+        assert_server_process(testbed, moved, ALICE)
+        log = hub.log_text()[log_before:]
+        assert f"tunnel port {local} was taken by another program" in log
+        assert "reporting the server stopped" not in log
+        # The new port is what the database holds: a second restart uses it.
+        hub.stop()
+        hub.start()
+        wait_until(lambda: status(hub, ALICE) == 200, 30, what="the server after a 2nd restart")
+        assert hub.ssh_state(ALICE)["tunnel_port"] == moved["tunnel_port"]
+    hub.stop_server(ALICE)
+    wait_until(lambda: not hub.my_procs(), 15, what="no process of the server left")
+    wait_until(
+        lambda: not can_connect("127.0.0.1", moved["tunnel_port"]),
+        10,
+        what="the tunnel to close on stop",
+    )
 
 
 def test_hub_tunnel_for_a_host_that_cannot_reach_the_hub(testbed, hub_factory):
