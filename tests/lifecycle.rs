@@ -208,6 +208,15 @@ async fn the_whole_lifecycle_with_a_server_answering_http() {
     std::fs::remove_dir_all(&state.dir).unwrap();
 }
 
+/// A process whose whole argv (NUL-separated, with the final NUL) is `argv`.
+fn process_running(argv: &[u8]) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.flatten()
+        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c.as_slice() == argv))
+}
+
 #[tokio::test]
 async fn stop_kills_children_even_in_their_own_session() {
     let Some(tb) = testbed("stop_kills_children_even_in_their_own_session") else {
@@ -233,7 +242,16 @@ async fn stop_kills_children_even_in_their_own_session() {
         )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The trap is set once `sleep 1300` runs (the bed shares this machine's
+    // pid namespace): wait for it rather than for a guess of the clock.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !process_running(b"sleep\x001300\x00") {
+        assert!(
+            Instant::now() < deadline,
+            "the server's `sleep 1300` never ran"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let started = Instant::now();
     assert_eq!(
         sp.stop(&state).await.unwrap(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 
-from .conftest import all_procs
+from .conftest import all_procs, read_proc, wait_until
 
 ALICE = "tb-alice"
 
@@ -40,7 +40,8 @@ def test_server_that_exits_at_once_reports_its_log_and_leaves_no_key(
 
 
 def test_start_timeout_cancels_the_launch_and_nothing_starts_later(testbed, hub_factory):
-    hub = hub_factory({"Spawner.start_timeout": 3, "SSHSpawner.prologue": ["sleep 6"]})
+    marker = "6.29"  # the prologue's sleep: unique, so it can be watched for
+    hub = hub_factory({"Spawner.start_timeout": 3, "SSHSpawner.prologue": [f"sleep {marker}"]})
     t0 = time.monotonic()
     r = hub.request_spawn(ALICE)
     took = time.monotonic() - t0
@@ -48,9 +49,17 @@ def test_start_timeout_cancels_the_launch_and_nothing_starts_later(testbed, hub_
     assert took < 10, f"the start was not cut off after start_timeout: {took:.1f} s"
     assert "failed to start in 3 seconds" in hub.log_text()
     assert not hub.user_model(ALICE)["servers"]
-    # Past the point where the prologue would have ended, nothing of this
-    # spawn runs (not the prologue, not a server) and no per-server files stay.
-    time.sleep(max(0.0, 8 - (time.monotonic() - t0)))
+    # Once the prologue is over (cut off, or run to its end) and the shell
+    # that ran it is gone (it would have forked the server's wrapper before
+    # exiting), nothing of this spawn runs and no per-server files stay.
+    shells: set[int] = set()
+
+    def prologue_over() -> bool:
+        sleeps = [p for p in all_procs() if p.argv == ["sleep", marker]]
+        shells.update(p.ppid for p in sleeps)
+        return not sleeps and all(read_proc(pid) is None for pid in shells)
+
+    wait_until(prologue_over, 20, what="the prologue and its shell to end")
     base = hub.state_dir.removeprefix("~/").encode()
     assert not [p.argv for p in all_procs() if base in p.cmdline]
     assert not hub.my_procs()

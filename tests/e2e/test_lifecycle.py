@@ -16,6 +16,8 @@ from .conftest import (
     proc_start_time,
     read_proc,
     url_port,
+    wait_polls,
+    wait_scans,
     wait_until,
 )
 
@@ -61,7 +63,7 @@ def test_spawn_ready_reachable_and_runs_as_user(testbed, argv_watch, hub):
         "proxy auth token": proxy_secret(hub),
     }
     hub.stop_server(ALICE)
-    time.sleep(0.5)
+    wait_scans(argv_watch)  # the /proc scanner has looked after the stop too
     argv_watch.stop()
     assert argv_watch.passes > 10, "the /proc scanner hardly ran"
     assert not argv_watch.offending(secrets)
@@ -121,8 +123,8 @@ def test_hub_restart_keeps_server_then_poll_and_stop_work(testbed, hub_factory):
     assert hub.ssh_state(ALICE) == state
     assert proc_start_time(state["pid"]) == state["start_time"]
 
-    # Several poll intervals later the server is still there and still ours.
-    time.sleep(5)
+    # Several polls later the server is still there and still ours.
+    wait_polls(hub, ALICE, 3, log_before)
     model = hub.server_model(ALICE)
     assert model and model["ready"], model
     assert_status_200(hub, f"/user/{ALICE}/api/status")
@@ -211,6 +213,10 @@ def test_helpers_of_a_crashed_server_are_killed(testbed, hub_factory):
 
     os.kill(state["pid"], signal.SIGKILL)
     wait_until(lambda: hub.server_model(ALICE) is None, 20, what="the hub to notice")
-    time.sleep(1)
-    left = [p for p in helpers if proc_start_time(p.pid) == p.start]
-    assert not left, f"helpers of the crashed server still run: {[p.argv for p in left]}"
+
+    def left():
+        return [p for p in helpers if proc_start_time(p.pid) == p.start]
+
+    # The clean-up after the exit may still be under way when the hub drops
+    # the server: wait for it, with a bound.
+    wait_until(lambda: not left(), 15, what="the helpers of the crashed server to be killed")

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from .conftest import (
@@ -22,6 +23,7 @@ from .conftest import (
     group_members,
     proc_start_time,
     read_proc,
+    wait_polls,
     wait_until,
 )
 
@@ -34,6 +36,7 @@ def journal_entries(hub) -> list[Path]:
     return sorted(p for p in d.iterdir() if p.suffix == ".json") if d.exists() else []
 
 
+@pytest.mark.any_hub
 def test_hub_sigkilled_mid_start_leaves_no_orphan(testbed, hub_factory):
     """The hub dies after the launch reached the host but before start()
     returned (so before the hub saved the state): the restarted hub stops what
@@ -108,6 +111,7 @@ def test_hub_sigkilled_mid_start_leaves_no_orphan(testbed, hub_factory):
     assert not journal_entries(hub)
 
 
+@pytest.mark.any_hub
 def test_host_reboot_reports_the_server_stopped_and_clears_its_state(testbed, hub_factory):
     """A rebooted host has lost its processes: poll says stopped, the state is
     cleared and the user starts again (the bed shares one kernel: a reboot is
@@ -149,6 +153,7 @@ def run_as(user: str, *argv: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.any_hub
 def test_private_modes_exact_env_and_other_users_locked_out(testbed, hub_factory):
     hub = hub_factory(
         {
@@ -184,6 +189,7 @@ def test_private_modes_exact_env_and_other_users_locked_out(testbed, hub_factory
     assert stat.S_IMODE(jdir.stat().st_mode) == 0o700
     wait_until(lambda: not journal_entries(hub), 10, what="the journal entry to be removed")
 
+    polls_before = len(hub.log_text())
     # Bob, on the same host, can neither read alice's files nor signal her server.
     for argv in (
         ["cat", str(d / "server.log")],
@@ -197,7 +203,7 @@ def test_private_modes_exact_env_and_other_users_locked_out(testbed, hub_factory
         print(f"AS {BOB}: {' '.join(argv)} -> {r.returncode} {r.stderr.strip()[:120]}")
         assert r.returncode != 0, f"{BOB} could run {argv}: {r.stdout[:200]}"
         assert env["JUPYTERHUB_API_TOKEN"] not in r.stdout
-    time.sleep(1.5)  # a poll interval: a signal would have been noticed
+    wait_polls(hub, ALICE, 2, polls_before)  # a signal would have been noticed
     assert proc_start_time(state["pid"]) == state["start_time"], "bob's signal reached alice"
     assert hub.server_model(ALICE)["ready"]
     hub.stop_server(ALICE)
@@ -220,6 +226,7 @@ def forge(hub, user: str, name: str, changes: dict) -> dict:
     return state["ssh"]
 
 
+@pytest.mark.any_hub
 def test_forged_state_never_signals_another_users_process(testbed, hub_factory):
     """Alice's saved states are edited to name bob's running server (its pid,
     process group, start time, uid; then also bob as the remote user; then
@@ -245,7 +252,7 @@ def test_forged_state_never_signals_another_users_process(testbed, hub_factory):
             30,
             what=f"the hub to drop alice's forged server {name}",
         )
-    time.sleep(2)  # more polls
+    wait_polls(hub, BOB, 2, len(hub.log_text()))  # more polls
     assert proc_start_time(bob["pid"]) == bob["start_time"], "bob's server was signalled"
     assert group_members(bob["pgid"]), "bob's process group was signalled"
     assert hub.server_model(BOB)["ready"]
@@ -266,6 +273,7 @@ def test_forged_state_never_signals_another_users_process(testbed, hub_factory):
     hub.stop_server(BOB)
 
 
+@pytest.mark.any_hub
 def test_twenty_servers_on_three_hosts_survive_a_hub_restart(testbed, hub_factory):
     # Twenty Python servers booting at once on a 2-core CI machine can take
     # longer than JupyterHub's default 30 s http_timeout (CI saw two miss it):
@@ -310,7 +318,9 @@ def test_twenty_servers_on_three_hosts_survive_a_hub_restart(testbed, hub_factor
 
     wait_until(all_reachable, 60, interval=0.5, what="all twenty to be routed again")
     print(f"TWENTY_RESTART_TO_REACHABLE seconds={time.monotonic() - t0:.2f}")
-    time.sleep(4)  # two poll intervals
+    polls_from = len(hub.log_text())
+    for user, name in wanted:  # two more polls of each
+        wait_polls(hub, f"{user}:{name}" if name else user, 2, polls_from, timeout=60)
     for (user, name), s in states.items():
         assert hub.ssh_state(user, name) == s
         assert proc_start_time(s["pid"]) == s["start_time"], f"{user}/{name} restarted or gone"
@@ -335,6 +345,7 @@ def test_twenty_servers_on_three_hosts_survive_a_hub_restart(testbed, hub_factor
     assert not hub.my_procs()
 
 
+@pytest.mark.any_hub
 def test_blackholed_host_bounds_every_wait_and_spares_other_users(testbed, hub_factory):
     """Packets to alice's host are dropped: polls of her server stay bounded
     (unknown, kept), the API answers, and bob's spawn goes to a healthy host
@@ -432,6 +443,7 @@ def test_unwritable_journal_fails_the_spawn_before_anything_runs(testbed, hub_fa
     assert not hub.my_procs()
 
 
+@pytest.mark.any_hub
 def test_sshd_restarted_under_pooled_connections_is_invisible(testbed, hub_factory):
     """sshd restarts on the server's host while the hub holds pooled
     connections there: polls go on over new connections, nothing is dropped,
@@ -442,10 +454,12 @@ def test_sshd_restarted_under_pooled_connections_is_invisible(testbed, hub_facto
     hub.spawn(ALICE)
     state = hub.ssh_state(ALICE)
     assert_server_process(testbed, state, ALICE)
-    time.sleep(1.5)  # a poll has gone over the pooled connection
+    wait_polls(hub, ALICE, 1, 0)  # a poll has gone over the pooled connection
     log_before = len(hub.log_text())
     bed_fault(testbed, "sshd-restart", state["host"])
-    time.sleep(3)  # polls after the restart, over new connections
+    # Polls after the restart, over new connections (the first may land
+    # while sshd is down; the next ones must answer).
+    wait_polls(hub, ALICE, 3, log_before)
     log = hub.log_text()[log_before:]
     if "cannot reach the host" in log:
         wait_until(

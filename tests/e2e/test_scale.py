@@ -7,7 +7,11 @@ import threading
 import time
 from datetime import datetime
 
-from .conftest import assert_server_process, group_members
+import pytest
+
+from .conftest import assert_server_process, group_members, wait_scans
+
+pytestmark = pytest.mark.any_hub  # see conftest.ANY_HUB
 
 USERS = ("tb-alice", "tb.bob-2")
 PER_USER = 5
@@ -88,7 +92,7 @@ def test_ten_servers_at_once(testbed, argv_watch, hub):
     for (user, name), s in states.items():
         assert not group_members(s["pgid"]), f"{user}/{name}: process group left"
 
-    time.sleep(0.5)
+    wait_scans(argv_watch)  # the /proc scanner has looked after the stops too
     argv_watch.stop()
     assert argv_watch.passes > 10
     assert not argv_watch.offending(tokens)
