@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import threading
 import time
 from urllib.parse import urlsplit
 
@@ -38,7 +39,6 @@ _LOG_PUMP: asyncio.Task | None = None
 # journal directories already swept (once per hub process).
 _CLAIMED: set[str] = set()
 _SWEPT: dict[str, asyncio.Task] = {}
-_BOOT_TASKS: list[asyncio.Task] = []
 # The task retrying the pending stops of a journal directory (one per hub
 # process), and the event that wakes it when a stop is added.
 _STOPPERS: dict[str, tuple[asyncio.Task, asyncio.Event]] = {}
@@ -965,28 +965,36 @@ class SSHSpawner(Spawner):
         self._pending_stop = None
 
 
-async def _retry_pending_stops_at_hub_start(config) -> None:
+def _retry_pending_stops_at_hub_start(config) -> None:
     """A restarted hub with no running server calls no spawner at all: start
     the retrier of pending stops from the hub's configuration."""
     try:
         SSHSpawner(config=config, log=logging.getLogger("JupyterHub"))._ensure_stopper()
-    except Exception:  # noqa: BLE001 -- never break the hub's start
+    except Exception:  # noqa: BLE001 -- never break the hub
         logging.getLogger("JupyterHub").exception(
             "SSHSpawner: cannot start retrying the pending stops"
         )
 
 
-def _at_import() -> None:
-    """JupyterHub imports the spawner class inside its running event loop,
-    after loading its configuration."""
+def _watch_for_hub_start(timeout: float = 600.0) -> None:
+    """JupyterHub imports the spawner class while it constructs itself, before
+    its configuration is loaded and its event loop runs. Wait (in a daemon
+    thread, a few seconds in practice) until the hub has started its loop
+    (``JupyterHub.io_loop``), then start the retrier on that loop. In any
+    other process (a script, the tests) nothing ever starts and the thread
+    ends after ``timeout``."""
     try:
-        loop = asyncio.get_running_loop()
         from jupyterhub.app import JupyterHub
-    except (RuntimeError, ImportError):
+    except ImportError:
         return
-    if JupyterHub.initialized():
-        task = loop.create_task(_retry_pending_stops_at_hub_start(JupyterHub.instance().config))
-        _BOOT_TASKS.append(task)  # keep a reference
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        app = JupyterHub.instance() if JupyterHub.initialized() else None
+        loop = getattr(app, "io_loop", None) if app is not None else None
+        if loop is not None:
+            loop.add_callback(_retry_pending_stops_at_hub_start, app.config)
+            return
+        time.sleep(0.5)
 
 
-_at_import()
+threading.Thread(target=_watch_for_hub_start, name="ssh-spawner-hub-start", daemon=True).start()
