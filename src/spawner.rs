@@ -764,6 +764,7 @@ impl Spawner {
             &prepared.facts,
             &prepared.limits,
             &state.run_id,
+            &state.remote_user,
         )?;
         // Every descendant inherits this, so stop can find kernels and helpers
         // even after the server itself died and they were re-parented.
@@ -1198,6 +1199,11 @@ pub struct HostCheck {
     pub load1: Option<f64>,
     /// Servers of all users on the host.
     pub servers: Option<usize>,
+    /// How `mem_limit` / `cpu_limit` are enforced there: `systemd`,
+    /// `prlimit` or `none` (see [`limits::host_summary`]).
+    pub limits: Option<String>,
+    /// What the admin should do so that systemd enforces the limits there.
+    pub limits_advice: Option<String>,
     /// What went wrong, if anything.
     pub error: Option<String>,
 }
@@ -1248,10 +1254,19 @@ impl Spawner {
                     cpus: None,
                     load1: None,
                     servers: None,
+                    limits: None,
+                    limits_advice: None,
                     error: None,
                 };
                 match r {
                     Ok(f) => {
+                        match limits::host_summary(self.config.enforcement, &f, &t.user) {
+                            Ok((how, advice)) => (c.limits, c.limits_advice) = (Some(how), advice),
+                            Err(e) => {
+                                c.limits = Some("-".into());
+                                c.error = Some(format!("host {}: {e}", f.hostname));
+                            }
+                        }
                         c.command_found = f.command_found;
                         c.mem_available = Some(f.mem_available);
                         c.cpus = Some(f.cpus);

@@ -871,6 +871,26 @@ async fn the_cli_runs_the_whole_lifecycle() {
             "{out}"
         );
     }
+    // No host here has a systemd user manager: check says how limits would
+    // be enforced instead, and what the admin does to get systemd.
+    for h in &tb.hosts {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&h.name) && l.trim_end().ends_with(" prlimit")),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!(
+                "{}: limits: no systemd user manager answers for {user}",
+                h.name
+            )),
+            "{out}"
+        );
+    }
+    assert!(
+        out.contains(&format!("`loginctl enable-linger {user}`")),
+        "{out}"
+    );
     let mocksu = mocksu(&tb);
     let mut args = vec!["--json", "spawn", "--user", &user, "--"];
     args.extend(mocksu.iter().map(|s| s.as_str()));

@@ -184,7 +184,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 print_json(&rows);
             } else {
                 println!(
-                    "{:<10} {:<20} {:<9} {:<8} {:<7} {:<7} {:>8} {:>11} {:>7}",
+                    "{:<10} {:<20} {:<9} {:<8} {:<7} {:<7} {:>8} {:>11} {:>7} {:<7}",
                     "HOST",
                     "ADDRESS",
                     "REACHABLE",
@@ -193,12 +193,13 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                     "COMMAND",
                     "MEM FREE",
                     "LOAD/CORES",
-                    "SERVERS"
+                    "SERVERS",
+                    "LIMITS"
                 );
                 for r in &rows {
                     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
                     println!(
-                        "{:<10} {:<20} {:<9} {:<8} {:<7} {:<7} {:>8} {:>11} {:>7}",
+                        "{:<10} {:<20} {:<9} {:<8} {:<7} {:<7} {:>8} {:>11} {:>7} {:<7}",
                         r.host,
                         r.address,
                         if r.reachable { "yes" } else { "no" },
@@ -212,7 +213,13 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                         opt(r.mem_available.map(human_bytes)),
                         opt(r.load1.zip(r.cpus).map(|(l, c)| format!("{l:.2}/{c}"))),
                         opt(r.servers.map(|s| s.to_string())),
+                        opt(r.limits.clone()),
                     );
+                }
+                for r in &rows {
+                    if let Some(advice) = &r.limits_advice {
+                        println!("\n{}: limits: {advice}", r.host);
+                    }
                 }
                 for r in rows.iter().filter(|r| r.error.is_some()) {
                     println!("\n{}: {}", r.host, r.error.as_deref().unwrap_or_default());

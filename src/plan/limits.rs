@@ -33,12 +33,58 @@ pub struct Limits {
     pub cpu: Option<f64>,
 }
 
+/// What an admin does so that `user` gets a systemd user manager on a host
+/// (one that runs while the user is not logged in, as servers need).
+pub fn linger_advice(user: &str) -> String {
+    format!("as root on the host, `loginctl enable-linger {user}` starts one that outlives logins")
+}
+
+/// The transient scope a launch with [`LimitPlan::Systemd`] runs in.
+pub fn scope_unit(run_id: &str) -> String {
+    format!("jupyterhub-ssh-{run_id}")
+}
+
+/// How limits would be enforced on a host for `user`, for `ssh-spawner
+/// check`: a short word, and what the admin should do when systemd cannot
+/// apply (`Err` when `mode` cannot work there at all).
+pub fn host_summary(
+    mode: EnforcementMode,
+    facts: &HostFacts,
+    user: &str,
+) -> std::result::Result<(String, Option<String>), String> {
+    let advice = || {
+        format!(
+            "no systemd user manager answers for {user}, so memory is capped only as address space \
+             and CPU is not enforced; {}",
+            linger_advice(user)
+        )
+    };
+    match mode {
+        EnforcementMode::None => Ok(("none".into(), None)),
+        EnforcementMode::Systemd | EnforcementMode::Auto if facts.systemd_user => {
+            Ok(("systemd".into(), None))
+        }
+        EnforcementMode::Systemd => Err(format!(
+            "enforcement = systemd, but no systemd user manager answers for {user}: every spawn with \
+             limits fails here; {}",
+            linger_advice(user)
+        )),
+        EnforcementMode::Auto | EnforcementMode::Prlimit if facts.prlimit => {
+            Ok(("prlimit".into(), (mode == EnforcementMode::Auto).then(advice)))
+        }
+        EnforcementMode::Prlimit => Err("enforcement = prlimit, but prlimit is not installed".into()),
+        EnforcementMode::Auto => Ok(("none".into(), Some(advice()))),
+    }
+}
+
 /// The plan for one launch and a sentence for the log and progress.
+/// `user` is the login on the host (named in what the admin should do).
 pub fn decide(
     mode: EnforcementMode,
     facts: &HostFacts,
     limits: &Limits,
     run_id: &str,
+    user: &str,
 ) -> Result<(LimitPlan, String)> {
     if limits.mem.is_none() && limits.cpu.is_none() {
         return Ok((LimitPlan::None, "no resource limits set".into()));
@@ -47,7 +93,7 @@ pub fn decide(
     let systemd = || {
         (
             LimitPlan::Systemd {
-                unit: format!("jupyterhub-ssh-{run_id}"),
+                unit: scope_unit(run_id),
                 mem_max: limits.mem,
                 cpu_quota_percent: limits.cpu.map(|c| (c * 100.0).round().max(1.0) as u32),
             },
@@ -56,9 +102,12 @@ pub fn decide(
     };
     let prlimit = || {
         let cpu_note = if limits.cpu.is_some() {
-            "; CPU limit not enforced (no systemd user manager)"
+            format!(
+                "; CPU limit not enforced (no systemd user manager for {user}: {})",
+                linger_advice(user)
+            )
         } else {
-            ""
+            String::new()
         };
         match limits.mem {
             Some(m) => (
@@ -72,7 +121,10 @@ pub fn decide(
             ),
             None => (
                 LimitPlan::None,
-                format!("{asked} not enforced (no systemd user manager)"),
+                format!(
+                    "{asked} not enforced (no systemd user manager for {user}: {})",
+                    linger_advice(user)
+                ),
             ),
         }
     };
@@ -84,7 +136,11 @@ pub fn decide(
         EnforcementMode::Systemd if facts.systemd_user => Ok(systemd()),
         EnforcementMode::Systemd => Err(Error::Invalid {
             what: format!("host {}", facts.hostname),
-            reason: "enforcement = systemd, but no systemd user manager answers there".into(),
+            reason: format!(
+                "enforcement = systemd, but no systemd user manager answers there for {user} \
+                 (`systemctl --user` fails); {}, or set enforcement = \"auto\"",
+                linger_advice(user)
+            ),
         }),
         EnforcementMode::Auto if facts.systemd_user => Ok(systemd()),
         EnforcementMode::Auto | EnforcementMode::Prlimit if facts.prlimit => Ok(prlimit()),
@@ -126,7 +182,7 @@ mod tests {
             mem: Some(2 << 30),
             cpu: Some(1.5),
         };
-        let (plan, why) = decide(EnforcementMode::Auto, &facts(true, true), &l, "r1").unwrap();
+        let (plan, why) = decide(EnforcementMode::Auto, &facts(true, true), &l, "r1", "u").unwrap();
         assert_eq!(
             plan,
             LimitPlan::Systemd {
@@ -136,7 +192,8 @@ mod tests {
             }
         );
         assert_eq!(why, "memory 2G and CPU 1.5 enforced by a systemd scope");
-        let (plan, why) = decide(EnforcementMode::Auto, &facts(false, true), &l, "r1").unwrap();
+        let (plan, why) =
+            decide(EnforcementMode::Auto, &facts(false, true), &l, "r1", "u").unwrap();
         assert_eq!(
             plan,
             LimitPlan::Prlimit {
@@ -147,7 +204,8 @@ mod tests {
             why.contains("prlimit") && why.contains("CPU limit not enforced"),
             "{why}"
         );
-        let (plan, why) = decide(EnforcementMode::Auto, &facts(false, false), &l, "r1").unwrap();
+        let (plan, why) =
+            decide(EnforcementMode::Auto, &facts(false, false), &l, "r1", "u").unwrap();
         assert_eq!(plan, LimitPlan::None);
         assert!(why.contains("not enforced"), "{why}");
     }
@@ -159,19 +217,19 @@ mod tests {
             cpu: None,
         };
         assert!(
-            decide(EnforcementMode::Systemd, &facts(false, true), &l, "r")
+            decide(EnforcementMode::Systemd, &facts(false, true), &l, "r", "u")
                 .unwrap_err()
                 .to_string()
                 .contains("systemd")
         );
         assert!(
-            decide(EnforcementMode::Prlimit, &facts(true, false), &l, "r")
+            decide(EnforcementMode::Prlimit, &facts(true, false), &l, "r", "u")
                 .unwrap_err()
                 .to_string()
                 .contains("prlimit")
         );
         assert_eq!(
-            decide(EnforcementMode::None, &facts(true, true), &l, "r")
+            decide(EnforcementMode::None, &facts(true, true), &l, "r", "u")
                 .unwrap()
                 .0,
             LimitPlan::None
@@ -181,11 +239,50 @@ mod tests {
                 EnforcementMode::Systemd,
                 &facts(false, false),
                 &Limits::default(),
-                "r"
+                "r",
+                "u"
             )
             .unwrap()
             .0,
             LimitPlan::None
         );
+    }
+
+    #[test]
+    fn where_systemd_cannot_apply_the_admin_is_told_to_enable_lingering() {
+        let l = Limits {
+            mem: Some(1 << 30),
+            cpu: Some(0.5),
+        };
+        let e = decide(
+            EnforcementMode::Systemd,
+            &facts(false, true),
+            &l,
+            "r",
+            "ann",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("host n1") && e.contains("loginctl enable-linger ann"),
+            "{e}"
+        );
+        let (_, why) = decide(EnforcementMode::Auto, &facts(false, true), &l, "r", "ann").unwrap();
+        assert!(why.contains("loginctl enable-linger ann"), "{why}");
+        assert_eq!(
+            host_summary(EnforcementMode::Auto, &facts(true, true), "ann").unwrap(),
+            ("systemd".to_string(), None)
+        );
+        let (how, advice) =
+            host_summary(EnforcementMode::Auto, &facts(false, true), "ann").unwrap();
+        assert_eq!(how, "prlimit");
+        assert!(advice.unwrap().contains("loginctl enable-linger ann"));
+        let err = host_summary(EnforcementMode::Systemd, &facts(false, true), "ann").unwrap_err();
+        assert!(err.contains("every spawn with limits fails") && err.contains("enable-linger ann"));
+        assert_eq!(
+            host_summary(EnforcementMode::Prlimit, &facts(false, true), "ann").unwrap(),
+            ("prlimit".to_string(), None)
+        );
+        assert_eq!(scope_unit("ab12"), "jupyterhub-ssh-ab12");
     }
 }

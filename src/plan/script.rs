@@ -861,6 +861,10 @@ pub fn stop_script(proc_: &Proc, grace_secs: u32, keep_log: bool) -> Result<Stri
     let boot_q = quote(&proc_.boot_id, "boot id")?;
     let dir_q = quote(&proc_.dir, "server directory")?;
     let run_q = quote(&proc_.run_id, "run id")?;
+    let unit_q = quote(
+        &format!("{}.scope", super::limits::scope_unit(&proc_.run_id)),
+        "run id",
+    )?;
     let keep = u8::from(keep_log);
     let Proc {
         pid,
@@ -878,7 +882,7 @@ pub fn stop_script(proc_: &Proc, grace_secs: u32, keep_log: bool) -> Result<Stri
 set -u
 umask 077
 {HELPERS}pid={pid} pgid={pgid} start={start_time} uid={uid} want={boot_q}
-d={dir_q} grace={grace_secs} keep={keep} run={run_q}
+d={dir_q} grace={grace_secs} keep={keep} run={run_q} unit={unit_q}
 cleanup() {{
   [ -d "$d" ] || return 0
   if [ "$keep" = 1 ]; then
@@ -939,6 +943,7 @@ scan() {{
   set +f
 }}
 hit() {{
+  if [ -n "$sc" ]; then systemctl --user kill --signal="$1" -- "$unit" >/dev/null 2>&1 || :; fi
   if [ "$grp" = 1 ]; then kill -s "$1" -- "-$pgid" 2>/dev/null || :; fi
   for e in $alive; do
     q=${{e%%:*}}
@@ -975,9 +980,34 @@ if [ "$boot" = "$want" ]; then
     fi
   done
 fi
+# A server started in a systemd scope (enforcement = systemd): everything in
+# the scope is the run's, including processes that left the process group
+# and dropped the marker; the scope is signalled with the rest and waited
+# for until its cgroup is empty (not until systemd calls it inactive: a
+# user manager on cgroup v1 may not hear that a scope emptied).
+sc=
+scg=
+if [ "$boot" = "$want" ] && command -v systemctl >/dev/null 2>&1 &&
+  systemctl --user is-active --quiet -- "$unit" 2>/dev/null; then
+  sc=1
+  cg=$(systemctl --user show -p ControlGroup --value -- "$unit" 2>/dev/null) || cg=
+  case $cg in
+    /*)
+      for f in "/sys/fs/cgroup/systemd$cg/cgroup.procs" "/sys/fs/cgroup$cg/cgroup.procs"; do
+        if [ -r "$f" ]; then scg=$f; break; fi
+      done ;;
+  esac
+fi
+busy() {{
+  if [ -n "$scg" ]; then
+    {{ IFS= read -r _x <"$scg"; }} 2>/dev/null
+  else
+    systemctl --user is-active --quiet -- "$unit" 2>/dev/null
+  fi
+}}
 n=0
 if [ "$tree" != ' ' ]; then scan; fi
-if [ "$n" = 0 ]; then
+if [ "$n" = 0 ] && [ -z "$sc" ]; then
   echo gone
   cleanup
   exit 0
@@ -1001,6 +1031,26 @@ if [ "$n" != 0 ]; then
     scan
     i=$((i + 1))
   done
+fi
+if [ -n "$sc" ]; then
+  i=0
+  while [ "$i" -lt "$((grace * 10))" ] && busy; do
+    sleep 0.1
+    i=$((i + 1))
+  done
+  i=0
+  while [ "$i" -lt 50 ] && busy; do
+    esc=1
+    systemctl --user kill --signal=KILL -- "$unit" >/dev/null 2>&1 || :
+    sleep 0.1
+    i=$((i + 1))
+  done
+  if busy; then
+    echo "ssh-spawner stop: processes left in systemd scope $unit after SIGKILL" >&2
+    exit 1
+  fi
+  # Empty: have systemd drop the unit and its cgroups now.
+  systemctl --user stop -- "$unit" >/dev/null 2>&1 || :
 fi
 if [ "$n" != 0 ]; then
   echo "ssh-spawner stop: still running after SIGKILL (pid:start):$alive" >&2
