@@ -338,7 +338,9 @@ impl Core {
     ) -> PyResult<Bound<'py, PyAny>> {
         let (sp, p, prep) = (self.0.clone(), progress.0.clone(), prepared.get()?);
         let ready = Duration::try_from_secs_f64(
-            ready_timeout.unwrap_or(sp.config().ready_timeout).clamp(0.0, 3600.0),
+            ready_timeout
+                .unwrap_or(sp.config().ready_timeout)
+                .clamp(0.0, 3600.0),
         )
         .unwrap_or(Duration::ZERO);
         pyo3_async_runtimes::tokio::future_into_py(py, async move {

@@ -378,7 +378,10 @@ mem_available_kb=3250585\ncpus=4\nload1=1.50\nboot_id=abc\nservers=2\nsystemd_us
         let f = parse_facts(REPORT).unwrap();
         assert_eq!(f.default_signal, None);
         for (v, want) in [("yes", Some(true)), ("no", Some(false))] {
-            let text = REPORT.replace("prlimit=yes\n", &format!("prlimit=yes\ndefault_signal={v}\n"));
+            let text = REPORT.replace(
+                "prlimit=yes\n",
+                &format!("prlimit=yes\ndefault_signal={v}\n"),
+            );
             assert_eq!(parse_facts(&text).unwrap().default_signal, want);
         }
         assert_eq!(f.hostname, "node1");

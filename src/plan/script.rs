@@ -530,8 +530,7 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     };
     let port_hex = format!("{:04X}", spec.port);
     let ready_cs = spec.ready_cs;
-    let setsid =
-        format!("exec setsid -f /bin/sh -c {wrapper_q} {marker_q} {dir_q} \"$um\"");
+    let setsid = format!("exec setsid -f /bin/sh -c {wrapper_q} {marker_q} {dir_q} \"$um\"");
     let redirects = format!("3>&4 4>&- </dev/null >>{log_q} 2>&1");
     let with_env = format!("{setsid} env --default-signal=INT,QUIT --{argv} {redirects}");
     let without_env = format!("{setsid}{argv} {redirects}");
