@@ -236,7 +236,9 @@ def cmd_compare(args) -> None:
 
 LOG_LINE = re.compile(r"^\[(\w) (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{3}) (\S+) (\S+)\] (.*)$")
 # Hub log lines that are the REST polling of this tool, not the spawn.
-NOISE = re.compile(r"(GET|HEAD) /hub/api/users/|/progress|200 GET /hub/api/ ")
+NOISE = re.compile(
+    r"(GET|HEAD) /hub/api/users/|/progress|200 GET /hub/api/ |Checking access|already exists"
+)
 
 
 def hub_events(hub, t_from: float, t_to: float) -> list[tuple[float, str]]:
