@@ -806,7 +806,10 @@ def cmd_report(args) -> None:
                 "(ms timestamps), `progress` lines the spawner's progress events as the",
                 "client received them, `bench probe` lines each HTTP check the hub made of",
                 "the server. Both spawns come after one unmeasured warm-up spawn; load",
-                f"average {timeline['load_before'][0]:.2f} when it started.",
+                f"average {timeline['load_before'][0]:.2f} when it started. The server is up",
+                "when it first calls the hub (`200 GET /hub/api`); with SSHSpawner the hub's",
+                "first check follows at once and succeeds, with LocalProcessSpawner the",
+                "hub finds it only at its next back-off check.",
                 "",
             ]
             for kind, title in (("ssh", "SSHSpawner"), ("local", "LocalProcessSpawner")):
