@@ -94,9 +94,11 @@ fn memory_kib() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-fn config(tb: &common::Testbed, state_dir: &str, launch_settle: f64) -> Config {
+/// `ready_timeout` 0: the stand-ins (`sleep`) never listen, so every start
+/// here ends when the pid is known.
+fn config(tb: &common::Testbed, state_dir: &str) -> Config {
     let mut text = format!(
-        "known_hosts = \"{}\"\nkey_path = \"{}\"\nlaunch_settle = {launch_settle:?}\nstate_dir = \"{state_dir}\"\nstop_grace = 2\n",
+        "known_hosts = \"{}\"\nkey_path = \"{}\"\nready_timeout = 0\nstate_dir = \"{state_dir}\"\nstop_grace = 2\n",
         tb.known_hosts.display(),
         tb.hub_key.display(),
     );
@@ -280,8 +282,8 @@ async fn time_starts(
 /// a: start overhead, warm pool vs fresh connection per operation vs floor.
 async fn start_overhead(tb: &common::Testbed, state_dir: &str, users: &[String]) {
     let n = env_usize("BENCH_START_N", 100);
-    // Until the pid is known: no settle wait after it (measured apart below).
-    let sp = Spawner::new(config(tb, state_dir, 0.0)).expect("spawner");
+    // Until the pid is known (the stand-in never listens).
+    let sp = Spawner::new(config(tb, state_dir)).expect("spawner");
     let user = &users[0];
 
     // Warm: one full start (connections to every host), not measured.
@@ -307,18 +309,12 @@ async fn start_overhead(tb: &common::Testbed, state_dir: &str, users: &[String])
         time_starts(&sp, user, n, false, &mut states).await;
     let (fresh, fresh_prepare, fresh_launch, fresh_hs) =
         time_starts(&sp, user, n, true, &mut states).await;
-    // The default settle wait (0.3 s after the pid is known), warm pool.
-    let settled_sp = Spawner::new(config(tb, state_dir, 0.3)).expect("spawner");
-    let n_settled = (n / 4).max(5);
-    time_starts(&settled_sp, user, 1, false, &mut states).await;
-    let (settled, _, _, _) = time_starts(&settled_sp, user, n_settled, false, &mut states).await;
-
     let f = stats(&floor);
     let w = stats(&warm);
     let fr = stats(&fresh);
     eprintln!(
-        "start: floor p50 {:.2} ms, warm p50 {:.2} ms, fresh p50 {:.2} ms, warm with 0.3 s settle p50 {:.1} ms",
-        f["p50"], w["p50"], fr["p50"], stats(&settled)["p50"]
+        "start: floor p50 {:.2} ms, warm p50 {:.2} ms, fresh p50 {:.2} ms",
+        f["p50"], w["p50"], fr["p50"]
     );
     emit(json!({"figure": "start", "mode": "floor", "ms": f}));
     emit(json!({"figure": "start", "mode": "warm", "ms": w,
@@ -327,10 +323,8 @@ async fn start_overhead(tb: &common::Testbed, state_dir: &str, users: &[String])
     emit(json!({"figure": "start", "mode": "fresh", "ms": fr,
         "prepare_ms": stats(&fresh_prepare), "launch_ms": stats(&fresh_launch),
         "handshakes": fresh_hs}));
-    emit(json!({"figure": "start", "mode": "warm_settle", "settle_s": 0.3, "ms": stats(&settled)}));
     remove_all(states);
     sp.pool().close_all().await;
-    settled_sp.pool().close_all().await;
 }
 
 /// d: 100 starts at once across the hosts, from a cold spawner each round.
@@ -339,7 +333,7 @@ async fn storm(tb: &common::Testbed, state_dir: &str, users: &[String]) {
     let rounds = env_usize("BENCH_STORM_ROUNDS", 3);
     let mut walls = Vec::new();
     for round in 0..rounds {
-        let sp = Spawner::new(config(tb, state_dir, 0.3)).expect("spawner");
+        let sp = Spawner::new(config(tb, state_dir)).expect("spawner");
         let t = Instant::now();
         let mut tasks = Vec::with_capacity(n);
         for i in 0..n {
@@ -411,8 +405,8 @@ async fn poll_at_scale(tb: &common::Testbed, state_dir: &str, users: &[String]) 
     let sample = env_usize("BENCH_FRESH_SAMPLE", 1000).min(n);
     let fresh_rounds = env_usize("BENCH_FRESH_ROUNDS", 2);
     let fresh_conc = env_usize("BENCH_FRESH_CONCURRENCY", 10);
-    // No settle wait for the stand-ins: they are set-up, not measured.
-    let cfg = config(tb, state_dir, 0.0);
+    // No wait for the port: the stand-ins never listen; they are set-up, not measured.
+    let cfg = config(tb, state_dir);
     let sp = Spawner::new(cfg.clone()).expect("spawner");
 
     let t = Instant::now();

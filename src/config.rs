@@ -95,11 +95,18 @@ pub struct Config {
     /// Seconds host facts are cached for host choice.
     #[serde(default = "d_facts_cache")]
     pub facts_cache: f64,
-    /// Seconds launch waits after the server's pid is known, so a server that
-    /// dies at once is reported by the start (with its log) instead of after
-    /// the hub's `http_timeout`. 0 returns as soon as the pid is known.
-    #[serde(default = "d_launch_settle")]
-    pub launch_settle: f64,
+    /// Seconds a launch waits, once the server's pid is known, for its port
+    /// to listen (the hub's first check then succeeds) or for it to exit (the
+    /// start fails with its status and log), whichever comes first. When the
+    /// wait runs out the start succeeds all the same and the hub's own checks
+    /// take over. 0 returns as soon as the pid is known. The hub passes what
+    /// is left of its `start_timeout` instead.
+    #[serde(default = "d_ready_timeout")]
+    pub ready_timeout: f64,
+    /// Deprecated and ignored (a fixed wait after the launch, replaced by
+    /// `ready_timeout`); still accepted so that older files load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_settle: Option<f64>,
     /// Channels per SSH connection (sshd's MaxSessions).
     #[serde(default = "d_max_sessions")]
     pub max_sessions_per_connection: usize,
@@ -150,8 +157,8 @@ fn d_30() -> f64 {
 fn d_facts_cache() -> f64 {
     5.0
 }
-fn d_launch_settle() -> f64 {
-    0.3
+fn d_ready_timeout() -> f64 {
+    60.0
 }
 fn d_max_sessions() -> usize {
     10
@@ -256,16 +263,16 @@ impl Config {
             ("command_timeout", self.command_timeout),
             ("facts_cache", self.facts_cache),
             ("idle_timeout", self.idle_timeout),
-            ("launch_settle", self.launch_settle),
+            ("ready_timeout", self.ready_timeout),
         ] {
             secs(what, v)?;
         }
-        if self.launch_settle > 60.0 {
+        if self.ready_timeout > 3600.0 {
             return Err(invalid(
-                "launch_settle",
+                "ready_timeout",
                 format!(
-                    "{} s is longer than a start should wait (at most 60)",
-                    self.launch_settle
+                    "{} s is longer than a start should wait (at most 3600)",
+                    self.ready_timeout
                 ),
             ));
         }
@@ -427,17 +434,21 @@ prologue = ["module load python"]
 "#;
 
     #[test]
-    fn launch_settle_defaults_to_0_3_s_and_bad_values_are_named() {
+    fn ready_timeout_defaults_to_60_s_and_bad_values_are_named() {
         let c: Config = toml::from_str(MIN).unwrap();
-        assert_eq!(c.launch_settle, 0.3);
-        for bad in ["-1", "61", "nan"] {
-            let text = format!("launch_settle = {bad}\n{MIN}");
+        assert_eq!(c.ready_timeout, 60.0);
+        for bad in ["-1", "3601", "nan"] {
+            let text = format!("ready_timeout = {bad}\n{MIN}");
             let c: Config = toml::from_str(&text).unwrap();
             let err = c.validate().unwrap_err().to_string();
-            assert!(err.contains("launch_settle"), "{bad}: {err}");
+            assert!(err.contains("ready_timeout"), "{bad}: {err}");
         }
-        let c: Config = toml::from_str(&format!("launch_settle = 0\n{MIN}")).unwrap();
+        let c: Config = toml::from_str(&format!("ready_timeout = 0\n{MIN}")).unwrap();
         c.validate().unwrap();
+        // A file from before it still loads; the old option is ignored.
+        let c: Config = toml::from_str(&format!("launch_settle = 0.3\n{MIN}")).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.launch_settle, Some(0.3));
     }
 
     #[test]

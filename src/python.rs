@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -325,6 +326,7 @@ impl Core {
     }
 
     /// Start the command; returns the state JSON.
+    #[pyo3(signature = (prepared, env, command, progress, ready_timeout=None))]
     fn launch<'py>(
         &self,
         py: Python<'py>,
@@ -332,10 +334,20 @@ impl Core {
         env: Vec<(String, String)>,
         command: Vec<String>,
         progress: &Progress,
+        ready_timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (sp, p, prep) = (self.0.clone(), progress.0.clone(), prepared.get()?);
+        let ready = Duration::try_from_secs_f64(
+            ready_timeout
+                .unwrap_or(sp.config().ready_timeout)
+                .clamp(0.0, 3600.0),
+        )
+        .unwrap_or(Duration::ZERO);
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let st = sp.launch(&prep, &env, &command, &p).await.map_err(py_err)?;
+            let st = sp
+                .launch_within(&prep, &env, &command, &p, ready)
+                .await
+                .map_err(py_err)?;
             state::encode(&st).map_err(py_err)
         })
     }

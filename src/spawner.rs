@@ -241,6 +241,12 @@ impl Spawner {
     /// A spawner with its own connection pool. Call inside a tokio runtime.
     pub fn new(config: Config) -> Result<Spawner> {
         config.validate()?;
+        if let Some(v) = config.launch_settle {
+            tracing::warn!(
+                launch_settle = v,
+                "launch_settle is deprecated and ignored: a start now waits until the server listens on its port or exits (ready_timeout, or what is left of the hub's start_timeout)"
+            );
+        }
         let pool = Pool::new(config.pool_options());
         Ok(Spawner {
             config: Arc::new(config),
@@ -707,12 +713,32 @@ impl Spawner {
     /// Start the command on the prepared host. `env` is exported inside the
     /// script on stdin (never in argv). On [`Error::PortTaken`], call
     /// [`Spawner::repick_port`], rebuild the environment and launch again.
+    ///
+    /// The launch returns once the server listens on its port, or fails when
+    /// it exits first (with its status and log), waiting at most
+    /// `ready_timeout`; see [`Spawner::launch_within`].
     pub async fn launch(
         &self,
         prepared: &Prepared,
         env: &[(String, String)],
         command: &[String],
         progress: &Progress,
+    ) -> Result<ServerState> {
+        let ready = Config::duration(self.config.ready_timeout);
+        self.launch_within(prepared, env, command, progress, ready)
+            .await
+    }
+
+    /// [`Spawner::launch`], waiting at most `ready` for the server to listen
+    /// or exit (zero: return as soon as its pid is known). When the wait runs
+    /// out with the server alive, the launch succeeds all the same.
+    pub async fn launch_within(
+        &self,
+        prepared: &Prepared,
+        env: &[(String, String)],
+        command: &[String],
+        progress: &Progress,
+        ready: Duration,
     ) -> Result<ServerState> {
         let state = &prepared.state;
         let target = self.state_target(state)?;
@@ -735,7 +761,7 @@ impl Spawner {
             None
         };
         let launched = self
-            .launch_inner(prepared, &target, env, command, progress)
+            .launch_inner(prepared, &target, env, command, progress, ready)
             .await;
         match launched {
             Ok(mut state) => {
@@ -756,9 +782,12 @@ impl Spawner {
         env: &[(String, String)],
         command: &[String],
         progress: &Progress,
+        ready: Duration,
     ) -> Result<ServerState> {
         let state = &prepared.state;
         let target = target.clone();
+        // Centiseconds, the resolution of the host's clock (/proc/uptime).
+        let ready_cs = u32::try_from(ready.as_millis().div_ceil(10)).unwrap_or(u32::MAX);
         let (plan, enforcement) = limits::decide(
             self.config.enforcement,
             &prepared.facts,
@@ -779,7 +808,8 @@ impl Spawner {
             command,
             workdir: None,
             limits: &plan,
-            settle_ms: (self.config.launch_settle * 1000.0).round() as u32,
+            ready_cs,
+            default_signal: prepared.facts.default_signal,
         })?;
         progress.emit(
             45,
@@ -788,9 +818,16 @@ impl Spawner {
                 state.host, state.remote_user
             ),
         );
+        let started = Instant::now();
         let out = self
             .pool
-            .exec(&target, &self.command("/bin/sh -s").stdin(script))
+            .exec(
+                &target,
+                &self
+                    .command("/bin/sh -s")
+                    .stdin(script)
+                    .timeout(Config::duration(self.config.command_timeout) + ready),
+            )
             .await?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         match out.status {
@@ -815,16 +852,45 @@ impl Spawner {
             }
         }
         let launched = script::parse_launch(&stdout)?;
+        let listening = script::launch_listening(&stdout);
         let pid = launched.pid;
         let mut state = state.clone();
         state.record(launched);
         state.enforcement = Some(enforcement);
+        let took = started.elapsed();
+        tracing::debug!(
+            host = %state.host,
+            run = %state.run_id,
+            pid,
+            port = state.port,
+            listening,
+            launch_ms = took.as_millis() as u64,
+            "launch returned"
+        );
         progress.emit(
             70,
-            format!(
-                "Server started on {} as pid {}, waiting for it to answer",
-                state.host, pid
-            ),
+            if listening {
+                format!(
+                    "Server started on {} as pid {}, listening on port {} after {:.1} s",
+                    state.host,
+                    pid,
+                    state.port,
+                    took.as_secs_f64()
+                )
+            } else if ready.is_zero() {
+                format!(
+                    "Server started on {} as pid {}, waiting for it to answer",
+                    state.host, pid
+                )
+            } else {
+                format!(
+                    "Server started on {} as pid {}, not listening on port {} yet after {:.0} s; waiting for it to answer",
+                    state.host,
+                    pid,
+                    state.port,
+                    took.as_secs_f64()
+                )
+            },
         );
         Ok(state)
     }

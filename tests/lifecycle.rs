@@ -32,7 +32,7 @@ fn config(tb: &Testbed) -> Config {
         .collect();
     let text = format!(
         "known_hosts = \"{}\"\nkey_path = \"{}\"\nconnect_timeout = 3\ncommand_timeout = 15\nstop_grace = 3\n\
-         facts_cache = 0\n{}",
+         facts_cache = 0\nready_timeout = 0.5\n{}",
         tb.known_hosts.display(),
         tb.hub_key.display(),
         hosts.join("\n")
@@ -123,7 +123,11 @@ async fn the_whole_lifecycle_with_a_server_answering_http() {
     let Some(tb) = testbed("the_whole_lifecycle_with_a_server_answering_http") else {
         return;
     };
-    let sp = Spawner::new(config(&tb)).unwrap();
+    // The start waits for the server to listen (most stand-ins in this file
+    // never do, so the others wait only 0.5 s).
+    let mut c = config(&tb);
+    c.ready_timeout = 30.0;
+    let sp = Spawner::new(c).unwrap();
     let user = tb.bob().name.clone();
     let progress = Progress::new();
     let state = sp
@@ -135,6 +139,10 @@ async fn the_whole_lifecycle_with_a_server_answering_http() {
         )
         .await
         .unwrap();
+    // Listening when the start returns: the first connection is accepted.
+    tokio::net::TcpStream::connect((state.address.as_str(), state.port))
+        .await
+        .expect("the server listens when the start returns");
 
     // It answers on the chosen host and port, as that user.
     let body = http_get(&state.address, state.port, &format!("/user/{user}/hello")).await;
@@ -165,7 +173,8 @@ async fn the_whole_lifecycle_with_a_server_answering_http() {
         "{messages:?}"
     );
     assert!(
-        messages.iter().any(|m| m.contains(&format!("pid {pid}"))),
+        messages.iter().any(|m| m.contains(&format!("pid {pid}"))
+            && m.contains(&format!("listening on port {}", state.port))),
         "{messages:?}"
     );
 
@@ -515,12 +524,15 @@ async fn a_server_that_exits_during_start_reports_its_status_and_log() {
     let Some(tb) = testbed("a_server_that_exits_during_start_reports_its_status_and_log") else {
         return;
     };
-    let sp = Spawner::new(config(&tb)).unwrap();
+    let mut c = config(&tb);
+    c.ready_timeout = 30.0;
+    let sp = Spawner::new(c).unwrap();
     let user = tb.alice().name.clone();
+    let t0 = Instant::now();
     let cmd: Vec<String> = [
         "/bin/sh",
         "-c",
-        "echo 'ModuleNotFoundError: No module named jupyterhub' >&2; exit 1",
+        "sleep 0.5; echo 'ModuleNotFoundError: No module named jupyterhub' >&2; exit 1",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -540,6 +552,8 @@ async fn a_server_that_exits_during_start_reports_its_status_and_log() {
         msg.contains("status 1") && msg.contains("ModuleNotFoundError"),
         "{msg}"
     );
+    // The exit ended the wait for the port, not the 30 s bound.
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
 }
 
 #[tokio::test]

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 from jupyterhub.spawner import Spawner
 from jupyterhub.traitlets import ByteSpecification
 from tornado import web
-from traitlets import Bool, Dict, Float, Integer, List, Tuple, Unicode, Union, default
+from traitlets import Bool, Dict, Float, Integer, List, Tuple, Unicode, Union, default, observe
 
 from . import _core
 from .journal import Journal, is_alive, stops_to_retry, this_process, to_sweep
@@ -164,11 +164,22 @@ class SSHSpawner(Spawner):
         5.0, help="Seconds host facts (free memory, load, servers) are cached for host choice."
     ).tag(config=True)
     launch_settle = Float(
-        0.3,
-        help="""Seconds a start waits after the server's pid is known, so a server
-        that dies at once fails the start with its log instead of after
-        ``http_timeout``. 0 returns as soon as the pid is known.""",
+        None,
+        allow_none=True,
+        help="""Deprecated and ignored. A start now waits, once the server's pid is
+        known, until the server listens on its port (so the hub's first check
+        succeeds) or exits (the start fails with its status and log), bounded
+        by ``start_timeout``; there is no fixed wait to tune.""",
     ).tag(config=True)
+
+    @observe("launch_settle")
+    def _launch_settle_deprecated(self, change):
+        if change["new"] is not None:
+            self.log.warning(
+                "SSHSpawner.launch_settle is deprecated and ignored: a start now waits"
+                " until the server listens on its port or exits (bounded by start_timeout)"
+            )
+
     max_sessions_per_connection = Integer(
         10, help="Commands at once on one SSH connection (sshd's MaxSessions)."
     ).tag(config=True)
@@ -304,7 +315,6 @@ class SSHSpawner(Spawner):
             "auth_timeout": self.auth_timeout,
             "command_timeout": self.command_timeout,
             "facts_cache": self.facts_cache,
-            "launch_settle": self.launch_settle,
             "max_sessions_per_connection": self.max_sessions_per_connection,
             "max_connections_per_host": self.max_connections_per_host,
             "idle_timeout": self.idle_timeout,
@@ -695,6 +705,7 @@ class SSHSpawner(Spawner):
     # ---- lifecycle ------------------------------------------------------
 
     async def start(self):
+        began = time.monotonic()
         self._sweep_journal_once()
         self._ensure_stopper()
         self._launching = True
@@ -709,8 +720,13 @@ class SSHSpawner(Spawner):
                 try:
                     if self.hub_tunnel:
                         env = await self._through_hub_tunnel(env)
+                    # The launch returns once the server listens (the hub's
+                    # first check then succeeds) or fails if it exits first;
+                    # it waits at most what is left of start_timeout, less a
+                    # margin so the hub never cancels a start that is fine.
+                    left = self.start_timeout - (time.monotonic() - began) - 2.0
                     self._state_json = await self.core.launch(
-                        self._prepared, sorted(env.items()), cmd, progress
+                        self._prepared, sorted(env.items()), cmd, progress, max(0.0, left)
                     )
                     break
                 except _core.SpawnerError as e:

@@ -58,6 +58,9 @@ pub struct HostFacts {
     pub command_found: Option<bool>,
     /// TCP ports in LISTEN state.
     pub listening: BTreeSet<u16>,
+    /// `env --default-signal` works (coreutils >= 8.31); `None` when the
+    /// facts did not say. Spares each launch testing it.
+    pub default_signal: Option<bool>,
 }
 
 impl HostFacts {
@@ -91,6 +94,7 @@ printf 'servers=%s\n' "$(pgrep -fc 'ssh-spawner-ru[n]:' 2>/dev/null || true)"
 if command -v systemd-run >/dev/null 2>&1 && systemctl --user show-environment >/dev/null 2>&1; then
   echo systemd_user=yes; else echo systemd_user=no; fi
 if command -v prlimit >/dev/null 2>&1; then echo prlimit=yes; else echo prlimit=no; fi
+if env --default-signal=INT,QUIT true >/dev/null 2>&1; then echo default_signal=yes; else echo default_signal=no; fi
 "#,
     );
     if let Some((prologue, command)) = command_check {
@@ -131,6 +135,7 @@ pub fn parse_facts(stdout: &str) -> Result<HostFacts> {
         prlimit: false,
         command_found: None,
         listening: listening_ports(tcp),
+        default_signal: None,
     };
     let bad = |what: &str, v: &str| Error::Invalid {
         what: "host facts".into(),
@@ -165,6 +170,7 @@ pub fn parse_facts(stdout: &str) -> Result<HostFacts> {
             "systemd_user" => f.systemd_user = v == "yes",
             "prlimit" => f.prlimit = v == "yes",
             "command" => f.command_found = Some(v == "yes"),
+            "default_signal" => f.default_signal = Some(v == "yes"),
             _ => {}
         }
     }
@@ -370,6 +376,14 @@ mem_available_kb=3250585\ncpus=4\nload1=1.50\nboot_id=abc\nservers=2\nsystemd_us
     #[test]
     fn parses_a_report() {
         let f = parse_facts(REPORT).unwrap();
+        assert_eq!(f.default_signal, None);
+        for (v, want) in [("yes", Some(true)), ("no", Some(false))] {
+            let text = REPORT.replace(
+                "prlimit=yes\n",
+                &format!("prlimit=yes\ndefault_signal={v}\n"),
+            );
+            assert_eq!(parse_facts(&text).unwrap().default_signal, want);
+        }
         assert_eq!(f.hostname, "node1");
         assert_eq!(f.home, "/home/tb-alice");
         assert_eq!(f.uid, 1001);

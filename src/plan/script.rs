@@ -76,9 +76,15 @@ pub struct LaunchSpec<'a> {
     pub workdir: Option<&'a str>,
     /// How limits are enforced.
     pub limits: &'a LimitPlan,
-    /// Milliseconds to wait after the pid appears, so a server that dies at
-    /// once is reported by launch (with its log) rather than by a later poll.
-    pub settle_ms: u32,
+    /// Centiseconds to wait, after the pid is known, for something to listen
+    /// on `port` (the server is ready for the hub's first check) or for the
+    /// server to exit (reported with its log), whichever comes first. 0
+    /// returns as soon as the pid is known; when the wait runs out with the
+    /// server alive and not listening, the launch succeeds all the same.
+    pub ready_cs: u32,
+    /// Whether the host's `env` has `--default-signal` (from its facts);
+    /// `None` tests it in the script.
+    pub default_signal: Option<bool>,
 }
 
 impl std::fmt::Debug for LaunchSpec<'_> {
@@ -93,6 +99,8 @@ impl std::fmt::Debug for LaunchSpec<'_> {
             .field("command", &self.command)
             .field("workdir", &self.workdir)
             .field("limits", &self.limits)
+            .field("ready_cs", &self.ready_cs)
+            .field("default_signal", &self.default_signal)
             .finish()
     }
 }
@@ -334,7 +342,8 @@ boot=
 IFS= read -r boot 2>/dev/null </proc/sys/kernel/random/boot_id || boot=
 "#;
 
-/// The wrapper that owns the server: `/bin/sh -c WRAPPER MARKER DIR UMASK ARGV...`.
+/// The wrapper that owns the server: `/bin/sh -c WRAPPER MARKER DIR UMASK ARGV...`,
+/// started with fd 3 open on the pipe the launch script reads the pid from.
 ///
 /// It leads its own session (setsid), so its pid is the group of everything
 /// the server starts without calling setsid. It ignores TERM/INT/HUP only
@@ -344,12 +353,18 @@ IFS= read -r boot 2>/dev/null </proc/sys/kernel/random/boot_id || boot=
 /// renamed, so a reader never sees half a number. The wrapper keeps umask
 /// 077 for its files while the server gets the umask the login and the
 /// prologue left (the subshell forks once and execs, so `$!` is the server).
+/// The pid goes down fd 3 first, which the launch script is blocked reading
+/// (no polling for the pid file, no `sleep`); the pid file, written with a
+/// rename for `adopt`, follows off the start's critical path. The server
+/// does not inherit fd 3, so the launch sees end-of-file at once.
 const WRAPPER: &str = r#"d=$1
 m=$2
 shift 2
-(umask "$m" && exec "$@") &
+(exec 3>&-; umask "$m" && exec "$@") &
 c=$!
 trap '' TERM INT HUP
+echo "$c" >&3
+exec 3>&-
 echo "$c" >"$d/pid.tmp" && mv -f -- "$d/pid.tmp" "$d/pid"
 wait "$c"
 s=$?
@@ -438,14 +453,16 @@ fn limit_words(limits: &LimitPlan) -> Result<Vec<String>> {
 /// detached in its own session under a wrapper whose argv carries the marker
 /// `ssh-spawner-run:RUN_ID` (find it with `pgrep -f`). The wrapper writes the
 /// server's pid to `DIR/pid` and its exit status to `DIR/exit_status`; server
-/// output is appended to `DIR/server.log`. The script returns as soon as the
-/// server is up; the server outlives the SSH session.
+/// output is appended to `DIR/server.log`. The script returns once the port
+/// listens (or after `ready_cs`, or at once when that is 0); the server
+/// outlives the SSH session.
 ///
 /// Exit status and stdout:
-/// - 0: `pid=`, `pgid=`, `start_time=`, `uid=`, `boot_id=` lines, for [`parse_launch`].
+/// - 0: `pid=`, `pgid=`, `start_time=`, `uid=`, `boot_id=` lines, for
+///   [`parse_launch`], and `listening=yes|no` ([`launch_listening`]).
 /// - [`PORT_TAKEN`]: `port-taken`; nothing was started.
-/// - [`LAUNCH_FAILED`]: the server died within `settle_ms` of starting (or no
-///   pid appeared within about 5 s): see [`parse_launch_failure`].
+/// - [`LAUNCH_FAILED`]: the server died before its port listened (within
+///   `ready_cs`), or the wrapper reported no pid: see [`parse_launch_failure`].
 /// - 4: the server's wrapper vanished under it; stderr says so.
 /// - anything else: a step failed (mkdir, the prologue's `cd`, a missing
 ///   `setsid`); stderr says which.
@@ -512,33 +529,59 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
         None => "\"$HOME\"".to_string(),
     };
     let port_hex = format!("{:04X}", spec.port);
-    // The settle wait in steps of 20 ms.
-    let settle_polls = spec.settle_ms.div_ceil(20);
+    let ready_cs = spec.ready_cs;
+    let setsid = format!("exec setsid -f /bin/sh -c {wrapper_q} {marker_q} {dir_q} \"$um\"");
+    let redirects = format!("3>&4 4>&- </dev/null >>{log_q} 2>&1");
+    let with_env = format!("{setsid} env --default-signal=INT,QUIT --{argv} {redirects}");
+    let without_env = format!("{setsid}{argv} {redirects}");
+    let start = match spec.default_signal {
+        Some(true) => format!("  {with_env}\n"),
+        Some(false) => format!("  {without_env}\n"),
+        None => format!(
+            "  if env --default-signal=INT,QUIT true >/dev/null 2>&1; then\n    {with_env}\n  fi\n  {without_env}\n"
+        ),
+    };
 
-    // The exports, prologue and start run in a subshell so that neither the
-    // env (think IFS or PATH) nor the prologue can change the variables and
-    // IFS the rest of the script relies on; after the prologue only literals
-    // are used for the same reason.
+    // The exports, prologue and start run in a command substitution (a
+    // subshell) so that neither the env (think IFS or PATH) nor the prologue
+    // can change the variables and IFS the rest of the script relies on;
+    // after the prologue only literals are used for the same reason. Its
+    // stdout is the pipe the wrapper writes the server's pid to (fd 4 until
+    // the start, fd 3 in the wrapper); the prologue's output goes to stderr,
+    // and the prologue does not get the pipe, so nothing it leaves running
+    // can hold the launch open.
     //
     // A non-interactive sh starts `cmd &` with SIGINT and SIGQUIT ignored
     // and dash does not let the child undo that, so the command goes through
-    // `env --default-signal` (coreutils >= 8.31) when the host has it.
+    // `env --default-signal` (coreutils >= 8.31) when the host has it (a
+    // fact read with the host's other facts; tested here when unknown).
     //
     // Every process the script starts is on the critical path of a start
     // (each costs a fork and an exec on the host): the run directory is made
     // and set to 0700 with one `install` (after a `mkdir -p` only the first
     // time, so the parents keep the 077 umask), stale files are removed only
-    // if there are any, and the pid file is looked for every 2 ms.
+    // if there are any, and the pid comes down a pipe instead of being
+    // polled for: `install`, `setsid`, the wrapper's `sh`, `env` and the
+    // server are all that run before the pid is known.
     //
-    // The settle wait after the pid appears lets a server that dies at once
-    // (bad argv, missing program, limits refused) be reported here with its
-    // log instead of by the next poll.
+    // Then, for up to `ready_cs`, the script waits for the port to listen
+    // (the hub's first check then succeeds) or for the server to exit (the
+    // start fails with its log), checking every 10 ms at first and every
+    // 50 ms after the first second; `/proc/uptime` is the clock (read with
+    // a builtin).
     Ok(format!(
         r#"main() {{
 set -eu
 um=$(umask)
 umask 077
 {HELPERS}{LAUNCH_FAILED_FN}d={dir_q}
+listening() {{
+  grep -qsE '^ *[0-9]+: [0-9A-F]+:{port_hex} [0-9A-F]+:[0-9A-F]+ 0A ' /proc/net/tcp /proc/net/tcp6
+}}
+up() {{
+  IFS=' .' read -r u_s u_c _ </proc/uptime
+  now=$u_s$u_c
+}}
 [ -d {parent_q} ] || mkdir -p -- {parent_q}
 install -d -m 700 -- {parent_q} "$d"
 for f in /proc/net/tcp /proc/net/tcp6; do
@@ -554,38 +597,39 @@ done
 for f in pid pid.tmp exit_status exit_status.tmp; do
   if [ -e "$d/$f" ]; then rm -f -- "$d/$f"; fi
 done
-(
+pid=$(
+  exec 4>&1 >&2
   umask "$um"
 {exports}  set +eu
-{prologue}  set -eu
+  {{
+{prologue}  :
+  }} 4>&-
+  set -eu
   cd -- {cd}
   um=$(umask)
   umask 077
-  if env --default-signal=INT,QUIT true >/dev/null 2>&1; then
-    exec setsid -f /bin/sh -c {wrapper_q} {marker_q} {dir_q} "$um" env --default-signal=INT,QUIT --{argv} </dev/null >>{log_q} 2>&1
-  fi
-  exec setsid -f /bin/sh -c {wrapper_q} {marker_q} {dir_q} "$um"{argv} </dev/null >>{log_q} 2>&1
-)
-i=0
-while [ ! -f "$d/pid" ]; do
-  [ "$i" -lt 2500 ] || failed
-  i=$((i + 1))
-  sleep 0.002
-done
-pid=
-IFS= read -r pid <"$d/pid" || :
+{start})
 case $pid in
   ''|*[!0-9]*) failed ;;
 esac
-i=0
-while [ "$i" -lt {settle_polls} ] && [ ! -e "$d/exit_status" ]; do
-  i=$((i + 1))
-  sleep 0.02
-done
+ready=no
+if [ {ready_cs} -gt 0 ]; then
+  up
+  end=$((now + {ready_cs}))
+  n=0
+  while :; do
+    if [ -e "$d/exit_status" ] || ! rs "$pid" || ! live; then failed; fi
+    if listening; then ready=yes; break; fi
+    up
+    [ "$now" -lt "$end" ] || break
+    n=$((n + 1))
+    if [ "$n" -le 20 ]; then sleep 0.01; elif [ "$n" -le 50 ]; then sleep 0.02; else sleep 0.05; fi
+  done
+fi
 if [ ! -e "$d/exit_status" ] && rs "$pid" && live && ru "$pid"; then
   start=$s_start uid=$s_uid w=$s_ppid
   if [ "$w" -gt 1 ] && rs "$w" && [ "$s_pgrp" = "$w" ]; then
-    printf 'pid=%s\npgid=%s\nstart_time=%s\nuid=%s\nboot_id=%s\n' "$pid" "$w" "$start" "$uid" "$boot"
+    printf 'pid=%s\npgid=%s\nstart_time=%s\nuid=%s\nboot_id=%s\nlistening=%s\n' "$pid" "$w" "$start" "$uid" "$boot" "$ready"
     exit 0
   fi
   echo "ssh-spawner launch: server pid $pid is no longer a child of its wrapper" >&2
@@ -596,6 +640,15 @@ failed
 main </dev/null
 "#
     ))
+}
+
+/// Whether the server was listening on its port when a successful launch
+/// returned (`listening=yes` in its stdout); `false` when the wait for it was
+/// off or ran out.
+pub fn launch_listening(stdout: &str) -> bool {
+    stdout
+        .lines()
+        .any(|l| l.trim_end_matches('\r') == "listening=yes")
 }
 
 fn excerpt(text: &str) -> String {
@@ -1560,7 +1613,8 @@ mod tests {
             command,
             workdir: None,
             limits: &NO_LIMITS,
-            settle_ms: 300,
+            ready_cs: 0,
+            default_signal: None,
         }
     }
 
@@ -1772,7 +1826,7 @@ mod tests {
         }
         // The limit prefixes, word by word.
         assert!(scripts[6].contains(
-            " 'systemd-run' '--user' '--scope' '--quiet' '--unit=jupyter-u-1.scope' '-p' 'MemoryMax=1073741824' '-p' 'CPUQuota=150%' '--' 'jupyterhub-singleuser' '--ip=127.0.0.1' 'it'\\''s' <"
+            " 'systemd-run' '--user' '--scope' '--quiet' '--unit=jupyter-u-1.scope' '-p' 'MemoryMax=1073741824' '-p' 'CPUQuota=150%' '--' 'jupyterhub-singleuser' '--ip=127.0.0.1' 'it'\\''s' 3>&4 4>&- <"
         ));
         assert!(scripts[8].contains(
             " 'systemd-run' '--user' '--scope' '--quiet' '--unit=j' '--' 'jupyterhub-singleuser'"
@@ -1850,7 +1904,7 @@ mod tests {
             "launch took {:?}",
             out.elapsed
         );
-        let l = parse_launch(&out.stdout).unwrap();
+        let l = launched(&out, &dir);
 
         // What it printed is what /proc says.
         let st = stat(l.pid).unwrap();
@@ -1867,15 +1921,22 @@ mod tests {
         assert_eq!(l.uid, real_uid(l.pid));
         assert_eq!(l.uid, my_uid());
         assert_eq!(l.boot_id, boot_id());
-        assert_eq!(
-            fs::read_to_string(format!("{dir}/pid")).unwrap().trim(),
-            l.pid.to_string()
-        );
+        // The wrapper writes the pid file just after it hands the pid over.
+        assert!(wait_until(Duration::from_secs(3), || fs::read_to_string(
+            format!("{dir}/pid")
+        )
+        .is_ok_and(|p| p.trim() == l.pid.to_string())));
         let wcmd = fs::read(format!("/proc/{}/cmdline", l.pgid)).unwrap();
         let marker = format!("\0ssh-spawner-run:{r}\0");
         assert!(wcmd.windows(marker.len()).any(|w| w == marker.as_bytes()));
 
-        // The server did not inherit ignored HUP/INT/QUIT/TERM.
+        // The server did not inherit ignored HUP/INT/QUIT/TERM (looked at
+        // once `env` and the shell have exec'd sleep).
+        assert!(wait_until(Duration::from_secs(5), || fs::read(format!(
+            "/proc/{}/comm",
+            l.pid
+        ))
+        .is_ok_and(|c| c.starts_with(b"sleep"))));
         let status = fs::read_to_string(format!("/proc/{}/status", l.pid)).unwrap();
         let ign = status
             .lines()
@@ -1988,6 +2049,8 @@ mod tests {
             let _reaper = Reaper::new(&r);
             let mut s = spec(&r, &dir, &no_env, &cmd);
             s.port = free_port();
+            // Waiting up to 30 s for the port: the exit ends the wait at once.
+            s.ready_cs = 3000;
             let out = launch(&s);
             assert_eq!(out.status, LAUNCH_FAILED as i32, "{out:?}");
             assert!(parse_launch(&out.stdout).is_err());
@@ -1996,6 +2059,59 @@ mod tests {
             assert!(tail.contains(log), "{tail:?}");
             assert!(out.elapsed < Duration::from_secs(3), "{out:?}");
         }
+    }
+
+    #[test]
+    fn launch_returns_once_the_port_listens() {
+        let tmp = Tmp::new();
+        let no_env = Vec::new();
+        // A server that takes 0.4 s to listen, through each way of starting it.
+        for (i, default_signal) in [None, Some(true), Some(false)].into_iter().enumerate() {
+            let port = free_port();
+            let code = format!(
+                "import socket,time\ntime.sleep(0.4)\ns=socket.socket()\n\
+                 s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+                 s.bind(('127.0.0.1',{port}))\ns.listen()\ntime.sleep(60)\n"
+            );
+            let cmd = strings(&["python3", "-c", &code]);
+            let dir = tmp.join(&format!("home/ready-{i}"));
+            let r = run_id();
+            let _reaper = Reaper::new(&r);
+            let mut s = spec(&r, &dir, &no_env, &cmd);
+            s.port = port;
+            s.ready_cs = 3000;
+            s.default_signal = default_signal;
+            let out = launch(&s);
+            assert_eq!(out.status, 0, "{out:?}");
+            // Connected at the first try: no waiting after the launch.
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .unwrap_or_else(|e| panic!("not listening after the launch: {e} {out:?}"));
+            assert!(launch_listening(&out.stdout), "{out:?}");
+            assert!(out.elapsed >= Duration::from_millis(400), "{out:?}");
+            let l = launched(&out, &dir);
+            let (stopped, _) = stop(&proc_of(&r, &dir, &l), 5, false);
+            assert_eq!(stopped, Stopped::Killed { escalated: false });
+        }
+    }
+
+    #[test]
+    fn launch_of_a_server_that_never_listens_succeeds_after_the_wait() {
+        let tmp = Tmp::new();
+        let no_env = Vec::new();
+        let cmd = strings(&["/bin/sleep", "30"]);
+        let dir = tmp.join("home/deaf");
+        let r = run_id();
+        let _reaper = Reaper::new(&r);
+        let mut s = spec(&r, &dir, &no_env, &cmd);
+        s.port = free_port();
+        s.ready_cs = 60;
+        let out = launch(&s);
+        assert_eq!(out.status, 0, "{out:?}");
+        assert!(!launch_listening(&out.stdout), "{out:?}");
+        assert!(out.elapsed >= Duration::from_millis(600), "{out:?}");
+        let l = launched(&out, &dir);
+        let (stopped, _) = stop(&proc_of(&r, &dir, &l), 5, false);
+        assert_eq!(stopped, Stopped::Killed { escalated: false });
     }
 
     #[test]
@@ -2014,7 +2130,7 @@ mod tests {
         s.limits = &limits;
         let out = launch(&s);
         assert_eq!(out.status, 0, "{out:?}");
-        let l = parse_launch(&out.stdout).unwrap();
+        let l = launched(&out, &dir);
         let lim = fs::read_to_string(format!("/proc/{}/limits", l.pid)).unwrap();
         let line = lim
             .lines()
@@ -2053,7 +2169,7 @@ mod tests {
             s.workdir = workdir;
             let out = launch(&s);
             assert_eq!(out.status, 0, "{out:?}");
-            let l = parse_launch(&out.stdout).unwrap();
+            let l = launched(&out, &dir);
             let cwd = fs::read_link(format!("/proc/{}/cwd", l.pid)).unwrap();
             let want = workdir
                 .map(String::from)
@@ -2113,7 +2229,7 @@ mod tests {
             s.prologue = prologue;
             let out = launch(&s);
             assert_eq!(out.status, 0, "{out:?}");
-            let l = parse_launch(&out.stdout).unwrap();
+            let l = launched(&out, &dir);
             assert_eq!(umask_of(l.pid), want);
             assert_eq!(umask_of(l.pgid), "0077");
             assert_eq!(mode(&format!("{dir}/server.log")), 0o600);
@@ -2276,6 +2392,22 @@ mod tests {
 
     // ----------------------------------------------------------------- stop
 
+    /// What a successful launch printed, once the server has exec'd (the
+    /// launch returns when the pid is known, which can be a moment before)
+    /// and the wrapper has written the pid file.
+    fn launched(out: &Out, dir: &str) -> Launched {
+        let l = parse_launch(&out.stdout).unwrap();
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                fs::read(format!("/proc/{}/cmdline", l.pid))
+                    .is_ok_and(|c| !c.windows(16).any(|w| w == b"ssh-spawner-run:"))
+                    && Path::new(&format!("{dir}/pid")).exists()
+            }),
+            "the server never exec'd: {out:?}"
+        );
+        l
+    }
+
     fn launch_ok(tmp: &Tmp, name: &str, cmd: &[&str]) -> (String, String, Launched, Reaper) {
         let dir = tmp.join(&format!("home/{name}"));
         let cmd = strings(cmd);
@@ -2286,7 +2418,7 @@ mod tests {
         s.port = free_port();
         let out = launch(&s);
         assert_eq!(out.status, 0, "{out:?}");
-        let l = parse_launch(&out.stdout).unwrap();
+        let l = launched(&out, &dir);
         (r, dir, l, reaper)
     }
 
@@ -2320,6 +2452,12 @@ mod tests {
             "stubborn",
             &["/bin/sh", "-c", "trap '' TERM; exec sleep 1003"],
         );
+        // The trap is set once the shell has exec'd sleep.
+        assert!(wait_until(Duration::from_secs(5), || fs::read(format!(
+            "/proc/{}/comm",
+            l.pid
+        ))
+        .is_ok_and(|c| c.starts_with(b"sleep"))));
         fs::create_dir_all(format!("{dir}/certs")).unwrap();
         fs::write(format!("{dir}/certs/server.key"), "key").unwrap();
         let (stopped, out) = stop(&proc_of(&r, &dir, &l), 1, false);
