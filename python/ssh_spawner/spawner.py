@@ -20,7 +20,7 @@ from jupyterhub.traitlets import ByteSpecification
 from tornado import web
 from traitlets import Bool, Dict, Float, Integer, List, Tuple, Unicode, Union, default
 
-from . import _core
+from . import _core, metrics
 from .journal import Journal, is_alive, this_process, to_sweep
 
 try:  # JupyterHub >= 6: a policy failure, logged without a traceback
@@ -36,6 +36,9 @@ _LOG_PUMP: asyncio.Task | None = None
 # journal directories already swept (once per hub process).
 _CLAIMED: set[str] = set()
 _SWEPT: dict[str, asyncio.Task] = {}
+# The hub's /hub/metrics shows the spawner's metrics from the moment the hub
+# loads this class (docs/metrics.md).
+metrics.register(lambda: list(_CORES.values()))
 _LEVELS = {
     "ERROR": logging.ERROR,
     "WARN": logging.WARNING,
@@ -366,6 +369,7 @@ class SSHSpawner(Spawner):
         stop, forget = to_sweep(entries, set(_CLAIMED), me, alive)
         for e in forget:
             journal.remove(e.run_id)
+        metrics.journal_swept("forgotten", len(forget))
         for e in stop:
             try:
                 result = await self.core.stop(e.state)
@@ -376,7 +380,9 @@ class SSHSpawner(Spawner):
                     result,
                 )
                 journal.remove(e.run_id)
+                metrics.journal_swept("stopped")
             except _core.SpawnerError as err:
+                metrics.journal_swept("failed")
                 # Kept in the journal: the next restart tries again.
                 self.log.error(
                     "SSHSpawner journal: cannot stop orphaned run %s yet: %s", e.run_id, err
