@@ -1,4 +1,4 @@
-"""wrapspawner's ProfilesSpawner (as fixed by ssh_spawner.profiles) wrapping
+"""wrapspawner's ProfilesSpawner (1.0.1, as published) wrapping
 SSHSpawner: two profiles, "small on any host" and "large on node3", each
 spawned through the REST API and through the form in a browser; where and with
 which limits each runs; poll, stop and a hub restart through the wrapper (the
@@ -49,10 +49,7 @@ def wrapped_state(hub, user: str) -> dict:
 def profiles_config(testbed) -> dict:
     node3 = next(h for h in testbed["hosts"] if h["name"] == "node3")
     return {
-        # wrapspawner 1.0.1 as published gives its child no server on
-        # JupyterHub >= 2 (see python/ssh_spawner/profiles.py): the subclass
-        # admins use instead.
-        "JupyterHub.spawner_class": "ssh_spawner.profiles.ProfilesSpawner",
+        "JupyterHub.spawner_class": "wrapspawner.ProfilesSpawner",
         "JupyterHub.cleanup_servers": False,
         "Spawner.poll_interval": 2,
         "ProfilesSpawner.profiles": [
