@@ -39,6 +39,9 @@ _SWEPT: dict[str, asyncio.Task] = {}
 # The hub's /hub/metrics shows the spawner's metrics from the moment the hub
 # loads this class (docs/metrics.md).
 metrics.register(lambda: list(_CORES.values()))
+# user_options keys set by a spawner wrapping this one (wrapspawner's
+# ProfilesSpawner): left to it, not refused as unknown options.
+_WRAPPER_OPTIONS = frozenset({"profile"})
 _LEVELS = {
     "ERROR": logging.ERROR,
     "WARN": logging.WARNING,
@@ -427,8 +430,12 @@ class SSHSpawner(Spawner):
     def _user_choice(self) -> dict:
         """The user's options, validated again: they may come from the REST
         API (or a stored earlier spawn) without passing the form."""
+        # wrapspawner's ProfilesSpawner keeps its own choice in
+        # user_options["profile"] and shares user_options with the SSHSpawner
+        # it wraps: that key is the wrapper's, not an option of ours.
+        mine = {k: v for k, v in (self.user_options or {}).items() if k not in _WRAPPER_OPTIONS}
         try:
-            options = json.dumps(self.user_options or {})
+            options = json.dumps(mine)
         except (TypeError, ValueError):
             raise self._spawn_error(
                 ValueError("invalid server options: not JSON (files are not accepted)")
