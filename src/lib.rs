@@ -27,6 +27,7 @@
 
 pub mod config;
 pub mod error;
+pub mod metrics;
 pub mod plan;
 pub mod spawner;
 pub mod ssh;

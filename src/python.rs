@@ -52,7 +52,10 @@ fn logs() -> &'static Mutex<VecDeque<(String, String, String)>> {
     LOGS.get_or_init(|| Mutex::new(VecDeque::new()))
 }
 
-/// A tracing layer that queues events for Python.
+/// A tracing layer that queues events for Python. Each record carries the
+/// fields of the spans it happened in (`user`, `server`, `host`: see
+/// `spawner`), so every line of a spawn, poll or stop names its hub user,
+/// server and host.
 struct QueueLayer;
 
 struct Fields(String);
@@ -74,18 +77,94 @@ impl tracing::field::Visit for Fields {
     }
 }
 
-impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for QueueLayer {
-    fn on_event(
+/// The fields of one span, kept in its extensions.
+#[derive(Default)]
+struct SpanFields(Vec<(&'static str, String)>);
+
+impl SpanFields {
+    fn set(&mut self, name: &'static str, value: String) {
+        // A name or host from a saved state could hold anything: one line
+        // per record, whatever it holds.
+        let value: String = value
+            .chars()
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
+}
+
+impl tracing::field::Visit for SpanFields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.set(field.name(), format!("{value:?}"));
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.set(field.name(), value.to_string());
+    }
+}
+
+impl<S> tracing_subscriber::Layer<S> for QueueLayer
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
         &self,
-        event: &tracing::Event<'_>,
-        _ctx: tracing_subscriber::layer::Context<'_, S>,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
     ) {
+        let mut fields = SpanFields::default();
+        attrs.record(&mut fields);
+        if let Some(span) = ctx.span(id) {
+            span.extensions_mut().insert(fields);
+        }
+    }
+
+    fn on_record(
+        &self,
+        id: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if let Some(span) = ctx.span(id) {
+            let mut ext = span.extensions_mut();
+            match ext.get_mut::<SpanFields>() {
+                Some(fields) => values.record(fields),
+                None => {
+                    let mut fields = SpanFields::default();
+                    values.record(&mut fields);
+                    ext.insert(fields);
+                }
+            }
+        }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
         let meta = event.metadata();
         if !meta.target().starts_with("ssh_spawner") {
             return;
         }
         let mut fields = Fields(String::new());
         event.record(&mut fields);
+        // The innermost span's value wins; a field the event sets itself
+        // (e.g. `host` as address:port) is not repeated.
+        let mut context = SpanFields::default();
+        if let Some(scope) = ctx.event_scope(event) {
+            for span in scope.from_root() {
+                if let Some(f) = span.extensions().get::<SpanFields>() {
+                    for (name, value) in &f.0 {
+                        context.set(name, value.clone());
+                    }
+                }
+            }
+        }
+        for (name, value) in context.0 {
+            if !event.metadata().fields().iter().any(|f| f.name() == name) {
+                fields.0.push_str(&format!(" {name}={value}"));
+            }
+        }
         if let Ok(mut q) = logs().lock() {
             if q.len() >= MAX_QUEUED_LOGS {
                 q.pop_front();
@@ -320,6 +399,19 @@ impl Core {
         })
     }
 
+    /// Connections held and sessions in use, by host display name (or
+    /// `address:port` for a host not in this configuration): a list of
+    /// (host, connections, sessions).
+    fn pool_by_host(&self) -> Vec<(String, usize, usize)> {
+        let names = crate::metrics::snapshot().host_names;
+        self.0
+            .pool()
+            .stats_by_host()
+            .into_iter()
+            .map(|(label, c, s)| (names.get(&label).cloned().unwrap_or(label), c, s))
+            .collect()
+    }
+
     /// Tunnels open in this process: (local listeners, hub forwards).
     fn tunnel_count(&self) -> (usize, usize) {
         self.0.tunnel_count()
@@ -493,6 +585,14 @@ fn validate_options(options_json: &str, bounds_json: &str) -> PyResult<String> {
     serde_json::to_string(&choice).map_err(|e| SpawnerError::new_err(e.to_string()))
 }
 
+/// Everything the core counted in this process, as JSON (see
+/// `metrics::Snapshot`); `python/ssh_spawner/metrics.py` exports it.
+#[pyfunction]
+fn metrics_snapshot() -> PyResult<String> {
+    serde_json::to_string(&crate::metrics::snapshot())
+        .map_err(|e| SpawnerError::new_err(e.to_string()))
+}
+
 /// The `ssh_spawner._core` module.
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -505,5 +605,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Progress>()?;
     m.add_function(wrap_pyfunction!(drain_logs, m)?)?;
     m.add_function(wrap_pyfunction!(validate_options, m)?)?;
+    m.add_function(wrap_pyfunction!(metrics_snapshot, m)?)?;
     Ok(())
 }

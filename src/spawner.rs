@@ -14,9 +14,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{oneshot, Notify};
+use tracing::Instrument;
 
 use crate::config::{check_username, Config, HostConfig};
 use crate::error::{Error, Result};
+use crate::metrics;
 use crate::plan::adopt;
 use crate::plan::hosts::{self, Candidate, HostFacts, Requirements, Strategy};
 use crate::plan::limits::{self, Limits};
@@ -113,6 +115,8 @@ pub struct Prepared {
     tried_ports: BTreeSet<u16>,
     limits: Limits,
     prologue: Vec<String>,
+    /// When the spawn began (for the spawn duration metric).
+    started: Instant,
 }
 
 impl Prepared {
@@ -248,6 +252,14 @@ impl Spawner {
             );
         }
         let pool = Pool::new(config.pool_options());
+        for h in &config.hosts {
+            let label = if h.address.contains(':') {
+                format!("[{}]:{}", h.address, h.port)
+            } else {
+                format!("{}:{}", h.address, h.port)
+            };
+            metrics::name_host(label, h.display_name());
+        }
         Ok(Spawner {
             config: Arc::new(config),
             pool,
@@ -468,7 +480,26 @@ impl Spawner {
     /// Choose host and port: every eligible host's facts are read at once
     /// (cached briefly), hosts that do not fit are passed over, and when none
     /// fits the error lists every host and why.
+    #[tracing::instrument(name = "server", skip_all, fields(user = %req.username, server = %req.server_name, host = tracing::field::Empty))]
     pub async fn prepare(&self, req: &SpawnRequest, progress: &Progress) -> Result<Prepared> {
+        let started = Instant::now();
+        let prepared = self.prepare_inner(req, progress, started).await;
+        if let Err(e) = &prepared {
+            metrics::spawn_done(
+                req.host.as_deref().unwrap_or("-"),
+                e.kind(),
+                started.elapsed(),
+            );
+        }
+        prepared
+    }
+
+    async fn prepare_inner(
+        &self,
+        req: &SpawnRequest,
+        progress: &Progress,
+        started: Instant,
+    ) -> Result<Prepared> {
         check_username(&req.username)?;
         let hosts: Vec<&HostConfig> = self
             .config
@@ -549,12 +580,14 @@ impl Spawner {
             else {
                 continue;
             };
+            tracing::Span::current().record("host", host.display_name());
             let run_id = new_run_id();
             let rest = self.config.state_dir.trim_start_matches("~/");
             let base = format!("{}/{rest}", f.home.trim_end_matches('/'));
             let state = ServerState {
                 version: STATE_VERSION,
                 username: req.username.clone(),
+                server_name: req.server_name.clone(),
                 host: host.display_name().to_string(),
                 address: host.address.clone(),
                 ssh_port: host.port,
@@ -624,6 +657,7 @@ impl Spawner {
                 tried_ports: BTreeSet::from([port]),
                 limits: req.limits,
                 prologue,
+                started,
             });
         }
         Err(Error::NoHost {
@@ -661,6 +695,7 @@ impl Spawner {
 
     /// Upload key, certificate and CA into the per-server directory (0600)
     /// and return their remote paths.
+    #[tracing::instrument(name = "server", skip_all, fields(user = %prepared.state.username, server = %prepared.state.server_name, host = %prepared.state.host))]
     pub async fn upload_certs(
         &self,
         prepared: &Prepared,
@@ -732,6 +767,7 @@ impl Spawner {
     /// [`Spawner::launch`], waiting at most `ready` for the server to listen
     /// or exit (zero: return as soon as its pid is known). When the wait runs
     /// out with the server alive, the launch succeeds all the same.
+    #[tracing::instrument(name = "server", skip_all, fields(user = %prepared.state.username, server = %prepared.state.server_name, host = %prepared.state.host))]
     pub async fn launch_within(
         &self,
         prepared: &Prepared,
@@ -766,10 +802,16 @@ impl Spawner {
         match launched {
             Ok(mut state) => {
                 state.tunnel_port = tunnel_port;
+                metrics::spawn_done(&state.host, "ok", prepared.started.elapsed());
+                metrics::server_running(&state.run_id, &state.host);
                 Ok(state)
             }
             Err(e) => {
                 self.close_tunnel(&state.run_id, true, false);
+                // A taken port is retried on the same spawn, not an outcome.
+                if !matches!(e, Error::PortTaken { .. }) {
+                    metrics::spawn_done(&state.host, e.kind(), prepared.started.elapsed());
+                }
                 Err(e)
             }
         }
@@ -899,6 +941,7 @@ impl Spawner {
     /// carry connections to the hub API at `to` (`host:port`); returns the
     /// port on the host, which the server's environment must point at.
     /// Asking again for the same spawn returns the same port.
+    #[tracing::instrument(name = "server", skip_all, fields(user = %prepared.state.username, server = %prepared.state.server_name, host = %prepared.state.host))]
     pub async fn open_hub_forward(&self, prepared: &mut Prepared, to: &str) -> Result<u16> {
         check_host_port(to).map_err(|r| Error::Invalid {
             what: format!("hub API address {to:?}"),
@@ -972,6 +1015,7 @@ impl Spawner {
     /// one ([`Spawner::local_tunnel_port`] tells which): the hub moves its
     /// route there (JupyterHub asks `get_url()` after a restart's poll), so the
     /// server is neither lost nor left running unknown to the hub.
+    #[tracing::instrument(name = "server", skip_all, fields(user = %state.username, server = %state.server_name, host = %state.host))]
     pub async fn ensure_tunnels(&self, state: &ServerState) -> Result<()> {
         let (has_local, has_hub) = match self.tunnels.lock() {
             Ok(map) => map
@@ -1095,7 +1139,9 @@ impl Spawner {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        rt.spawn(async move {
+        let span = tracing::info_span!("server", user = %state.username, server = %state.server_name, host = %state.host);
+        rt.spawn(
+            async move {
             for _ in 0..120 {
                 match me.stop(&state).await {
                     Ok(_) => {
@@ -1109,11 +1155,14 @@ impl Spawner {
                     }
                 }
             }
-        });
+        }
+            .instrument(span),
+        );
     }
 
     /// Fill in the pid of a server whose start was interrupted before launch
     /// reported it, from the pid file in its directory. `None`: nothing runs.
+    #[tracing::instrument(name = "server", skip_all, fields(user = %state.username, server = %state.server_name, host = %state.host))]
     pub async fn adopt(&self, state: &ServerState) -> Result<Option<ServerState>> {
         state.validate()?;
         if state.launched() {
@@ -1141,6 +1190,7 @@ impl Spawner {
 
     /// Is the server running? Polls of servers on the same host and user that
     /// arrive together are answered by one exec.
+    #[tracing::instrument(name = "server", skip_all, fields(user = %state.username, server = %state.server_name, host = %state.host))]
     pub async fn poll(&self, state: &ServerState) -> PollOutcome {
         if let Err(e) = state.validate() {
             return PollOutcome::Unknown(e);
@@ -1190,8 +1240,14 @@ impl Spawner {
                 .fetch_add(counter.load(Ordering::Relaxed), Ordering::Relaxed);
         }
         match rx.await {
-            Ok(Ok(ProcStatus::Running)) => PollOutcome::Running,
-            Ok(Ok(ProcStatus::Exited { status, reason })) => PollOutcome::Exited { status, reason },
+            Ok(Ok(ProcStatus::Running)) => {
+                metrics::server_running(&state.run_id, &state.host);
+                PollOutcome::Running
+            }
+            Ok(Ok(ProcStatus::Exited { status, reason })) => {
+                metrics::server_gone(&state.run_id);
+                PollOutcome::Exited { status, reason }
+            }
             Ok(Err(e)) => PollOutcome::Unknown(e),
             Err(_) => PollOutcome::Unknown(Error::Invalid {
                 what: "poll".into(),
@@ -1204,6 +1260,7 @@ impl Spawner {
     /// the grace, return once they are gone; the per-server directory is
     /// removed (its log kept unless configured otherwise). Stopping a stopped
     /// server is a no-op; an unreachable host is an error.
+    #[tracing::instrument(name = "server", skip_all, fields(user = %state.username, server = %state.server_name, host = %state.host))]
     pub async fn stop(&self, state: &ServerState) -> Result<script::Stopped> {
         if let Ok(mut claims) = self.claims.lock() {
             if let Some(mine) = claims.get_mut(&state.host) {
@@ -1223,6 +1280,7 @@ impl Spawner {
                 .await?
                 .check(&target)?;
             self.close_tunnel(&state.run_id, true, true);
+            metrics::server_gone(&state.run_id);
             return Ok(script::Stopped::AlreadyGone);
         };
         let target = self.state_target(&state)?;
@@ -1238,6 +1296,10 @@ impl Spawner {
         let out = self.pool.exec(&target, &cmd).await?.check(&target)?;
         let stopped = script::parse_stop(&String::from_utf8_lossy(&out.stdout))?;
         self.close_tunnel(&state.run_id, true, true);
+        metrics::server_gone(&state.run_id);
+        if let script::Stopped::Killed { escalated: true } = stopped {
+            metrics::stop_escalated(&state.host);
+        }
         Ok(stopped)
     }
 }
@@ -1421,6 +1483,7 @@ async fn drain_polls(
         };
         let procs: Vec<Proc> = batch.iter().map(|(p, _)| p.clone()).collect();
         execs.fetch_add(1, Ordering::Relaxed);
+        let round = Instant::now();
         let result = async {
             let script = script::poll_script(&procs)?;
             let out = pool
@@ -1430,6 +1493,7 @@ async fn drain_polls(
             script::parse_poll(&String::from_utf8_lossy(&out.stdout), &procs)
         }
         .await;
+        metrics::poll_round(&target.host_label(), round.elapsed());
         match result {
             Ok(statuses) => {
                 let mut by_run: HashMap<String, ProcStatus> = statuses.into_iter().collect();

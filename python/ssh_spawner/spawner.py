@@ -23,7 +23,7 @@ from jupyterhub.traitlets import ByteSpecification
 from tornado import web
 from traitlets import Bool, Dict, Float, Integer, List, Tuple, Unicode, Union, default, observe
 
-from . import _core
+from . import _core, metrics
 from .journal import Journal, is_alive, stops_to_retry, this_process, to_sweep
 
 try:  # JupyterHub >= 6: a policy failure, logged without a traceback
@@ -45,6 +45,12 @@ _STOPPERS: dict[str, tuple[asyncio.Task, asyncio.Event]] = {}
 # Seconds between two tries of the pending stops (a host that answers again is
 # noticed within this, plus connect_timeout).
 STOP_RETRY = 15.0
+# The hub's /hub/metrics shows the spawner's metrics from the moment the hub
+# loads this class (docs/metrics.md).
+metrics.register(lambda: list(_CORES.values()))
+# user_options keys set by a spawner wrapping this one (wrapspawner's
+# ProfilesSpawner): left to it, not refused as unknown options.
+_WRAPPER_OPTIONS = frozenset({"profile"})
 _LEVELS = {
     "ERROR": logging.ERROR,
     "WARN": logging.WARNING,
@@ -402,6 +408,7 @@ class SSHSpawner(Spawner):
         stop, forget = to_sweep(entries, set(_CLAIMED), me, alive)
         for e in forget:
             await _blocking(journal.remove, e.run_id)
+        metrics.journal_swept("forgotten", len(forget))
         for e in stop:
             try:
                 result = await self.core.stop(e.state)
@@ -412,7 +419,10 @@ class SSHSpawner(Spawner):
                     result,
                 )
                 await _blocking(journal.remove, e.run_id)
+                metrics.journal_swept("stopped")
             except _core.SpawnerError as err:
+                metrics.journal_swept("failed")
+                # Kept in the journal: the next restart tries again.
                 self.log.error(
                     "SSHSpawner journal: cannot stop orphaned run %s yet: %s", e.run_id, err
                 )
@@ -551,8 +561,12 @@ class SSHSpawner(Spawner):
     def _user_choice(self) -> dict:
         """The user's options, validated again: they may come from the REST
         API (or a stored earlier spawn) without passing the form."""
+        # wrapspawner's ProfilesSpawner keeps its own choice in
+        # user_options["profile"] and shares user_options with the SSHSpawner
+        # it wraps: that key is the wrapper's, not an option of ours.
+        mine = {k: v for k, v in (self.user_options or {}).items() if k not in _WRAPPER_OPTIONS}
         try:
-            options = json.dumps(self.user_options or {})
+            options = json.dumps(mine)
         except (TypeError, ValueError):
             raise self._spawn_error(
                 ValueError("invalid server options: not JSON (files are not accepted)")

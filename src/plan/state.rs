@@ -26,6 +26,10 @@ pub struct ServerState {
     pub version: u32,
     /// The hub user the server belongs to.
     pub username: String,
+    /// The hub's name for the server ("" for the default server); only for
+    /// log lines (states saved before it was recorded have none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub server_name: String,
     /// The host's display name.
     pub host: String,
     /// Address the hub connects to over SSH.
@@ -215,6 +219,7 @@ mod tests {
         ServerState {
             version: STATE_VERSION,
             username: "alice".into(),
+            server_name: String::new(),
             host: "node1".into(),
             address: "198.18.0.11".into(),
             ssh_port: 22,

@@ -205,6 +205,25 @@ impl Pool {
         stats
     }
 
+    /// Connections held and channels open, by host (`address:port`, summed
+    /// over remote users).
+    pub fn stats_by_host(&self) -> Vec<(String, usize, usize)> {
+        let slots: Vec<(Target, Arc<Slot>)> = match self.inner.slots.lock() {
+            Ok(map) => map.iter().map(|(t, s)| (t.clone(), s.clone())).collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut by_host: std::collections::BTreeMap<String, (usize, usize)> =
+            std::collections::BTreeMap::new();
+        for (target, slot) in slots {
+            let row = by_host.entry(target.host_label()).or_default();
+            if let Ok(conns) = slot.conns.try_lock() {
+                row.0 += conns.iter().filter(|c| !c.handle.is_closed()).count();
+                row.1 += conns.iter().map(|c| c.in_use()).sum::<usize>();
+            }
+        }
+        by_host.into_iter().map(|(h, (c, s))| (h, c, s)).collect()
+    }
+
     /// Close every connection now (e.g. at hub shutdown).
     pub async fn close_all(&self) {
         for slot in self.slots() {
@@ -470,7 +489,13 @@ impl Pool {
                     }
                 }
             }
-            match connect::connect(target, &opts.connect, self.inner.forwards.clone()).await {
+            let connected =
+                connect::connect(target, &opts.connect, self.inner.forwards.clone()).await;
+            crate::metrics::ssh_connect(
+                &target.host_label(),
+                connected.as_ref().err().map(|e| e.kind()),
+            );
+            match connected {
                 Ok(handle) => {
                     self.inner.handshakes.fetch_add(1, Ordering::Relaxed);
                     let capacity = opts.max_sessions_per_connection.max(1);
