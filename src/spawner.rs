@@ -235,6 +235,8 @@ pub struct Spawner {
     /// One facts read at a time per (host, user): starts that miss the cache
     /// together wait for the first read instead of each running their own.
     facts_reads: Arc<Mutex<FactsReads>>,
+    /// See [`Spawner::set_hub_api`].
+    hub_api: Arc<Mutex<Option<String>>>,
 }
 
 impl Spawner {
@@ -253,6 +255,7 @@ impl Spawner {
             tunnels: Arc::new(Mutex::new(HashMap::new())),
             claims: Arc::new(Mutex::new(HashMap::new())),
             facts_reads: Arc::new(Mutex::new(HashMap::new())),
+            hub_api: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -292,6 +295,35 @@ impl Spawner {
     /// own processes.)
     pub fn check_state(&self, state: &ServerState) -> Result<()> {
         state.validate()?;
+        state.check_dir_layout(&self.config.state_dir)?;
+        let refuse = |reason: String| Error::Invalid {
+            what: format!("server state of {:?}", state.username),
+            reason: format!("{reason}; refusing to act on it"),
+        };
+        if !self
+            .config
+            .hosts
+            .iter()
+            .any(|h| h.address == state.address && h.port == state.ssh_port)
+        {
+            return Err(refuse(format!(
+                "names {}:{}, which is not a configured host",
+                state.address, state.ssh_port
+            )));
+        }
+        if let Some(to) = &state.hub_forward_to {
+            if !self.config.hub_tunnel {
+                return Err(refuse(format!(
+                    "has a hub tunnel to {to:?}, but hub_tunnel is off"
+                )));
+            }
+            let known = self.hub_api.lock().ok().and_then(|h| h.clone());
+            if let Some(api) = known.filter(|api| api != to) {
+                return Err(refuse(format!(
+                    "has a hub tunnel to {to:?}, but the hub API is at {api:?}"
+                )));
+            }
+        }
         let expected = self.config.remote_user_for(&state.username)?;
         if state.remote_user != expected {
             return Err(Error::Invalid {
@@ -303,6 +335,27 @@ impl Spawner {
             });
         }
         Ok(())
+    }
+
+    /// The hub API address (`host:port`) hub tunnels carry to: a state whose
+    /// hub tunnel names another address is refused by
+    /// [`Spawner::check_state`], so a forged state cannot make the hub carry
+    /// connections to an address of its choosing.
+    pub fn set_hub_api(&self, to: &str) -> Result<()> {
+        check_host_port(to).map_err(|r| Error::Invalid {
+            what: format!("hub API address {to:?}"),
+            reason: r,
+        })?;
+        if let Ok(mut h) = self.hub_api.lock() {
+            *h = Some(to.to_string());
+        }
+        Ok(())
+    }
+
+    /// `script` behind the host-side check that the state's directory is
+    /// `$HOME/state_dir/run_id` of the login (see [`crate::plan::state::host_guard`]).
+    fn guarded(&self, state: &ServerState, script: String) -> Result<String> {
+        Ok(crate::plan::state::host_guard(state, &self.config.state_dir)? + &script)
     }
 
     fn state_target(&self, state: &ServerState) -> Result<Target> {
@@ -1031,7 +1084,7 @@ impl Spawner {
                 &target,
                 &self
                     .command("/bin/sh -s")
-                    .stdin(adopt::adopt_script(&state.dir)?),
+                    .stdin(self.guarded(state, adopt::adopt_script(&state.dir)?)?),
             )
             .await?
             .check(&target)?;
@@ -1123,7 +1176,7 @@ impl Spawner {
                     &target,
                     &self
                         .command("/bin/sh -s")
-                        .stdin(adopt::remove_dir_script(&state.dir)?),
+                        .stdin(self.guarded(state, adopt::remove_dir_script(&state.dir)?)?),
                 )
                 .await?
                 .check(&target)?;
@@ -1136,7 +1189,10 @@ impl Spawner {
             reason: "incomplete".into(),
         })?;
         let grace = self.config.stop_grace.ceil() as u32;
-        let script = script::stop_script(&proc_, grace, self.config.keep_log)?;
+        let script = self.guarded(
+            &state,
+            script::stop_script(&proc_, grace, self.config.keep_log)?,
+        )?;
         let cmd = Command::new("/bin/sh -s").stdin(script).timeout(
             Config::duration(self.config.command_timeout) + Duration::from_secs(u64::from(grace)),
         );
@@ -1435,6 +1491,35 @@ mod tests {
         let mut bad = good.clone();
         bad.username = "x$(id)".into();
         assert!(sp.check_state(&bad).is_err());
+        // Where it runs and what it removes must match the configuration.
+        let mut home = good.clone();
+        home.run_id = "ann".into();
+        home.dir = "/home/lab-ann".into();
+        let e = sp.check_state(&home).unwrap_err().to_string();
+        assert!(e.contains("/home/lab-ann"), "{e}");
+        for (address, port) in [("198.18.0.99", 22), ("198.18.0.11", 2222)] {
+            let mut elsewhere = good.clone();
+            elsewhere.address = address.into();
+            elsewhere.ssh_port = port;
+            let e = sp.check_state(&elsewhere).unwrap_err().to_string();
+            assert!(e.contains("not a configured host"), "{e}");
+        }
+        let mut hub = good.clone();
+        hub.hub_forward_port = Some(40000);
+        hub.hub_forward_to = Some("10.1.2.3:22".into());
+        let e = sp.check_state(&hub).unwrap_err().to_string();
+        assert!(e.contains("hub_tunnel is off"), "{e}");
+        let c: Config = toml::from_str(
+            "known_hosts = \"/nonexistent\"\nkey_path = \"/keys/{username}\"\nremote_user = \"lab-{username}\"\n\
+             hub_tunnel = true\n[[hosts]]\naddress = \"198.18.0.11\"\n",
+        )
+        .unwrap();
+        let sp = Spawner::new(c).unwrap();
+        sp.set_hub_api("198.18.0.1:8081").unwrap();
+        let e = sp.check_state(&hub).unwrap_err().to_string();
+        assert!(e.contains("the hub API is at"), "{e}");
+        hub.hub_forward_to = Some("198.18.0.1:8081".into());
+        sp.check_state(&hub).unwrap();
     }
 
     #[tokio::test]

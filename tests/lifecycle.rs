@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{mode_of, rand_suffix, testbed, Testbed, Undo};
+use common::{mode_of, rand_suffix, testbed, Scratch, Testbed, Undo};
 use ssh_spawner::config::Config;
 use ssh_spawner::plan::hosts::{HostFacts, Requirements, Strategy};
 use ssh_spawner::plan::limits::Limits;
@@ -562,7 +562,9 @@ async fn forged_state_never_signals_someone_elses_process() {
     let mut stolen = state.clone();
     stolen.remote_user = tb.bob().name.clone();
     stolen.username = tb.bob().name.clone();
-    assert_eq!(sp.stop(&stolen).await.unwrap(), Stopped::AlreadyGone);
+    // Its directory is under alice's home, not bob's: bob's login refuses it.
+    let err = sp.stop(&stolen).await.expect_err("another home is refused");
+    assert!(err.to_string().contains("refusing"), "{err}");
     // Alice's state naming bob's login: refused before any exec.
     let mut other_login = state.clone();
     other_login.remote_user = tb.bob().name.clone();
@@ -614,6 +616,94 @@ async fn forged_state_never_signals_someone_elses_process() {
     );
     sp.stop(&state).await.unwrap();
     std::fs::remove_dir_all(&state.dir).unwrap();
+}
+
+#[tokio::test]
+async fn stop_removes_only_a_server_directory_under_the_logins_home() {
+    let Some(tb) = testbed("stop_removes_only_a_server_directory_under_the_logins_home") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let alice = tb.alice().clone();
+    let user = alice.name.clone();
+    let host = &tb.hosts[0];
+    let base = ServerState {
+        version: state::STATE_VERSION,
+        username: user.clone(),
+        host: host.name.clone(),
+        address: host.address.clone(),
+        ssh_port: host.port,
+        remote_user: user.clone(),
+        port: 20001,
+        run_id: "precious".into(),
+        dir: alice.home.display().to_string(),
+        pid: None,
+        pgid: None,
+        start_time: None,
+        uid: None,
+        boot_id: None,
+        enforcement: None,
+        tunnel_port: None,
+        hub_forward_port: None,
+        hub_forward_to: None,
+        extra: Default::default(),
+    };
+    // A directory alice owns that no stop may remove: her home itself, and a
+    // look-alike `.jupyterhub-ssh/RUN` outside her home.
+    let scratch = Scratch::new("decoy");
+    let decoy = scratch.0.display().to_string();
+    let lookalike = format!("{decoy}/.jupyterhub-ssh/precious");
+    std::fs::create_dir_all(&lookalike).unwrap();
+    std::fs::write(format!("{lookalike}/keep"), "x").unwrap();
+    let chown = |p: &str| {
+        let ok = std::process::Command::new("chown")
+            .args(["-R", &format!("{}", alice.uid), p])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    chown(&decoy);
+    let marker = alice.home.join(format!("precious-{}", rand_suffix()));
+    std::fs::write(&marker, "x").unwrap();
+    chown(&marker.display().to_string());
+    let launched = |mut s: ServerState| {
+        // As if launched: a pid of nothing (stop finds it gone, then cleans up).
+        s.pid = Some(4_000_000);
+        s.pgid = Some(4_000_000);
+        s.start_time = Some(1);
+        s.uid = Some(alice.uid);
+        s.boot_id = Some("00000000-0000-0000-0000-000000000000".into());
+        s
+    };
+    // dir = HOME, run id = its last part: refused before any exec.
+    let mut home = base.clone();
+    home.run_id = alice.home.file_name().unwrap().to_string_lossy().into();
+    home.dir = alice.home.display().to_string();
+    assert!(
+        home.validate().is_ok(),
+        "the testbed's alice has a home like /home/alice"
+    );
+    for s in [home.clone(), launched(home.clone())] {
+        let err = sp.stop(&s).await.expect_err("a home directory is refused");
+        assert!(err.to_string().contains("refusing"), "{err}");
+    }
+    // Shaped right but not under her home: the host refuses it.
+    let mut outside = base.clone();
+    outside.dir = lookalike.clone();
+    for s in [outside.clone(), launched(outside.clone())] {
+        let err = sp
+            .stop(&s)
+            .await
+            .expect_err("a directory outside the home is refused");
+        assert!(err.to_string().contains("refusing"), "{err}");
+        assert!(
+            std::path::Path::new(&format!("{lookalike}/keep")).exists(),
+            "stop removed {lookalike}"
+        );
+    }
+    assert!(marker.exists(), "stop removed alice's home");
+    std::fs::remove_file(&marker).unwrap();
 }
 
 #[tokio::test]
