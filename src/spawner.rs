@@ -195,8 +195,7 @@ struct PollQueue {
     draining: bool,
 }
 
-/// Environment variable naming the run in every process of a server.
-pub const RUN_ENV: &str = "SSH_SPAWNER_RUN";
+pub use crate::plan::adopt::RUN_ENV;
 
 /// Most servers polled in one exec.
 const POLL_CHUNK: usize = 500;
@@ -1084,7 +1083,7 @@ impl Spawner {
                 &target,
                 &self
                     .command("/bin/sh -s")
-                    .stdin(self.guarded(state, adopt::adopt_script(&state.dir)?)?),
+                    .stdin(self.guarded(state, adopt::adopt_script(&state.dir, &state.run_id)?)?),
             )
             .await?
             .check(&target)?;

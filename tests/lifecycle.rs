@@ -707,6 +707,92 @@ async fn stop_removes_only_a_server_directory_under_the_logins_home() {
 }
 
 #[tokio::test]
+async fn an_old_pid_file_never_makes_stop_signal_another_program() {
+    let Some(tb) = testbed("an_old_pid_file_never_makes_stop_signal_another_program") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice().name.clone();
+    let host = tb.hosts[0].name.clone();
+    // A state saved before launch reported the pid (a cancelled start), whose
+    // directory holds a pid file naming another program of the same login:
+    // the server exited long ago and its pid was reused.
+    let prepared = sp
+        .prepare(
+            &SpawnRequest {
+                host: Some(host.clone()),
+                ..request(&user)
+            },
+            &Progress::new(),
+        )
+        .await
+        .unwrap();
+    let state = prepared.state.clone();
+    let other = remote(
+        &sp,
+        &tb,
+        &host,
+        &user,
+        "setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!",
+    )
+    .await;
+    let other: u32 = other.trim().parse().unwrap();
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.rsplit(") ").next().unwrap_or("").starts_with('Z'))
+            .unwrap_or(false)
+    };
+    assert!(alive(other));
+    remote(
+        &sp,
+        &tb,
+        &host,
+        &user,
+        &format!(
+            "umask 077; mkdir -p {d} && echo {other} >{d}/pid",
+            d = state.dir
+        ),
+    )
+    .await;
+    assert!(
+        sp.adopt(&state).await.unwrap().is_none(),
+        "adopted a stranger"
+    );
+    assert!(matches!(sp.poll(&state).await, PollOutcome::Exited { .. }));
+    assert_eq!(sp.stop(&state).await.unwrap(), Stopped::AlreadyGone);
+    let survived = alive(other);
+    let _ = std::process::Command::new("kill")
+        .arg(other.to_string())
+        .status();
+    assert!(survived, "stop signalled another program of the login");
+    assert!(
+        !std::path::Path::new(&state.dir).exists(),
+        "the directory stays"
+    );
+    // The real thing is still adopted: a launched server whose pid never
+    // reached the state.
+    let launched = sp
+        .spawn(
+            &request(&user),
+            env_for(&user, vec![]),
+            &["sleep".to_string(), "1402".to_string()],
+            &Progress::new(),
+        )
+        .await
+        .unwrap();
+    let mut unsaved = launched.clone();
+    (unsaved.pid, unsaved.pgid, unsaved.start_time) = (None, None, None);
+    (unsaved.uid, unsaved.boot_id) = (None, None);
+    let adopted = sp.adopt(&unsaved).await.unwrap().expect("adopted");
+    assert_eq!(adopted, launched);
+    assert!(matches!(
+        sp.stop(&unsaved).await.unwrap(),
+        Stopped::Killed { .. }
+    ));
+    assert!(!alive(launched.pid.unwrap()));
+}
+
+#[tokio::test]
 async fn starts_at_once_never_share_a_port() {
     let Some(tb) = testbed("starts_at_once_never_share_a_port") else {
         return;
