@@ -176,6 +176,20 @@ fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Error {
     }
 }
 
+/// Duration options: name, value, whether 0 is allowed, most seconds. A
+/// bound keeps every sum of durations far from overflowing and refuses
+/// values that cannot be meant (0 for a timeout, 1e19 s).
+type DurationBound = (&'static str, fn(&Config) -> f64, bool, f64);
+const DURATION_BOUNDS: [DurationBound; 7] = [
+    ("stop_grace", |c| c.stop_grace, true, 3600.0),
+    ("connect_timeout", |c| c.connect_timeout, false, 600.0),
+    ("auth_timeout", |c| c.auth_timeout, false, 600.0),
+    ("command_timeout", |c| c.command_timeout, false, 3600.0),
+    ("facts_cache", |c| c.facts_cache, true, 3600.0),
+    ("idle_timeout", |c| c.idle_timeout, false, 86400.0),
+    ("launch_settle", |c| c.launch_settle, true, 60.0),
+];
+
 fn secs(what: &str, v: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(v)
         .map_err(|_| invalid(what, format!("{v} is not a duration in seconds")))
@@ -249,25 +263,32 @@ impl Config {
                 format!("{:?} must be `~/NAME` (per user, under the home directory) of letters, digits, `/._-`", self.state_dir),
             ));
         }
-        for (what, v) in [
-            ("stop_grace", self.stop_grace),
-            ("connect_timeout", self.connect_timeout),
-            ("auth_timeout", self.auth_timeout),
-            ("command_timeout", self.command_timeout),
-            ("facts_cache", self.facts_cache),
-            ("idle_timeout", self.idle_timeout),
-            ("launch_settle", self.launch_settle),
-        ] {
+        for (what, v, zero_ok, max) in DURATION_BOUNDS {
+            let v = v(self);
             secs(what, v)?;
+            if v > max {
+                return Err(invalid(
+                    what,
+                    format!("{v} s is more than the {max} s this option allows"),
+                ));
+            }
+            if v == 0.0 && !zero_ok {
+                return Err(invalid(
+                    what,
+                    "0 s would time out at once; give at least a fraction of a second",
+                ));
+            }
         }
-        if self.launch_settle > 60.0 {
-            return Err(invalid(
-                "launch_settle",
-                format!(
-                    "{} s is longer than a start should wait (at most 60)",
-                    self.launch_settle
-                ),
-            ));
+        for (what, v) in [
+            (
+                "max_sessions_per_connection",
+                self.max_sessions_per_connection,
+            ),
+            ("max_connections_per_host", self.max_connections_per_host),
+        ] {
+            if !(1..=1000).contains(&v) {
+                return Err(invalid(what, format!("{v} is not between 1 and 1000")));
+            }
         }
         if self.command.is_empty() {
             return Err(invalid("command", "empty"));
@@ -509,6 +530,23 @@ prologue = ["module load python"]
             (&format!("state_dir = \"../../etc\"\n{MIN}"), "state_dir"),
             (&format!("state_dir = \"/tmp/shared\"\n{MIN}"), "state_dir"),
             (&format!("stop_grace = -1\n{MIN}"), "stop_grace"),
+            (&format!("command_timeout = 0\n{MIN}"), "command_timeout"),
+            (&format!("connect_timeout = 0\n{MIN}"), "time out at once"),
+            (
+                &format!("command_timeout = 1.8e19\n{MIN}"),
+                "command_timeout",
+            ),
+            (&format!("stop_grace = 1e30\n{MIN}"), "stop_grace"),
+            (&format!("idle_timeout = 86401\n{MIN}"), "idle_timeout"),
+            (&format!("auth_timeout = inf\n{MIN}"), "auth_timeout"),
+            (
+                &format!("max_sessions_per_connection = 0\n{MIN}"),
+                "max_sessions_per_connection",
+            ),
+            (
+                &format!("max_connections_per_host = 0\n{MIN}"),
+                "max_connections_per_host",
+            ),
             (
                 &format!("port_range = {{ start = 10, end = 20 }}\n{MIN}"),
                 "port range",

@@ -1193,7 +1193,8 @@ impl Spawner {
             script::stop_script(&proc_, grace, self.config.keep_log)?,
         )?;
         let cmd = Command::new("/bin/sh -s").stdin(script).timeout(
-            Config::duration(self.config.command_timeout) + Duration::from_secs(u64::from(grace)),
+            Config::duration(self.config.command_timeout)
+                .saturating_add(Duration::from_secs(u64::from(grace))),
         );
         let out = self.pool.exec(&target, &cmd).await?.check(&target)?;
         let stopped = script::parse_stop(&String::from_utf8_lossy(&out.stdout))?;

@@ -504,7 +504,7 @@ impl Pool {
             return Err(queue_timeout(target, opts));
         };
         drop(conns);
-        let wait = opts.connect.connect_timeout + opts.channel_timeout;
+        let wait = queue_wait(opts);
         match tokio::time::timeout(wait, conn.sessions.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok((conn, permit)),
             _ => Err(queue_timeout(target, opts)),
@@ -517,8 +517,15 @@ fn queue_timeout(target: &Target, opts: &PoolOptions) -> Error {
         host: target.host_label(),
         user: target.user.clone(),
         phase: Phase::Queue,
-        after: opts.connect.connect_timeout + opts.channel_timeout,
+        after: queue_wait(opts),
     }
+}
+
+/// How long a caller queues for a session slot when every connection is full.
+fn queue_wait(opts: &PoolOptions) -> Duration {
+    opts.connect
+        .connect_timeout
+        .saturating_add(opts.channel_timeout)
 }
 
 async fn remove(slot: &Slot, dead: &Arc<Conn>) {
@@ -577,5 +584,19 @@ async fn sweep_idle(inner: Weak<Inner>) {
                 disconnect(conn).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_wait_of_huge_bounds_saturates_instead_of_panicking() {
+        let mut connect = ConnectOptions::new("/nonexistent");
+        connect.connect_timeout = Duration::MAX;
+        let mut opts = PoolOptions::new(connect);
+        opts.channel_timeout = Duration::from_secs(10);
+        assert_eq!(queue_wait(&opts), Duration::MAX);
     }
 }
