@@ -236,6 +236,8 @@ pub struct Spawner {
     facts_reads: Arc<Mutex<FactsReads>>,
     /// See [`Spawner::set_hub_api`].
     hub_api: Arc<Mutex<Option<String>>>,
+    /// Run ids [`Spawner::clean_up_later`] is working on.
+    cleaning: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Spawner {
@@ -255,6 +257,7 @@ impl Spawner {
             claims: Arc::new(Mutex::new(HashMap::new())),
             facts_reads: Arc::new(Mutex::new(HashMap::new())),
             hub_api: Arc::new(Mutex::new(None)),
+            cleaning: Arc::new(Mutex::new(Default::default())),
         })
     }
 
@@ -1047,26 +1050,48 @@ impl Spawner {
     /// A launch that failed because the host stopped answering may still have
     /// started the server there. Keep trying to stop it in the background
     /// (every 30 s for an hour), so nothing is left behind once it heals.
+    ///
+    /// One clean-up per run: asking again while one runs does nothing. The
+    /// run's tunnels are closed at once (each try is a [`Spawner::stop`]),
+    /// and stay closed when it gives up.
     pub fn clean_up_later(&self, state: ServerState) {
         let me = self.clone();
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        self.close_tunnel(&state.run_id, true, true);
+        let first = self
+            .cleaning
+            .lock()
+            .map(|mut c| c.insert(state.run_id.clone()))
+            .unwrap_or(true);
+        if !first {
+            return;
+        }
         rt.spawn(async move {
             for _ in 0..120 {
                 match me.stop(&state).await {
                     Ok(_) => {
                         tracing::info!(host = %state.host, run = %state.run_id, "cleaned up after an abandoned start");
-                        return;
+                        break;
                     }
                     Err(e) if e.is_unreachable() => tokio::time::sleep(Duration::from_secs(30)).await,
                     Err(e) => {
                         tracing::warn!(host = %state.host, run = %state.run_id, "cannot clean up an abandoned start: {e}");
-                        return;
+                        break;
                     }
                 }
             }
+            me.close_tunnel(&state.run_id, true, true);
+            if let Ok(mut c) = me.cleaning.lock() {
+                c.remove(&state.run_id);
+            }
         });
+    }
+
+    /// Runs [`Spawner::clean_up_later`] is working on.
+    pub fn cleaning_up(&self) -> usize {
+        self.cleaning.lock().map(|c| c.len()).unwrap_or(0)
     }
 
     /// Fill in the pid of a server whose start was interrupted before launch
@@ -1161,7 +1186,18 @@ impl Spawner {
     /// the grace, return once they are gone; the per-server directory is
     /// removed (its log kept unless configured otherwise). Stopping a stopped
     /// server is a no-op; an unreachable host is an error.
+    ///
+    /// The server's tunnels close whatever the outcome: the hub stops
+    /// routing to a server it stops, and a stop that could not reach the
+    /// host is finished by [`Spawner::clean_up_later`], not by a tunnel
+    /// left open.
     pub async fn stop(&self, state: &ServerState) -> Result<script::Stopped> {
+        let stopped = self.stop_inner(state).await;
+        self.close_tunnel(&state.run_id, true, true);
+        stopped
+    }
+
+    async fn stop_inner(&self, state: &ServerState) -> Result<script::Stopped> {
         if let Ok(mut claims) = self.claims.lock() {
             if let Some(mine) = claims.get_mut(&state.host) {
                 mine.remove(&state.port);
@@ -1179,7 +1215,6 @@ impl Spawner {
                 )
                 .await?
                 .check(&target)?;
-            self.close_tunnel(&state.run_id, true, true);
             return Ok(script::Stopped::AlreadyGone);
         };
         let target = self.state_target(&state)?;
@@ -1197,9 +1232,7 @@ impl Spawner {
                 .saturating_add(Duration::from_secs(u64::from(grace))),
         );
         let out = self.pool.exec(&target, &cmd).await?.check(&target)?;
-        let stopped = script::parse_stop(&String::from_utf8_lossy(&out.stdout))?;
-        self.close_tunnel(&state.run_id, true, true);
-        Ok(stopped)
+        script::parse_stop(&String::from_utf8_lossy(&out.stdout))
     }
 }
 

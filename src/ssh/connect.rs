@@ -10,9 +10,15 @@ use std::time::Duration;
 use russh::client;
 use russh::keys::PublicKeyOrCertificate;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use russh::client::Msg;
+use russh::Channel;
+use tokio::sync::mpsc;
+
 use super::auth;
 use super::known_hosts::{self, HostKeyPolicy, Verdict};
-use super::pool::ForwardTargets;
 use super::Target;
 use crate::error::{Error, Phase, Result};
 
@@ -47,7 +53,17 @@ impl ConnectOptions {
     }
 }
 
-/// The russh handler: checks the host key and nothing else.
+/// Where the forwarded connections of one remote forward go: the forward
+/// that asked for it carries them (and ends them when it is dropped).
+pub(crate) type ForwardSink = mpsc::UnboundedSender<Channel<Msg>>;
+
+/// The remote forwards of a pool: (host `address:port`, the port sshd
+/// listens on for us on the host's loopback) and their sinks. Every
+/// connection's handler consults it; forwards not in it are refused.
+pub(crate) type ForwardTargets = Arc<Mutex<HashMap<(String, u32), ForwardSink>>>;
+
+/// The russh handler: checks the host key and hands forwarded connections
+/// to their forward.
 pub(crate) struct Client {
     host: String,
     port: u16,
@@ -91,12 +107,13 @@ impl client::Handler for Client {
         } else {
             format!("{}:{}", self.host, self.port)
         };
-        let to = self
+        let sink = self
             .forwards
             .lock()
             .ok()
-            .and_then(|m| m.get(&(label.clone(), connected_port)).cloned());
-        let Some(to) = to else {
+            .and_then(|m| m.get(&(label.clone(), connected_port)).cloned())
+            .filter(|s| !s.is_closed());
+        let Some(sink) = sink else {
             tracing::warn!(host = %label, port = connected_port, "refused a forwarded connection for a forward not in use");
             reply
                 .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
@@ -104,7 +121,10 @@ impl client::Handler for Client {
             return Ok(());
         };
         reply.accept().await;
-        tokio::spawn(super::tunnel::carry_to(channel, to, label));
+        if sink.send(channel).is_err() {
+            // The forward went away meanwhile: the channel closes here.
+            tracing::debug!(host = %label, port = connected_port, "forwarded connection arrived as its forward closed");
+        }
         Ok(())
     }
 
