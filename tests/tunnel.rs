@@ -654,6 +654,51 @@ async fn a_stop_that_cannot_reach_the_host_still_closes_the_servers_tunnels() {
     let _ = std::fs::remove_dir_all(&state.dir);
 }
 
+#[tokio::test]
+async fn a_tunnel_never_waits_for_a_command_slot() {
+    let Some(tb) = testbed("a_tunnel_never_waits_for_a_command_slot") else {
+        return;
+    };
+    let _node1 = NODE1.lock().await;
+    let echo = RemoteEcho::start("tb-node1");
+    // One connection with one session slot, held by a long command: a poll
+    // storm in miniature.
+    let mut opts = tb.pool_options();
+    opts.max_sessions_per_connection = 1;
+    opts.max_connections_per_target = 1;
+    let pool = ssh_spawner::ssh::Pool::new(opts);
+    let target = tb.target("node1", &tb.alice().name);
+    let fwd = LocalForward::bind(
+        pool.clone(),
+        target.clone(),
+        0,
+        "127.0.0.1".into(),
+        echo.port,
+    )
+    .await
+    .unwrap();
+    let busy = {
+        let (pool, target) = (pool.clone(), target.clone());
+        tokio::spawn(async move {
+            pool.exec(
+                &target,
+                &Command::new("sleep 20").timeout(Duration::from_secs(30)),
+            )
+            .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.stats().channels < 1 {
+        assert!(Instant::now() < deadline, "the command never took its slot");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Browser traffic goes through while the only slot is taken.
+    let got = round_trip(fwd.port(), b"through").await.unwrap();
+    assert_eq!(got, b"hguorht");
+    assert!(!busy.is_finished(), "the tunnel waited for the command");
+    busy.abort();
+}
+
 /// Await futures concurrently on this task.
 async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
     let handles: Vec<_> = futs.map(|f| Box::pin(f)).collect();
