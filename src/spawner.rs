@@ -1160,18 +1160,36 @@ impl Spawner {
             }
             Err(_) => false,
         };
+        let label = target.host_label();
         if start_drain {
-            let polls = self.polls.clone();
-            let pool = self.pool.clone();
-            let cmd = self.command("/bin/sh -s");
-            let counter = Arc::new(AtomicUsize::new(0));
-            let execs = counter.clone();
-            let drained = tokio::spawn(drain_polls(polls, pool, target, cmd, execs));
-            let _ = drained.await;
-            self.poll_execs
-                .fetch_add(counter.load(Ordering::Relaxed), Ordering::Relaxed);
+            // The drain runs on its own task for as long as polls keep
+            // arriving; this poll waits for its own batch only.
+            tokio::spawn(drain_polls(
+                self.polls.clone(),
+                self.pool.clone(),
+                target,
+                self.command("/bin/sh -s"),
+                self.poll_execs.clone(),
+            ));
         }
-        match rx.await {
+        // A batch is one exec bounded by command_timeout (after a queue wait
+        // bounded by the pool); batches ahead of this one are bounded too,
+        // but an answer later than this says nothing about the server.
+        let bound = Config::duration(self.config.command_timeout)
+            .saturating_mul(2)
+            .saturating_add(Config::duration(self.config.connect_timeout));
+        let answer = match tokio::time::timeout(bound, rx).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                return PollOutcome::Unknown(Error::Timeout {
+                    host: label,
+                    user: state.remote_user.clone(),
+                    phase: crate::error::Phase::Command,
+                    after: bound,
+                })
+            }
+        };
+        match answer {
             Ok(Ok(ProcStatus::Running)) => PollOutcome::Running,
             Ok(Ok(ProcStatus::Exited { status, reason })) => PollOutcome::Exited { status, reason },
             Ok(Err(e)) => PollOutcome::Unknown(e),

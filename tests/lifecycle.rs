@@ -793,6 +793,60 @@ async fn an_old_pid_file_never_makes_stop_signal_another_program() {
 }
 
 #[tokio::test]
+async fn a_poll_does_not_wait_for_the_polls_that_arrive_after_it() {
+    let Some(tb) = testbed("a_poll_does_not_wait_for_the_polls_that_arrive_after_it") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice().name.clone();
+    let state = sp
+        .spawn(
+            &SpawnRequest {
+                host: Some(tb.hosts[1].name.clone()),
+                ..request(&user)
+            },
+            env_for(&user, vec![]),
+            &["sleep".to_string(), "1403".to_string()],
+            &Progress::new(),
+        )
+        .await
+        .unwrap();
+    // This poll starts the batch; a steady stream of polls of the same host
+    // keeps arriving after it until it has its answer (or 30 s pass).
+    let first = {
+        let (sp, state) = (sp.clone(), state.clone());
+        tokio::spawn(async move { sp.poll(&state).await })
+    };
+    let storm_on = Arc::new(AtomicBool::new(true));
+    let mut storm = Vec::new();
+    for _ in 0..8 {
+        let (sp, state, on) = (sp.clone(), state.clone(), storm_on.clone());
+        storm.push(tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_secs(30);
+            while on.load(Ordering::Relaxed) && Instant::now() < until {
+                sp.poll(&state).await;
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !first.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answered_during_the_storm = first.is_finished() && storm.iter().any(|t| !t.is_finished());
+    storm_on.store(false, Ordering::Relaxed);
+    for t in storm {
+        t.await.unwrap();
+    }
+    assert!(
+        answered_during_the_storm,
+        "the first poll waited for every poll that came after it"
+    );
+    assert!(matches!(first.await.unwrap(), PollOutcome::Running));
+    sp.stop(&state).await.unwrap();
+    let _ = std::fs::remove_dir_all(&state.dir);
+}
+
+#[tokio::test]
 async fn starts_at_once_never_share_a_port() {
     let Some(tb) = testbed("starts_at_once_never_share_a_port") else {
         return;

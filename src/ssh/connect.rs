@@ -37,6 +37,8 @@ pub struct ConnectOptions {
     pub keepalive_interval: Duration,
     /// Declare the connection dead after this many unanswered keepalives.
     pub keepalive_max: usize,
+    /// The parsed `known_hosts`, kept while the file is unchanged.
+    pub known_hosts_cache: known_hosts::Cache,
 }
 
 impl ConnectOptions {
@@ -49,6 +51,7 @@ impl ConnectOptions {
             auth_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(15),
             keepalive_max: 3,
+            known_hosts_cache: known_hosts::Cache::default(),
         }
     }
 }
@@ -68,7 +71,7 @@ pub(crate) struct Client {
     host: String,
     port: u16,
     known_hosts: PathBuf,
-    entries: Vec<known_hosts::Entry>,
+    entries: Arc<Vec<known_hosts::Entry>>,
     policy: HostKeyPolicy,
     forwards: ForwardTargets,
 }
@@ -167,7 +170,9 @@ impl client::Handler for Client {
                 HostKeyPolicy::AcceptNew => {
                     let line = known_hosts::entry_line(&self.host, self.port, key)
                         .map_err(HandlerError::HostKey)?;
-                    known_hosts::append(&self.known_hosts, &line).map_err(HandlerError::HostKey)?;
+                    known_hosts::append_blocking(&self.known_hosts, line)
+                        .await
+                        .map_err(HandlerError::HostKey)?;
                     tracing::warn!(host = %label, %fingerprint, known_hosts = %self.known_hosts.display(),
                         "accept-new: recorded the key of a host seen for the first time");
                     Ok(true)
@@ -187,7 +192,7 @@ pub(crate) async fn connect(
     forwards: ForwardTargets,
 ) -> Result<Connection> {
     let label = target.host_label();
-    let entries = known_hosts::load(&opts.known_hosts)?;
+    let entries = opts.known_hosts_cache.entries(&opts.known_hosts).await?;
 
     let mut config = client::Config {
         keepalive_interval: Some(opts.keepalive_interval),
