@@ -109,6 +109,14 @@ pub struct Config {
     /// Seconds before an unused connection is closed.
     #[serde(default = "d_idle")]
     pub idle_timeout: f64,
+    /// Seconds of silence from a host before the hub sends an SSH keepalive.
+    #[serde(default = "d_keepalive_interval")]
+    pub keepalive_interval: f64,
+    /// Unanswered keepalives after which a connection counts as dead (its
+    /// tunnels then move to a new one): a silently dead link is noticed
+    /// after about `keepalive_interval * (keepalive_count + 1)` seconds.
+    #[serde(default = "d_keepalive_count")]
+    pub keepalive_count: u32,
     /// Other ports tried when the chosen one is taken at launch.
     #[serde(default = "d_port_retries")]
     pub port_retries: u32,
@@ -162,6 +170,12 @@ fn d_max_connections() -> usize {
 fn d_idle() -> f64 {
     300.0
 }
+fn d_keepalive_interval() -> f64 {
+    15.0
+}
+fn d_keepalive_count() -> u32 {
+    3
+}
 fn d_port_retries() -> u32 {
     5
 }
@@ -180,7 +194,13 @@ fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Error {
 /// bound keeps every sum of durations far from overflowing and refuses
 /// values that cannot be meant (0 for a timeout, 1e19 s).
 type DurationBound = (&'static str, fn(&Config) -> f64, bool, f64);
-const DURATION_BOUNDS: [DurationBound; 7] = [
+const DURATION_BOUNDS: [DurationBound; 8] = [
+    (
+        "keepalive_interval",
+        |c| c.keepalive_interval,
+        false,
+        3600.0,
+    ),
     ("stop_grace", |c| c.stop_grace, true, 3600.0),
     ("connect_timeout", |c| c.connect_timeout, false, 600.0),
     ("auth_timeout", |c| c.auth_timeout, false, 600.0),
@@ -279,6 +299,12 @@ impl Config {
                 ));
             }
         }
+        if !(1..=100).contains(&self.keepalive_count) {
+            return Err(invalid(
+                "keepalive_count",
+                format!("{} is not between 1 and 100", self.keepalive_count),
+            ));
+        }
         for (what, v) in [
             (
                 "max_sessions_per_connection",
@@ -307,6 +333,8 @@ impl Config {
         connect.host_key_policy = self.host_key_policy;
         connect.connect_timeout = Self::duration(self.connect_timeout);
         connect.auth_timeout = Self::duration(self.auth_timeout);
+        connect.keepalive_interval = Self::duration(self.keepalive_interval);
+        connect.keepalive_max = self.keepalive_count as usize;
         let mut opts = PoolOptions::new(connect);
         opts.max_sessions_per_connection = self.max_sessions_per_connection;
         opts.max_connections_per_target = self.max_connections_per_host;
@@ -466,6 +494,9 @@ prologue = ["module load python"]
         let c: Config = toml::from_str(MIN).unwrap();
         c.validate().unwrap();
         assert_eq!(c.remote_user, "{username}");
+        let pool = c.pool_options();
+        assert_eq!(pool.connect.keepalive_interval, Duration::from_secs(15));
+        assert_eq!(pool.connect.keepalive_max, 3);
         assert_eq!(c.state_dir, "~/.jupyterhub-ssh");
         assert_eq!(c.host_selection, Strategy::Random);
         assert_eq!(c.host_key_policy, HostKeyPolicy::Strict);
@@ -538,6 +569,11 @@ prologue = ["module load python"]
             ),
             (&format!("stop_grace = 1e30\n{MIN}"), "stop_grace"),
             (&format!("idle_timeout = 86401\n{MIN}"), "idle_timeout"),
+            (
+                &format!("keepalive_interval = 0\n{MIN}"),
+                "keepalive_interval",
+            ),
+            (&format!("keepalive_count = 0\n{MIN}"), "keepalive_count"),
             (&format!("auth_timeout = inf\n{MIN}"), "auth_timeout"),
             (
                 &format!("max_sessions_per_connection = 0\n{MIN}"),

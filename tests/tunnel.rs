@@ -699,6 +699,95 @@ async fn a_tunnel_never_waits_for_a_command_slot() {
     busy.abort();
 }
 
+#[tokio::test]
+async fn the_hub_tunnel_is_back_within_the_configured_keepalive_bound() {
+    use ssh_spawner::config::Config;
+
+    let Some(tb) = testbed("the_hub_tunnel_is_back_within_the_configured_keepalive_bound") else {
+        return;
+    };
+    let _node1 = NODE1.lock().await;
+    let h = tb.host("node1");
+    // keepalive_interval 1 s, 2 keepalives: a silent link is given up on
+    // after about 3 s instead of the default 15 * 4 = 60 s.
+    let text = format!(
+        "known_hosts = \"{}\"\nkey_path = \"{}\"\nconnect_timeout = 2\n\
+         keepalive_interval = 1\nkeepalive_count = 2\n\
+         [[hosts]]\naddress = \"{}\"\nname = \"{}\"\n",
+        tb.known_hosts.display(),
+        tb.hub_key.display(),
+        h.address,
+        h.name
+    );
+    let config: Config = toml::from_str(&text).unwrap();
+    config.validate().unwrap();
+    let bound = Duration::from_secs_f64(
+        config.keepalive_interval * (f64::from(config.keepalive_count) + 1.0),
+    );
+    let pool = ssh_spawner::ssh::Pool::new(config.pool_options());
+    let target = tb.target("node1", &tb.alice().name);
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let to = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                if s.read_to_end(&mut data).await.is_ok() {
+                    let _ = s.write_all(&reversed(&data)).await;
+                }
+            });
+        }
+    });
+    let fwd = RemoteForward::open(pool.clone(), target.clone(), 0, to)
+        .await
+        .unwrap();
+    let rport = fwd.port();
+    let probe = Command::new("/usr/bin/python3 -")
+        .stdin(format!(
+            "import socket\ns = socket.create_connection(('127.0.0.1', {rport}), timeout=3)\n\
+             s.sendall(b'ping'); s.shutdown(socket.SHUT_WR)\nprint(s.recv(100).decode())\n"
+        ))
+        .timeout(Duration::from_secs(5));
+    let works = || async {
+        pool.exec(&target, &probe)
+            .await
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "gnip")
+            .unwrap_or(false)
+    };
+    assert!(works().await);
+    let handshakes = pool.stats().handshakes;
+
+    // The link drops every packet for a little longer than the bound: the
+    // keepalives give up on the connection the forward lives on.
+    let undo = Undo {
+        testbed: &tb,
+        action: "heal",
+        host: "node1".into(),
+    };
+    tb.fault("cut", "node1");
+    let cut = Instant::now();
+    tokio::time::sleep(bound + Duration::from_secs(1)).await;
+    drop(undo);
+    let healed = Instant::now();
+    // Back on a new connection within a few seconds of the heal (a
+    // reconnect and the forward request), not after TCP gives up.
+    let deadline = healed + Duration::from_secs(15);
+    while !works().await {
+        assert!(Instant::now() < deadline, "the hub tunnel is not back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "hub tunnel back {:?} after the heal ({:?} after the cut; keepalive bound {bound:?})",
+        healed.elapsed(),
+        cut.elapsed()
+    );
+    assert!(
+        pool.stats().handshakes > handshakes,
+        "the keepalives never gave up on the silent connection within {bound:?}"
+    );
+    assert_eq!(fwd.port(), rport);
+}
+
 /// Await futures concurrently on this task.
 async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
     let handles: Vec<_> = futs.map(|f| Box::pin(f)).collect();

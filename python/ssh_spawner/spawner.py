@@ -167,6 +167,21 @@ class SSHSpawner(Spawner):
     port_retries = Integer(5, help="Other ports tried when the chosen one is taken at launch.").tag(
         config=True
     )
+    keepalive_interval = Float(
+        15.0,
+        help="""Seconds of silence from a host before the hub sends an SSH
+        keepalive on its connection.""",
+    ).tag(config=True)
+    keepalive_count = Integer(
+        3,
+        help="""Unanswered keepalives after which a connection counts as dead.
+        A link that fails silently (a firewall or NAT dropping packets) is
+        noticed after about ``keepalive_interval * (keepalive_count + 1)``
+        seconds; only then do tunnels (``tunnel``, ``hub_tunnel``) move to a
+        new connection. Lower values bring tunnels back sooner; they also
+        drop connections over links that merely stall that long, and cost a
+        small packet per idle connection per interval.""",
+    ).tag(config=True)
 
     unreachable_grace = Float(
         300.0,
@@ -295,6 +310,8 @@ class SSHSpawner(Spawner):
             "max_connections_per_host": self.max_connections_per_host,
             "idle_timeout": self.idle_timeout,
             "port_retries": self.port_retries,
+            "keepalive_interval": self.keepalive_interval,
+            "keepalive_count": self.keepalive_count,
             "tunnel": self.tunnel,
             "hub_tunnel": self.hub_tunnel,
         }
