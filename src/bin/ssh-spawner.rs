@@ -506,6 +506,7 @@ fn parse_env_file(text: &str) -> std::result::Result<Vec<(String, String)>, (usi
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod env_file_tests {
     use super::parse_env_file;
 

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::connect::{self, ConnectOptions, Connection, ForwardSink, ForwardTargets};
 use super::tunnel::{
-    BoxFut, ForwardLink, Hold, LocalForward, OpenChannel, RemoteForward, RequestForward,
+    BoxFut, CarryTo, ForwardLink, Hold, LocalForward, OpenChannel, RemoteForward, RequestForward,
 };
 use super::Target;
 use crate::error::{Error, Phase, Result};
@@ -634,9 +634,11 @@ impl RemoteForward {
             Arc::new(guard),
             request,
             channels,
-            to,
-            target.host_label(),
-            pool.inner.tunnel_tasks.clone(),
+            CarryTo {
+                to,
+                label: target.host_label(),
+                tally: pool.inner.tunnel_tasks.clone(),
+            },
             forget,
         ))
     }

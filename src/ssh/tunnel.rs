@@ -213,6 +213,16 @@ pub struct RemoteForward {
     forget: Box<dyn Fn() + Send + Sync>,
 }
 
+/// Where a remote forward's connections go, and the tally its tasks count in.
+pub(crate) struct CarryTo {
+    /// The local `host:port`.
+    pub(crate) to: String,
+    /// The host, for logs.
+    pub(crate) label: String,
+    /// See [`Live`].
+    pub(crate) tally: Arc<AtomicUsize>,
+}
+
 /// The connection the forward currently lives on.
 type Current = Arc<Mutex<Option<Arc<dyn ForwardLink>>>>;
 
@@ -227,23 +237,12 @@ impl RemoteForward {
         link: Arc<dyn ForwardLink>,
         request: RequestForward,
         channels: mpsc::UnboundedReceiver<Channel<Msg>>,
-        to: String,
-        label: String,
-        tally: Arc<AtomicUsize>,
+        carry: CarryTo,
         forget: Box<dyn Fn() + Send + Sync>,
     ) -> RemoteForward {
         let current: Current = Arc::new(Mutex::new(Some(link)));
-        let live = Live::new(&tally);
-        let task = tokio::spawn(keep(
-            port,
-            request,
-            channels,
-            to,
-            label,
-            current.clone(),
-            tally,
-            live,
-        ));
+        let live = Live::new(&carry.tally);
+        let task = tokio::spawn(keep(port, request, channels, carry, current.clone(), live));
         RemoteForward {
             port,
             current,
@@ -278,17 +277,15 @@ impl Drop for RemoteForward {
 /// Carry the forward's connections and watch the connection it lives on;
 /// when that dies, request the same port on a new one, backing off while
 /// the host does not answer. Everything it started ends with it.
-#[allow(clippy::too_many_arguments)]
 async fn keep(
     port: u16,
     request: RequestForward,
     mut channels: mpsc::UnboundedReceiver<Channel<Msg>>,
-    to: String,
-    label: String,
+    carry: CarryTo,
     current: Current,
-    tally: Arc<AtomicUsize>,
     _live: Live,
 ) {
+    let CarryTo { to, label, tally } = carry;
     let closed = || {
         current
             .lock()
