@@ -819,8 +819,12 @@ async fn a_poll_does_not_wait_for_the_polls_that_arrive_after_it() {
     };
     let storm_on = Arc::new(AtomicBool::new(true));
     let mut storm = Vec::new();
-    for _ in 0..8 {
-        let (sp, state, on) = (sp.clone(), state.clone(), storm_on.clone());
+    for i in 0..8 {
+        // Other servers of the same login (one poll batch holds a run once).
+        let mut state = state.clone();
+        state.run_id = format!("5707e{i:011x}");
+        state.dir = format!("{}/{}", state.dir.rsplit_once('/').unwrap().0, state.run_id);
+        let (sp, on) = (sp.clone(), storm_on.clone());
         storm.push(tokio::spawn(async move {
             let until = Instant::now() + Duration::from_secs(30);
             while on.load(Ordering::Relaxed) && Instant::now() < until {
