@@ -116,6 +116,14 @@ pub struct Config {
     /// Seconds before an unused connection is closed.
     #[serde(default = "d_idle")]
     pub idle_timeout: f64,
+    /// Seconds of silence from a host before the hub sends an SSH keepalive.
+    #[serde(default = "d_keepalive_interval")]
+    pub keepalive_interval: f64,
+    /// Unanswered keepalives after which a connection counts as dead (its
+    /// tunnels then move to a new one): a silently dead link is noticed
+    /// after about `keepalive_interval * (keepalive_count + 1)` seconds.
+    #[serde(default = "d_keepalive_count")]
+    pub keepalive_count: u32,
     /// Other ports tried when the chosen one is taken at launch.
     #[serde(default = "d_port_retries")]
     pub port_retries: u32,
@@ -169,6 +177,12 @@ fn d_max_connections() -> usize {
 fn d_idle() -> f64 {
     300.0
 }
+fn d_keepalive_interval() -> f64 {
+    15.0
+}
+fn d_keepalive_count() -> u32 {
+    3
+}
 fn d_port_retries() -> u32 {
     5
 }
@@ -182,6 +196,26 @@ fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Error {
         reason: reason.into(),
     }
 }
+
+/// Duration options: name, value, whether 0 is allowed, most seconds. A
+/// bound keeps every sum of durations far from overflowing and refuses
+/// values that cannot be meant (0 for a timeout, 1e19 s).
+type DurationBound = (&'static str, fn(&Config) -> f64, bool, f64);
+const DURATION_BOUNDS: [DurationBound; 8] = [
+    (
+        "keepalive_interval",
+        |c| c.keepalive_interval,
+        false,
+        3600.0,
+    ),
+    ("stop_grace", |c| c.stop_grace, true, 3600.0),
+    ("connect_timeout", |c| c.connect_timeout, false, 600.0),
+    ("auth_timeout", |c| c.auth_timeout, false, 600.0),
+    ("command_timeout", |c| c.command_timeout, false, 3600.0),
+    ("facts_cache", |c| c.facts_cache, true, 3600.0),
+    ("idle_timeout", |c| c.idle_timeout, false, 86400.0),
+    ("ready_timeout", |c| c.ready_timeout, true, 3600.0),
+];
 
 fn secs(what: &str, v: f64) -> Result<Duration> {
     Duration::try_from_secs_f64(v)
@@ -256,25 +290,38 @@ impl Config {
                 format!("{:?} must be `~/NAME` (per user, under the home directory) of letters, digits, `/._-`", self.state_dir),
             ));
         }
-        for (what, v) in [
-            ("stop_grace", self.stop_grace),
-            ("connect_timeout", self.connect_timeout),
-            ("auth_timeout", self.auth_timeout),
-            ("command_timeout", self.command_timeout),
-            ("facts_cache", self.facts_cache),
-            ("idle_timeout", self.idle_timeout),
-            ("ready_timeout", self.ready_timeout),
-        ] {
+        for (what, v, zero_ok, max) in DURATION_BOUNDS {
+            let v = v(self);
             secs(what, v)?;
+            if v > max {
+                return Err(invalid(
+                    what,
+                    format!("{v} s is more than the {max} s this option allows"),
+                ));
+            }
+            if v == 0.0 && !zero_ok {
+                return Err(invalid(
+                    what,
+                    "0 s would time out at once; give at least a fraction of a second",
+                ));
+            }
         }
-        if self.ready_timeout > 3600.0 {
+        if !(1..=100).contains(&self.keepalive_count) {
             return Err(invalid(
-                "ready_timeout",
-                format!(
-                    "{} s is longer than a start should wait (at most 3600)",
-                    self.ready_timeout
-                ),
+                "keepalive_count",
+                format!("{} is not between 1 and 100", self.keepalive_count),
             ));
+        }
+        for (what, v) in [
+            (
+                "max_sessions_per_connection",
+                self.max_sessions_per_connection,
+            ),
+            ("max_connections_per_host", self.max_connections_per_host),
+        ] {
+            if !(1..=1000).contains(&v) {
+                return Err(invalid(what, format!("{v} is not between 1 and 1000")));
+            }
         }
         if self.command.is_empty() {
             return Err(invalid("command", "empty"));
@@ -293,6 +340,8 @@ impl Config {
         connect.host_key_policy = self.host_key_policy;
         connect.connect_timeout = Self::duration(self.connect_timeout);
         connect.auth_timeout = Self::duration(self.auth_timeout);
+        connect.keepalive_interval = Self::duration(self.keepalive_interval);
+        connect.keepalive_max = self.keepalive_count as usize;
         let mut opts = PoolOptions::new(connect);
         opts.max_sessions_per_connection = self.max_sessions_per_connection;
         opts.max_connections_per_target = self.max_connections_per_host;
@@ -456,6 +505,9 @@ prologue = ["module load python"]
         let c: Config = toml::from_str(MIN).unwrap();
         c.validate().unwrap();
         assert_eq!(c.remote_user, "{username}");
+        let pool = c.pool_options();
+        assert_eq!(pool.connect.keepalive_interval, Duration::from_secs(15));
+        assert_eq!(pool.connect.keepalive_max, 3);
         assert_eq!(c.state_dir, "~/.jupyterhub-ssh");
         assert_eq!(c.host_selection, Strategy::Random);
         assert_eq!(c.host_key_policy, HostKeyPolicy::Strict);
@@ -520,6 +572,28 @@ prologue = ["module load python"]
             (&format!("state_dir = \"../../etc\"\n{MIN}"), "state_dir"),
             (&format!("state_dir = \"/tmp/shared\"\n{MIN}"), "state_dir"),
             (&format!("stop_grace = -1\n{MIN}"), "stop_grace"),
+            (&format!("command_timeout = 0\n{MIN}"), "command_timeout"),
+            (&format!("connect_timeout = 0\n{MIN}"), "time out at once"),
+            (
+                &format!("command_timeout = 1.8e19\n{MIN}"),
+                "command_timeout",
+            ),
+            (&format!("stop_grace = 1e30\n{MIN}"), "stop_grace"),
+            (&format!("idle_timeout = 86401\n{MIN}"), "idle_timeout"),
+            (
+                &format!("keepalive_interval = 0\n{MIN}"),
+                "keepalive_interval",
+            ),
+            (&format!("keepalive_count = 0\n{MIN}"), "keepalive_count"),
+            (&format!("auth_timeout = inf\n{MIN}"), "auth_timeout"),
+            (
+                &format!("max_sessions_per_connection = 0\n{MIN}"),
+                "max_sessions_per_connection",
+            ),
+            (
+                &format!("max_connections_per_host = 0\n{MIN}"),
+                "max_connections_per_host",
+            ),
             (
                 &format!("port_range = {{ start = 10, end = 20 }}\n{MIN}"),
                 "port range",

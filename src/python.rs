@@ -412,6 +412,12 @@ impl Core {
             .collect()
     }
 
+    /// The hub API address (`host:port`) hub tunnels must carry to; a saved
+    /// state naming another is refused.
+    fn set_hub_api(&self, to: &str) -> PyResult<()> {
+        self.0.set_hub_api(to).map_err(py_err)
+    }
+
     /// Tunnels open in this process: (local listeners, hub forwards).
     fn tunnel_count(&self) -> (usize, usize) {
         self.0.tunnel_count()

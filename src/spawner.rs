@@ -199,8 +199,7 @@ struct PollQueue {
     draining: bool,
 }
 
-/// Environment variable naming the run in every process of a server.
-pub const RUN_ENV: &str = "SSH_SPAWNER_RUN";
+pub use crate::plan::adopt::RUN_ENV;
 
 /// Most servers polled in one exec.
 const POLL_CHUNK: usize = 500;
@@ -239,6 +238,10 @@ pub struct Spawner {
     /// One facts read at a time per (host, user): starts that miss the cache
     /// together wait for the first read instead of each running their own.
     facts_reads: Arc<Mutex<FactsReads>>,
+    /// See [`Spawner::set_hub_api`].
+    hub_api: Arc<Mutex<Option<String>>>,
+    /// Run ids [`Spawner::clean_up_later`] is working on.
+    cleaning: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 impl Spawner {
@@ -271,6 +274,8 @@ impl Spawner {
             tunnels: Arc::new(Mutex::new(HashMap::new())),
             claims: Arc::new(Mutex::new(HashMap::new())),
             facts_reads: Arc::new(Mutex::new(HashMap::new())),
+            hub_api: Arc::new(Mutex::new(None)),
+            cleaning: Arc::new(Mutex::new(Default::default())),
         })
     }
 
@@ -310,6 +315,35 @@ impl Spawner {
     /// own processes.)
     pub fn check_state(&self, state: &ServerState) -> Result<()> {
         state.validate()?;
+        state.check_dir_layout(&self.config.state_dir)?;
+        let refuse = |reason: String| Error::Invalid {
+            what: format!("server state of {:?}", state.username),
+            reason: format!("{reason}; refusing to act on it"),
+        };
+        if !self
+            .config
+            .hosts
+            .iter()
+            .any(|h| h.address == state.address && h.port == state.ssh_port)
+        {
+            return Err(refuse(format!(
+                "names {}:{}, which is not a configured host",
+                state.address, state.ssh_port
+            )));
+        }
+        if let Some(to) = &state.hub_forward_to {
+            if !self.config.hub_tunnel {
+                return Err(refuse(format!(
+                    "has a hub tunnel to {to:?}, but hub_tunnel is off"
+                )));
+            }
+            let known = self.hub_api.lock().ok().and_then(|h| h.clone());
+            if let Some(api) = known.filter(|api| api != to) {
+                return Err(refuse(format!(
+                    "has a hub tunnel to {to:?}, but the hub API is at {api:?}"
+                )));
+            }
+        }
         let expected = self.config.remote_user_for(&state.username)?;
         if state.remote_user != expected {
             return Err(Error::Invalid {
@@ -321,6 +355,27 @@ impl Spawner {
             });
         }
         Ok(())
+    }
+
+    /// The hub API address (`host:port`) hub tunnels carry to: a state whose
+    /// hub tunnel names another address is refused by
+    /// [`Spawner::check_state`], so a forged state cannot make the hub carry
+    /// connections to an address of its choosing.
+    pub fn set_hub_api(&self, to: &str) -> Result<()> {
+        check_host_port(to).map_err(|r| Error::Invalid {
+            what: format!("hub API address {to:?}"),
+            reason: r,
+        })?;
+        if let Ok(mut h) = self.hub_api.lock() {
+            *h = Some(to.to_string());
+        }
+        Ok(())
+    }
+
+    /// `script` behind the host-side check that the state's directory is
+    /// `$HOME/state_dir/run_id` of the login (see [`crate::plan::state::host_guard`]).
+    fn guarded(&self, state: &ServerState, script: String) -> Result<String> {
+        Ok(crate::plan::state::host_guard(state, &self.config.state_dir)? + &script)
     }
 
     fn state_target(&self, state: &ServerState) -> Result<Target> {
@@ -1134,11 +1189,24 @@ impl Spawner {
     /// A launch that failed because the host stopped answering may still have
     /// started the server there. Keep trying to stop it in the background
     /// (every 30 s for an hour), so nothing is left behind once it heals.
+    ///
+    /// One clean-up per run: asking again while one runs does nothing. The
+    /// run's tunnels are closed at once (each try is a [`Spawner::stop`]),
+    /// and stay closed when it gives up.
     pub fn clean_up_later(&self, state: ServerState) {
         let me = self.clone();
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        self.close_tunnel(&state.run_id, true, true);
+        let first = self
+            .cleaning
+            .lock()
+            .map(|mut c| c.insert(state.run_id.clone()))
+            .unwrap_or(true);
+        if !first {
+            return;
+        }
         let span = tracing::info_span!("server", user = %state.username, server = %state.server_name, host = %state.host);
         rt.spawn(
             async move {
@@ -1146,18 +1214,27 @@ impl Spawner {
                 match me.stop(&state).await {
                     Ok(_) => {
                         tracing::info!(host = %state.host, run = %state.run_id, "cleaned up after an abandoned start");
-                        return;
+                        break;
                     }
                     Err(e) if e.is_unreachable() => tokio::time::sleep(Duration::from_secs(30)).await,
                     Err(e) => {
                         tracing::warn!(host = %state.host, run = %state.run_id, "cannot clean up an abandoned start: {e}");
-                        return;
+                        break;
                     }
                 }
+            }
+            me.close_tunnel(&state.run_id, true, true);
+            if let Ok(mut c) = me.cleaning.lock() {
+                c.remove(&state.run_id);
             }
         }
             .instrument(span),
         );
+    }
+
+    /// Runs [`Spawner::clean_up_later`] is working on.
+    pub fn cleaning_up(&self) -> usize {
+        self.cleaning.lock().map(|c| c.len()).unwrap_or(0)
     }
 
     /// Fill in the pid of a server whose start was interrupted before launch
@@ -1175,7 +1252,7 @@ impl Spawner {
                 &target,
                 &self
                     .command("/bin/sh -s")
-                    .stdin(adopt::adopt_script(&state.dir)?),
+                    .stdin(self.guarded(state, adopt::adopt_script(&state.dir, &state.run_id)?)?),
             )
             .await?
             .check(&target)?;
@@ -1228,18 +1305,36 @@ impl Spawner {
             }
             Err(_) => false,
         };
+        let label = target.host_label();
         if start_drain {
-            let polls = self.polls.clone();
-            let pool = self.pool.clone();
-            let cmd = self.command("/bin/sh -s");
-            let counter = Arc::new(AtomicUsize::new(0));
-            let execs = counter.clone();
-            let drained = tokio::spawn(drain_polls(polls, pool, target, cmd, execs));
-            let _ = drained.await;
-            self.poll_execs
-                .fetch_add(counter.load(Ordering::Relaxed), Ordering::Relaxed);
+            // The drain runs on its own task for as long as polls keep
+            // arriving; this poll waits for its own batch only.
+            tokio::spawn(drain_polls(
+                self.polls.clone(),
+                self.pool.clone(),
+                target,
+                self.command("/bin/sh -s"),
+                self.poll_execs.clone(),
+            ));
         }
-        match rx.await {
+        // A batch is one exec bounded by command_timeout (after a queue wait
+        // bounded by the pool); batches ahead of this one are bounded too,
+        // but an answer later than this says nothing about the server.
+        let bound = Config::duration(self.config.command_timeout)
+            .saturating_mul(2)
+            .saturating_add(Config::duration(self.config.connect_timeout));
+        let answer = match tokio::time::timeout(bound, rx).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                return PollOutcome::Unknown(Error::Timeout {
+                    host: label,
+                    user: state.remote_user.clone(),
+                    phase: crate::error::Phase::Command,
+                    after: bound,
+                })
+            }
+        };
+        match answer {
             Ok(Ok(ProcStatus::Running)) => {
                 metrics::server_running(&state.run_id, &state.host);
                 PollOutcome::Running
@@ -1260,8 +1355,19 @@ impl Spawner {
     /// the grace, return once they are gone; the per-server directory is
     /// removed (its log kept unless configured otherwise). Stopping a stopped
     /// server is a no-op; an unreachable host is an error.
+    ///
+    /// The server's tunnels close whatever the outcome: the hub stops
+    /// routing to a server it stops, and a stop that could not reach the
+    /// host is finished by [`Spawner::clean_up_later`], not by a tunnel
+    /// left open.
     #[tracing::instrument(name = "server", skip_all, fields(user = %state.username, server = %state.server_name, host = %state.host))]
     pub async fn stop(&self, state: &ServerState) -> Result<script::Stopped> {
+        let stopped = self.stop_inner(state).await;
+        self.close_tunnel(&state.run_id, true, true);
+        stopped
+    }
+
+    async fn stop_inner(&self, state: &ServerState) -> Result<script::Stopped> {
         if let Ok(mut claims) = self.claims.lock() {
             if let Some(mine) = claims.get_mut(&state.host) {
                 mine.remove(&state.port);
@@ -1275,11 +1381,10 @@ impl Spawner {
                     &target,
                     &self
                         .command("/bin/sh -s")
-                        .stdin(adopt::remove_dir_script(&state.dir)?),
+                        .stdin(self.guarded(state, adopt::remove_dir_script(&state.dir)?)?),
                 )
                 .await?
                 .check(&target)?;
-            self.close_tunnel(&state.run_id, true, true);
             metrics::server_gone(&state.run_id);
             return Ok(script::Stopped::AlreadyGone);
         };
@@ -1289,13 +1394,16 @@ impl Spawner {
             reason: "incomplete".into(),
         })?;
         let grace = self.config.stop_grace.ceil() as u32;
-        let script = script::stop_script(&proc_, grace, self.config.keep_log)?;
+        let script = self.guarded(
+            &state,
+            script::stop_script(&proc_, grace, self.config.keep_log)?,
+        )?;
         let cmd = Command::new("/bin/sh -s").stdin(script).timeout(
-            Config::duration(self.config.command_timeout) + Duration::from_secs(u64::from(grace)),
+            Config::duration(self.config.command_timeout)
+                .saturating_add(Duration::from_secs(u64::from(grace))),
         );
         let out = self.pool.exec(&target, &cmd).await?.check(&target)?;
         let stopped = script::parse_stop(&String::from_utf8_lossy(&out.stdout))?;
-        self.close_tunnel(&state.run_id, true, true);
         metrics::server_gone(&state.run_id);
         if let script::Stopped::Killed { escalated: true } = stopped {
             metrics::stop_escalated(&state.host);
@@ -1608,6 +1716,35 @@ mod tests {
         let mut bad = good.clone();
         bad.username = "x$(id)".into();
         assert!(sp.check_state(&bad).is_err());
+        // Where it runs and what it removes must match the configuration.
+        let mut home = good.clone();
+        home.run_id = "ann".into();
+        home.dir = "/home/lab-ann".into();
+        let e = sp.check_state(&home).unwrap_err().to_string();
+        assert!(e.contains("/home/lab-ann"), "{e}");
+        for (address, port) in [("198.18.0.99", 22), ("198.18.0.11", 2222)] {
+            let mut elsewhere = good.clone();
+            elsewhere.address = address.into();
+            elsewhere.ssh_port = port;
+            let e = sp.check_state(&elsewhere).unwrap_err().to_string();
+            assert!(e.contains("not a configured host"), "{e}");
+        }
+        let mut hub = good.clone();
+        hub.hub_forward_port = Some(40000);
+        hub.hub_forward_to = Some("10.1.2.3:22".into());
+        let e = sp.check_state(&hub).unwrap_err().to_string();
+        assert!(e.contains("hub_tunnel is off"), "{e}");
+        let c: Config = toml::from_str(
+            "known_hosts = \"/nonexistent\"\nkey_path = \"/keys/{username}\"\nremote_user = \"lab-{username}\"\n\
+             hub_tunnel = true\n[[hosts]]\naddress = \"198.18.0.11\"\n",
+        )
+        .unwrap();
+        let sp = Spawner::new(c).unwrap();
+        sp.set_hub_api("198.18.0.1:8081").unwrap();
+        let e = sp.check_state(&hub).unwrap_err().to_string();
+        assert!(e.contains("the hub API is at"), "{e}");
+        hub.hub_forward_to = Some("198.18.0.1:8081".into());
+        sp.check_state(&hub).unwrap();
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{mode_of, rand_suffix, testbed, Testbed, Undo};
+use common::{mode_of, rand_suffix, testbed, Scratch, Testbed, Undo};
 use ssh_spawner::config::Config;
 use ssh_spawner::plan::hosts::{HostFacts, Requirements, Strategy};
 use ssh_spawner::plan::limits::Limits;
@@ -594,7 +594,9 @@ async fn forged_state_never_signals_someone_elses_process() {
     let mut stolen = state.clone();
     stolen.remote_user = tb.bob().name.clone();
     stolen.username = tb.bob().name.clone();
-    assert_eq!(sp.stop(&stolen).await.unwrap(), Stopped::AlreadyGone);
+    // Its directory is under alice's home, not bob's: bob's login refuses it.
+    let err = sp.stop(&stolen).await.expect_err("another home is refused");
+    assert!(err.to_string().contains("refusing"), "{err}");
     // Alice's state naming bob's login: refused before any exec.
     let mut other_login = state.clone();
     other_login.remote_user = tb.bob().name.clone();
@@ -646,6 +648,239 @@ async fn forged_state_never_signals_someone_elses_process() {
     );
     sp.stop(&state).await.unwrap();
     std::fs::remove_dir_all(&state.dir).unwrap();
+}
+
+#[tokio::test]
+async fn stop_removes_only_a_server_directory_under_the_logins_home() {
+    let Some(tb) = testbed("stop_removes_only_a_server_directory_under_the_logins_home") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let alice = tb.alice().clone();
+    let user = alice.name.clone();
+    let host = &tb.hosts[0];
+    let base = ServerState {
+        version: state::STATE_VERSION,
+        username: user.clone(),
+        server_name: String::new(),
+        host: host.name.clone(),
+        address: host.address.clone(),
+        ssh_port: host.port,
+        remote_user: user.clone(),
+        port: 20001,
+        run_id: "precious".into(),
+        dir: alice.home.display().to_string(),
+        pid: None,
+        pgid: None,
+        start_time: None,
+        uid: None,
+        boot_id: None,
+        enforcement: None,
+        tunnel_port: None,
+        hub_forward_port: None,
+        hub_forward_to: None,
+        extra: Default::default(),
+    };
+    // A directory alice owns that no stop may remove: her home itself, and a
+    // look-alike `.jupyterhub-ssh/RUN` outside her home.
+    let scratch = Scratch::new("decoy");
+    let decoy = scratch.0.display().to_string();
+    let lookalike = format!("{decoy}/.jupyterhub-ssh/precious");
+    std::fs::create_dir_all(&lookalike).unwrap();
+    std::fs::write(format!("{lookalike}/keep"), "x").unwrap();
+    let chown = |p: &str| {
+        let ok = std::process::Command::new("chown")
+            .args(["-R", &format!("{}", alice.uid), p])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    chown(&decoy);
+    let marker = alice.home.join(format!("precious-{}", rand_suffix()));
+    std::fs::write(&marker, "x").unwrap();
+    chown(&marker.display().to_string());
+    let launched = |mut s: ServerState| {
+        // As if launched: a pid of nothing (stop finds it gone, then cleans up).
+        s.pid = Some(4_000_000);
+        s.pgid = Some(4_000_000);
+        s.start_time = Some(1);
+        s.uid = Some(alice.uid);
+        s.boot_id = Some("00000000-0000-0000-0000-000000000000".into());
+        s
+    };
+    // dir = HOME, run id = its last part: refused before any exec.
+    let mut home = base.clone();
+    home.run_id = alice.home.file_name().unwrap().to_string_lossy().into();
+    home.dir = alice.home.display().to_string();
+    assert!(
+        home.validate().is_ok(),
+        "the testbed's alice has a home like /home/alice"
+    );
+    for s in [home.clone(), launched(home.clone())] {
+        let err = sp.stop(&s).await.expect_err("a home directory is refused");
+        assert!(err.to_string().contains("refusing"), "{err}");
+    }
+    // Shaped right but not under her home: the host refuses it.
+    let mut outside = base.clone();
+    outside.dir = lookalike.clone();
+    for s in [outside.clone(), launched(outside.clone())] {
+        let err = sp
+            .stop(&s)
+            .await
+            .expect_err("a directory outside the home is refused");
+        assert!(err.to_string().contains("refusing"), "{err}");
+        assert!(
+            std::path::Path::new(&format!("{lookalike}/keep")).exists(),
+            "stop removed {lookalike}"
+        );
+    }
+    assert!(marker.exists(), "stop removed alice's home");
+    std::fs::remove_file(&marker).unwrap();
+}
+
+#[tokio::test]
+async fn an_old_pid_file_never_makes_stop_signal_another_program() {
+    let Some(tb) = testbed("an_old_pid_file_never_makes_stop_signal_another_program") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice().name.clone();
+    let host = tb.hosts[0].name.clone();
+    // A state saved before launch reported the pid (a cancelled start), whose
+    // directory holds a pid file naming another program of the same login:
+    // the server exited long ago and its pid was reused.
+    let prepared = sp
+        .prepare(
+            &SpawnRequest {
+                host: Some(host.clone()),
+                ..request(&user)
+            },
+            &Progress::new(),
+        )
+        .await
+        .unwrap();
+    let state = prepared.state.clone();
+    let other = remote(
+        &sp,
+        &tb,
+        &host,
+        &user,
+        "setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $!",
+    )
+    .await;
+    let other: u32 = other.trim().parse().unwrap();
+    let alive = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.rsplit(") ").next().unwrap_or("").starts_with('Z'))
+            .unwrap_or(false)
+    };
+    assert!(alive(other));
+    remote(
+        &sp,
+        &tb,
+        &host,
+        &user,
+        &format!(
+            "umask 077; mkdir -p {d} && echo {other} >{d}/pid",
+            d = state.dir
+        ),
+    )
+    .await;
+    assert!(
+        sp.adopt(&state).await.unwrap().is_none(),
+        "adopted a stranger"
+    );
+    assert!(matches!(sp.poll(&state).await, PollOutcome::Exited { .. }));
+    assert_eq!(sp.stop(&state).await.unwrap(), Stopped::AlreadyGone);
+    let survived = alive(other);
+    let _ = std::process::Command::new("kill")
+        .arg(other.to_string())
+        .status();
+    assert!(survived, "stop signalled another program of the login");
+    assert!(
+        !std::path::Path::new(&state.dir).exists(),
+        "the directory stays"
+    );
+    // The real thing is still adopted: a launched server whose pid never
+    // reached the state.
+    let launched = sp
+        .spawn(
+            &request(&user),
+            env_for(&user, vec![]),
+            &["sleep".to_string(), "1402".to_string()],
+            &Progress::new(),
+        )
+        .await
+        .unwrap();
+    let mut unsaved = launched.clone();
+    (unsaved.pid, unsaved.pgid, unsaved.start_time) = (None, None, None);
+    (unsaved.uid, unsaved.boot_id) = (None, None);
+    let adopted = sp.adopt(&unsaved).await.unwrap().expect("adopted");
+    assert_eq!(adopted, launched);
+    assert!(matches!(
+        sp.stop(&unsaved).await.unwrap(),
+        Stopped::Killed { .. }
+    ));
+    assert!(!alive(launched.pid.unwrap()));
+}
+
+#[tokio::test]
+async fn a_poll_does_not_wait_for_the_polls_that_arrive_after_it() {
+    let Some(tb) = testbed("a_poll_does_not_wait_for_the_polls_that_arrive_after_it") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice().name.clone();
+    let state = sp
+        .spawn(
+            &SpawnRequest {
+                host: Some(tb.hosts[1].name.clone()),
+                ..request(&user)
+            },
+            env_for(&user, vec![]),
+            &["sleep".to_string(), "1403".to_string()],
+            &Progress::new(),
+        )
+        .await
+        .unwrap();
+    // This poll starts the batch; a steady stream of polls of the same host
+    // keeps arriving after it until it has its answer (or 30 s pass).
+    let first = {
+        let (sp, state) = (sp.clone(), state.clone());
+        tokio::spawn(async move { sp.poll(&state).await })
+    };
+    let storm_on = Arc::new(AtomicBool::new(true));
+    let mut storm = Vec::new();
+    for i in 0..8 {
+        // Other servers of the same login (one poll batch holds a run once).
+        let mut state = state.clone();
+        state.run_id = format!("5707e{i:011x}");
+        state.dir = format!("{}/{}", state.dir.rsplit_once('/').unwrap().0, state.run_id);
+        let (sp, on) = (sp.clone(), storm_on.clone());
+        storm.push(tokio::spawn(async move {
+            let until = Instant::now() + Duration::from_secs(30);
+            while on.load(Ordering::Relaxed) && Instant::now() < until {
+                sp.poll(&state).await;
+            }
+        }));
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !first.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let answered_during_the_storm = first.is_finished() && storm.iter().any(|t| !t.is_finished());
+    storm_on.store(false, Ordering::Relaxed);
+    for t in storm {
+        t.await.unwrap();
+    }
+    assert!(
+        answered_during_the_storm,
+        "the first poll waited for every poll that came after it"
+    );
+    assert!(matches!(first.await.unwrap(), PollOutcome::Running));
+    sp.stop(&state).await.unwrap();
+    let _ = std::fs::remove_dir_all(&state.dir);
 }
 
 #[tokio::test]

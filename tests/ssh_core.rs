@@ -610,3 +610,38 @@ async fn futures_join_all<T>(
     }
     out
 }
+
+#[tokio::test]
+async fn first_uploads_into_one_new_directory_at_once_all_succeed() {
+    let Some(tb) = testbed("first_uploads_into_one_new_directory_at_once_all_succeed") else {
+        return;
+    };
+    let pool = tb.pool();
+    let alice = tb.alice();
+    let target = tb.target("node2", &alice.name);
+    let base = format!(".ssh-spawner-race-{}", rand_suffix());
+    // Each upload finds the directories missing and makes them: all but the
+    // first lose the race between the check and the create.
+    let uploads = (0..8).map(|i| {
+        let (pool, target) = (pool.clone(), target.clone());
+        let files = vec![Upload {
+            path: format!("{base}/a/b/file{i}"),
+            contents: vec![b'x'; 10],
+            mode: 0o600,
+        }];
+        tokio::spawn(async move { pool.upload(&target, &files, Duration::from_secs(15)).await })
+    });
+    let mut failed = Vec::new();
+    for u in uploads.collect::<Vec<_>>() {
+        if let Err(e) = u.await.unwrap() {
+            failed.push(e.to_string());
+        }
+    }
+    let dir = alice.home.join(&base);
+    let made = std::fs::read_dir(dir.join("a/b"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(made, 8);
+}

@@ -12,6 +12,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 /// The two tests on node2 take turns: one restarts its sshd.
 static NODE2: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+/// The tests that cut node1 take turns.
+static NODE1: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// An echo server inside the host's namespace on its loopback: each
 /// connection is read to EOF, then answered with the reversed bytes and closed
@@ -244,6 +246,7 @@ async fn both_tunnels_work_again_after_a_dropped_link() {
     let Some(tb) = testbed("both_tunnels_work_again_after_a_dropped_link") else {
         return;
     };
+    let _node1 = NODE1.lock().await;
     let echo = RemoteEcho::start("tb-node1");
     // Short bounds: the blackholed connection is declared dead by keepalives
     // within about 3 s, so the tunnels must move to a new connection.
@@ -461,6 +464,328 @@ async fn spawner_tunnel_follows_the_server_across_a_hub_restart_and_closes_on_st
     if let Some(parent) = dir.parent() {
         let _ = std::fs::remove_dir_all(parent);
     }
+}
+
+/// Wait until the pool's tunnel tasks are down to `n` (they end
+/// asynchronously once aborted).
+async fn tunnel_tasks_reach(pool: &ssh_spawner::ssh::Pool, n: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.stats().tunnel_tasks != n {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} tunnel tasks alive, expected {n}",
+            pool.stats().tunnel_tasks
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_remote_forwards_connections_end_with_it() {
+    let Some(tb) = testbed("a_remote_forwards_connections_end_with_it") else {
+        return;
+    };
+    // The "hub API" accepts and holds each connection until the other side
+    // closes it, and reports each one it accepted.
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let to = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = accepted_tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(());
+                let mut data = Vec::new();
+                let _ = s.read_to_end(&mut data).await;
+                let _ = tx.send(());
+            });
+        }
+    });
+    // node2's other tests restart its sshd: take turns.
+    let _node2 = NODE2.lock().await;
+    let pool = tb.pool();
+    let target = tb.target("node2", &tb.alice().name);
+    let fwd = RemoteForward::open(pool.clone(), target.clone(), 0, to)
+        .await
+        .unwrap();
+    let rport = fwd.port();
+    // On the host: a client that connects through the forward and waits for
+    // the connection to end (EOF), at most 20 s.
+    let probe = Command::new("/usr/bin/python3 -")
+        .stdin(format!(
+            "import socket\ns = socket.create_connection(('127.0.0.1', {rport}), timeout=5)\n\
+             s.settimeout(20)\ntry:\n    print('eof' if s.recv(100) == b'' else 'data')\n\
+             except OSError as e:\n    print('open', e)\n"
+        ))
+        .timeout(Duration::from_secs(30));
+    let client = {
+        let (pool, target) = (pool.clone(), target.clone());
+        tokio::spawn(async move {
+            let out = pool.exec(&target, &probe).await.unwrap();
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        })
+    };
+    if tokio::time::timeout(Duration::from_secs(10), accepted.recv())
+        .await
+        .is_err()
+    {
+        panic!(
+            "the forwarded connection never reached the hub side; the client said {:?}",
+            client.await
+        );
+    }
+    assert_eq!(
+        pool.stats().tunnel_tasks,
+        2,
+        "the keeper and one connection"
+    );
+    let dropped = Instant::now();
+    drop(fwd);
+    tunnel_tasks_reach(&pool, 0, "after the forward was dropped").await;
+    tokio::time::timeout(Duration::from_secs(10), accepted.recv())
+        .await
+        .expect("the hub side sees the connection end");
+    assert_eq!(
+        client.await.unwrap(),
+        "eof",
+        "the host side stays connected"
+    );
+    assert!(dropped.elapsed() < Duration::from_secs(10));
+}
+
+#[tokio::test]
+async fn a_stop_that_cannot_reach_the_host_still_closes_the_servers_tunnels() {
+    use ssh_spawner::config::Config;
+    use ssh_spawner::plan::script::Stopped;
+    use ssh_spawner::spawner::{Progress, SpawnRequest, Spawner};
+
+    let Some(tb) = testbed("a_stop_that_cannot_reach_the_host_still_closes_the_servers_tunnels")
+    else {
+        return;
+    };
+    let _node1 = NODE1.lock().await;
+    let h = tb.host("node1");
+    let text = format!(
+        "known_hosts = \"{}\"\nkey_path = \"{}\"\nconnect_timeout = 2\ncommand_timeout = 15\n\
+         stop_grace = 3\ntunnel = true\n[[hosts]]\naddress = \"{}\"\nname = \"{}\"\n",
+        tb.known_hosts.display(),
+        tb.hub_key.display(),
+        h.address,
+        h.name
+    );
+    let config: Config = toml::from_str(&text).unwrap();
+    let user = tb.alice().name.clone();
+    let command = vec![
+        tb.python.display().to_string(),
+        "-m".into(),
+        "jupyterhub.tests.mocksu".into(),
+    ];
+    let env = {
+        let user = user.clone();
+        move |s: &ssh_spawner::plan::state::ServerState| {
+            vec![
+                (
+                    "JUPYTERHUB_SERVICE_URL".to_string(),
+                    format!("http://127.0.0.1:{}/user/{user}/", s.port),
+                ),
+                ("JUPYTERHUB_USER".to_string(), user.clone()),
+            ]
+        }
+    };
+    let req = SpawnRequest {
+        username: user.clone(),
+        ..Default::default()
+    };
+    let sp = Spawner::new(config).unwrap();
+    let state = sp
+        .spawn(&req, env, &command, &Progress::new())
+        .await
+        .unwrap();
+    let local = state.tunnel_port.unwrap();
+    let path = format!("/user/{user}/hello");
+    assert!(wait_http_200(local, &path).await.contains("hello"));
+    // A browser connection held open through the tunnel.
+    let mut held = TcpStream::connect(("127.0.0.1", local)).await.unwrap();
+    held.write_all(b"GET ").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sp.pool().stats().tunnel_tasks < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the held connection is not carried"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let undo = Undo {
+        testbed: &tb,
+        action: "heal",
+        host: "node1".into(),
+    };
+    tb.fault("cut", "node1");
+    let err = sp.stop(&state).await.expect_err("the host is cut");
+    assert!(err.is_unreachable(), "{err}");
+    assert_eq!(sp.tunnel_count(), (0, 0));
+    tunnel_tasks_reach(sp.pool(), 0, "after a failed stop").await;
+    assert!(TcpStream::connect(("127.0.0.1", local)).await.is_err());
+    let mut rest = Vec::new();
+    // EOF or a reset, but no longer open.
+    let _ = tokio::time::timeout(Duration::from_secs(5), held.read_to_end(&mut rest))
+        .await
+        .expect("the held connection is closed");
+    // The stop is finished in the background, once per run.
+    sp.clean_up_later(state.clone());
+    sp.clean_up_later(state.clone());
+    assert_eq!(sp.cleaning_up(), 1);
+    drop(undo);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let stopped = loop {
+        match sp.stop(&state).await {
+            Ok(s) => break s,
+            Err(e) => assert!(Instant::now() < deadline, "stop after heal: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(matches!(stopped, Stopped::Killed { .. }), "{stopped:?}");
+    assert_eq!(sp.tunnel_count(), (0, 0));
+    let _ = std::fs::remove_dir_all(&state.dir);
+}
+
+#[tokio::test]
+async fn a_tunnel_never_waits_for_a_command_slot() {
+    let Some(tb) = testbed("a_tunnel_never_waits_for_a_command_slot") else {
+        return;
+    };
+    let _node1 = NODE1.lock().await;
+    let echo = RemoteEcho::start("tb-node1");
+    // One connection with one session slot, held by a long command: a poll
+    // storm in miniature.
+    let mut opts = tb.pool_options();
+    opts.max_sessions_per_connection = 1;
+    opts.max_connections_per_target = 1;
+    let pool = ssh_spawner::ssh::Pool::new(opts);
+    let target = tb.target("node1", &tb.alice().name);
+    let fwd = LocalForward::bind(
+        pool.clone(),
+        target.clone(),
+        0,
+        "127.0.0.1".into(),
+        echo.port,
+    )
+    .await
+    .unwrap();
+    let busy = {
+        let (pool, target) = (pool.clone(), target.clone());
+        tokio::spawn(async move {
+            pool.exec(
+                &target,
+                &Command::new("sleep 20").timeout(Duration::from_secs(30)),
+            )
+            .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pool.stats().channels < 1 {
+        assert!(Instant::now() < deadline, "the command never took its slot");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Browser traffic goes through while the only slot is taken.
+    let got = round_trip(fwd.port(), b"through").await.unwrap();
+    assert_eq!(got, b"hguorht");
+    assert!(!busy.is_finished(), "the tunnel waited for the command");
+    busy.abort();
+}
+
+#[tokio::test]
+async fn the_hub_tunnel_is_back_within_the_configured_keepalive_bound() {
+    use ssh_spawner::config::Config;
+
+    let Some(tb) = testbed("the_hub_tunnel_is_back_within_the_configured_keepalive_bound") else {
+        return;
+    };
+    let _node1 = NODE1.lock().await;
+    let h = tb.host("node1");
+    // keepalive_interval 1 s, 2 keepalives: a silent link is given up on
+    // after about 3 s instead of the default 15 * 4 = 60 s.
+    let text = format!(
+        "known_hosts = \"{}\"\nkey_path = \"{}\"\nconnect_timeout = 2\n\
+         keepalive_interval = 1\nkeepalive_count = 2\n\
+         [[hosts]]\naddress = \"{}\"\nname = \"{}\"\n",
+        tb.known_hosts.display(),
+        tb.hub_key.display(),
+        h.address,
+        h.name
+    );
+    let config: Config = toml::from_str(&text).unwrap();
+    config.validate().unwrap();
+    let bound = Duration::from_secs_f64(
+        config.keepalive_interval * (f64::from(config.keepalive_count) + 1.0),
+    );
+    let pool = ssh_spawner::ssh::Pool::new(config.pool_options());
+    let target = tb.target("node1", &tb.alice().name);
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let to = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut data = Vec::new();
+                if s.read_to_end(&mut data).await.is_ok() {
+                    let _ = s.write_all(&reversed(&data)).await;
+                }
+            });
+        }
+    });
+    let fwd = RemoteForward::open(pool.clone(), target.clone(), 0, to)
+        .await
+        .unwrap();
+    let rport = fwd.port();
+    let probe = Command::new("/usr/bin/python3 -")
+        .stdin(format!(
+            "import socket\ns = socket.create_connection(('127.0.0.1', {rport}), timeout=3)\n\
+             s.sendall(b'ping'); s.shutdown(socket.SHUT_WR)\nprint(s.recv(100).decode())\n"
+        ))
+        .timeout(Duration::from_secs(5));
+    let works = || async {
+        pool.exec(&target, &probe)
+            .await
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "gnip")
+            .unwrap_or(false)
+    };
+    assert!(works().await);
+    let handshakes = pool.stats().handshakes;
+
+    // The link drops every packet for a little longer than the bound: the
+    // keepalives give up on the connection the forward lives on.
+    let undo = Undo {
+        testbed: &tb,
+        action: "heal",
+        host: "node1".into(),
+    };
+    tb.fault("cut", "node1");
+    let cut = Instant::now();
+    tokio::time::sleep(bound + Duration::from_secs(1)).await;
+    drop(undo);
+    let healed = Instant::now();
+    // Back on a new connection within a few seconds of the heal (a
+    // reconnect and the forward request), not after TCP gives up.
+    let deadline = healed + Duration::from_secs(15);
+    while !works().await {
+        assert!(Instant::now() < deadline, "the hub tunnel is not back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    println!(
+        "hub tunnel back {:?} after the heal ({:?} after the cut; keepalive bound {bound:?})",
+        healed.elapsed(),
+        cut.elapsed()
+    );
+    assert!(
+        pool.stats().handshakes > handshakes,
+        "the keepalives never gave up on the silent connection within {bound:?}"
+    );
+    assert_eq!(fwd.port(), rport);
 }
 
 /// Await futures concurrently on this task.

@@ -198,6 +198,21 @@ class SSHSpawner(Spawner):
     port_retries = Integer(5, help="Other ports tried when the chosen one is taken at launch.").tag(
         config=True
     )
+    keepalive_interval = Float(
+        15.0,
+        help="""Seconds of silence from a host before the hub sends an SSH
+        keepalive on its connection.""",
+    ).tag(config=True)
+    keepalive_count = Integer(
+        3,
+        help="""Unanswered keepalives after which a connection counts as dead.
+        A link that fails silently (a firewall or NAT dropping packets) is
+        noticed after about ``keepalive_interval * (keepalive_count + 1)``
+        seconds; only then do tunnels (``tunnel``, ``hub_tunnel``) move to a
+        new connection. Lower values bring tunnels back sooner; they also
+        drop connections over links that merely stall that long, and cost a
+        small packet per idle connection per interval.""",
+    ).tag(config=True)
 
     unreachable_grace = Float(
         300.0,
@@ -325,6 +340,8 @@ class SSHSpawner(Spawner):
             "max_connections_per_host": self.max_connections_per_host,
             "idle_timeout": self.idle_timeout,
             "port_retries": self.port_retries,
+            "keepalive_interval": self.keepalive_interval,
+            "keepalive_count": self.keepalive_count,
             "tunnel": self.tunnel,
             "hub_tunnel": self.hub_tunnel,
         }
@@ -786,15 +803,35 @@ class SSHSpawner(Spawner):
             self._launching = False
             self._finish_progress()
 
-    async def _through_hub_tunnel(self, env: dict) -> dict:
-        """Open the hub tunnel for this spawn and point the environment's hub
-        API URLs at its port on the host's loopback."""
-        api = urlsplit(env["JUPYTERHUB_API_URL"])
+    def _hub_api_url(self) -> str:
+        """The hub API URL the server is given (as in Spawner.get_env)."""
+        if self.hub_connect_url is not None:
+            path = urlsplit(self.hub.api_url).path
+            return self.hub_connect_url.rstrip("/") + "/" + path.lstrip("/")
+        return self.hub.api_url
+
+    @staticmethod
+    def _hub_api_to(url: str) -> str:
+        """``host:port`` a hub tunnel carries to for the API at ``url``."""
+        api = urlsplit(url)
         port = api.port or (443 if api.scheme == "https" else 80)
         host = api.hostname or "127.0.0.1"
         if host in ("0.0.0.0", "", "::"):
             host = "127.0.0.1"
-        to = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def _tell_hub_api(self) -> None:
+        """A saved state's hub tunnel must carry to this hub's API, nowhere
+        else (a forged state is refused, not followed)."""
+        if self.hub_tunnel and self.hub is not None:
+            self.core.set_hub_api(self._hub_api_to(self._hub_api_url()))
+
+    async def _through_hub_tunnel(self, env: dict) -> dict:
+        """Open the hub tunnel for this spawn and point the environment's hub
+        API URLs at its port on the host's loopback."""
+        api = urlsplit(env["JUPYTERHUB_API_URL"])
+        to = self._hub_api_to(env["JUPYTERHUB_API_URL"])
+        self.core.set_hub_api(to)
         remote = await self.core.open_hub_forward(self._prepared, to)
         self._state_json = self._prepared.state
         origin = f"{api.scheme}://{api.netloc}"
@@ -818,6 +855,7 @@ class SSHSpawner(Spawner):
         if self._journaled:
             # start() returned and the hub committed the state right after it.
             self._journal_forget()
+        self._tell_hub_api()
         status, code, detail = await self.core.poll(self._state_json)
         # One line per poll (debug): tests and admins can count polls.
         self.log.debug("%s: poll answered %s %s", self._log_name, status, detail)

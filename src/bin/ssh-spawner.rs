@@ -68,9 +68,16 @@ enum Cmd {
         /// CPU limit in cores.
         #[arg(long)]
         cpu_limit: Option<f64>,
-        /// Extra environment, NAME=VALUE (repeatable).
+        /// Extra environment, NAME=VALUE (repeatable). The value is in this
+        /// command's argv, which every user of the hub machine can read: put
+        /// secrets in --env-file instead.
         #[arg(long = "env", value_name = "NAME=VALUE")]
         env: Vec<String>,
+        /// Extra environment from a file of NAME=VALUE lines (blank lines and
+        /// lines starting with `#` are skipped; the value is the rest of the
+        /// line, taken as it is). Repeatable; read after --env.
+        #[arg(long = "env-file", value_name = "FILE")]
+        env_file: Vec<std::path::PathBuf>,
         /// The command (default: `command` from the configuration).
         #[arg(trailing_var_arg = true)]
         command: Vec<String>,
@@ -241,6 +248,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             mem_limit,
             cpu_limit,
             env,
+            env_file,
             command,
         } => {
             let sp = spawner(&cli.config)?;
@@ -277,6 +285,18 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                     });
                 };
                 extra.push((k.to_string(), v.to_string()));
+            }
+            for path in env_file {
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::Invalid {
+                    what: format!("--env-file {}", path.display()),
+                    reason: e.to_string(),
+                })?;
+                extra.extend(
+                    parse_env_file(&text).map_err(|(line, reason)| Error::Invalid {
+                        what: format!("--env-file {} line {line}", path.display()),
+                        reason,
+                    })?,
+                );
             }
             let command = if command.is_empty() {
                 sp.config().command.clone()
@@ -471,5 +491,48 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 out.status.map(|s| s.min(255) as u8).unwrap_or(255),
             ))
         }
+    }
+}
+
+/// `NAME=VALUE` lines; blank lines and `#` comments skipped. A bad line is
+/// `(line number, reason)`, never its text (it may hold a secret).
+fn parse_env_file(text: &str) -> std::result::Result<Vec<(String, String)>, (usize, String)> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() || line.trim_start().starts_with('#') {
+            continue;
+        }
+        let Some((name, value)) = line.split_once('=') else {
+            return Err((i + 1, "expected NAME=VALUE".into()));
+        };
+        ssh_spawner::plan::script::check_env_name(name).map_err(|e| (i + 1, e.to_string()))?;
+        out.push((name.to_string(), value.to_string()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod env_file_tests {
+    use super::parse_env_file;
+
+    #[test]
+    fn env_files_parse_and_bad_lines_are_named_without_their_text() {
+        let vars = parse_env_file("# token\n\nAPI_TOKEN=s3cr=t \nEMPTY=\r\n").unwrap();
+        assert_eq!(
+            vars,
+            vec![
+                ("API_TOKEN".to_string(), "s3cr=t ".to_string()),
+                ("EMPTY".to_string(), String::new())
+            ]
+        );
+        assert_eq!(
+            parse_env_file("A=1\nsecret-without-name\n").unwrap_err().0,
+            2
+        );
+        let (line, reason) = parse_env_file("BAD NAME=secret\n").unwrap_err();
+        assert_eq!(line, 1);
+        assert!(!reason.contains("secret"), "{reason}");
     }
 }

@@ -171,6 +171,66 @@ impl ServerState {
     }
 }
 
+impl ServerState {
+    /// The per-server directory must be exactly `HOME/STATE_DIR/RUN_ID`
+    /// (`state_dir` as configured, `~/NAME`): stop removes it with `rm -rf`,
+    /// so a state naming any other directory (`/home/alice` with run id
+    /// `alice`) is refused here, and [`host_guard`] checks the home part on
+    /// the host, where `$HOME` is known.
+    pub fn check_dir_layout(&self, state_dir: &str) -> Result<()> {
+        let suffix = format!("/{}/{}", state_rel(state_dir), self.run_id);
+        let home = self.dir.strip_suffix(&suffix);
+        let ok = match home {
+            Some("") => true,
+            Some(h) => {
+                h.starts_with('/')
+                    && !h
+                        .split('/')
+                        .skip(1)
+                        .any(|p| p.is_empty() || p == "." || p == "..")
+            }
+            None => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(Error::Invalid {
+                what: "server state".into(),
+                reason: format!(
+                    "server directory {:?} is not HOME{suffix} (state_dir {state_dir:?}, run id {:?}); refusing to act on it",
+                    self.dir, self.run_id
+                ),
+            })
+        }
+    }
+}
+
+/// `state_dir` (`~/NAME`) without `~/` and trailing slashes.
+fn state_rel(state_dir: &str) -> &str {
+    state_dir
+        .strip_prefix("~/")
+        .unwrap_or(state_dir)
+        .trim_end_matches('/')
+}
+
+/// What a remote script that may remove a server directory runs first: it
+/// exits [`GUARD_REFUSED`] (before anything is read, signalled or removed)
+/// unless the directory is `$HOME/STATE_DIR/RUN_ID` of the login it runs as.
+pub fn host_guard(state: &ServerState, state_dir: &str) -> Result<String> {
+    state.check_dir_layout(state_dir)?;
+    let expected = crate::plan::script::quote(
+        &format!("/{}/{}", state_rel(state_dir), state.run_id),
+        "state_dir",
+    )?;
+    let dir = crate::plan::script::quote(&state.dir, "server directory")?;
+    Ok(format!(
+        "g_h=${{HOME%/}}\nif [ \"$g_h\"{expected} != {dir} ]; then\n  echo \"ssh-spawner: refusing: \"{dir}\" is not $g_h\"{expected}\" (the server directory must be under this login's home)\" >&2\n  exit {GUARD_REFUSED}\nfi\n"
+    ))
+}
+
+/// Exit status of a script whose [`host_guard`] refused the directory.
+pub const GUARD_REFUSED: u32 = 65;
+
 /// `host:port` or `[v6]:port` with a nonzero port and no spaces or controls.
 pub fn check_host_port(text: &str) -> std::result::Result<(), String> {
     let (host, port) = text
@@ -278,6 +338,63 @@ mod tests {
         ] {
             let err = decode(&format!("{{{base},{extra}}}")).unwrap_err();
             assert!(err.to_string().contains(needle), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_directory_must_be_home_state_dir_run_id() {
+        let s = sample();
+        s.check_dir_layout("~/.jupyterhub-ssh").unwrap();
+        s.check_dir_layout("~/.jupyterhub-ssh/").unwrap();
+        // The review's example: rm -rf of a home directory.
+        let mut home = sample();
+        home.run_id = "alice".into();
+        home.dir = "/home/alice".into();
+        home.validate().unwrap();
+        let err = home.check_dir_layout("~/.jupyterhub-ssh").unwrap_err();
+        assert!(err.to_string().contains("/home/alice"), "{err}");
+        assert!(host_guard(&home, "~/.jupyterhub-ssh").is_err());
+        for dir in [
+            "/home/alice/other/r1a2b3",
+            "/home/alice/x.jupyterhub-ssh/r1a2b3",
+            "/home/alice/.jupyterhub-ssh/r1a2b3/r1a2b3",
+            "home/.jupyterhub-ssh/r1a2b3",
+            "//.jupyterhub-ssh/r1a2b3",
+            "/a/../.jupyterhub-ssh/r1a2b3",
+        ] {
+            let mut s = sample();
+            s.dir = dir.into();
+            assert!(s.check_dir_layout("~/.jupyterhub-ssh").is_err(), "{dir}");
+        }
+        let mut s = sample();
+        s.dir = "/home/alice/lab/ssh/r1a2b3".into();
+        s.check_dir_layout("~/lab/ssh").unwrap();
+        assert!(s.check_dir_layout("~/.jupyterhub-ssh").is_err());
+    }
+
+    #[test]
+    fn the_host_guard_runs_the_script_only_under_the_logins_home() {
+        let s = sample();
+        let guard = host_guard(&s, "~/.jupyterhub-ssh").unwrap();
+        let run = |home: &str| {
+            std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(format!("{guard}echo ran"))
+                .env("HOME", home)
+                .output()
+                .unwrap()
+        };
+        for home in ["/home/alice", "/home/alice/"] {
+            let out = run(home);
+            assert_eq!(out.status.code(), Some(0), "{home}");
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "ran\n");
+        }
+        for home in ["/home/bob", "/home", "/", ""] {
+            let out = run(home);
+            assert_eq!(out.status.code(), Some(GUARD_REFUSED as i32), "{home}");
+            assert!(out.stdout.is_empty(), "{home}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("refusing") && err.contains(&s.dir), "{err}");
         }
     }
 

@@ -10,9 +10,15 @@ use std::time::Duration;
 use russh::client;
 use russh::keys::PublicKeyOrCertificate;
 
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use russh::client::Msg;
+use russh::Channel;
+use tokio::sync::mpsc;
+
 use super::auth;
 use super::known_hosts::{self, HostKeyPolicy, Verdict};
-use super::pool::ForwardTargets;
 use super::Target;
 use crate::error::{Error, Phase, Result};
 
@@ -31,6 +37,8 @@ pub struct ConnectOptions {
     pub keepalive_interval: Duration,
     /// Declare the connection dead after this many unanswered keepalives.
     pub keepalive_max: usize,
+    /// The parsed `known_hosts`, kept while the file is unchanged.
+    pub known_hosts_cache: known_hosts::Cache,
 }
 
 impl ConnectOptions {
@@ -43,16 +51,27 @@ impl ConnectOptions {
             auth_timeout: Duration::from_secs(10),
             keepalive_interval: Duration::from_secs(15),
             keepalive_max: 3,
+            known_hosts_cache: known_hosts::Cache::default(),
         }
     }
 }
 
-/// The russh handler: checks the host key and nothing else.
+/// Where the forwarded connections of one remote forward go: the forward
+/// that asked for it carries them (and ends them when it is dropped).
+pub(crate) type ForwardSink = mpsc::UnboundedSender<Channel<Msg>>;
+
+/// The remote forwards of a pool: (host `address:port`, the port sshd
+/// listens on for us on the host's loopback) and their sinks. Every
+/// connection's handler consults it; forwards not in it are refused.
+pub(crate) type ForwardTargets = Arc<Mutex<HashMap<(String, u32), ForwardSink>>>;
+
+/// The russh handler: checks the host key and hands forwarded connections
+/// to their forward.
 pub(crate) struct Client {
     host: String,
     port: u16,
     known_hosts: PathBuf,
-    entries: Vec<known_hosts::Entry>,
+    entries: Arc<Vec<known_hosts::Entry>>,
     policy: HostKeyPolicy,
     forwards: ForwardTargets,
 }
@@ -91,12 +110,13 @@ impl client::Handler for Client {
         } else {
             format!("{}:{}", self.host, self.port)
         };
-        let to = self
+        let sink = self
             .forwards
             .lock()
             .ok()
-            .and_then(|m| m.get(&(label.clone(), connected_port)).cloned());
-        let Some(to) = to else {
+            .and_then(|m| m.get(&(label.clone(), connected_port)).cloned())
+            .filter(|s| !s.is_closed());
+        let Some(sink) = sink else {
             tracing::warn!(host = %label, port = connected_port, "refused a forwarded connection for a forward not in use");
             reply
                 .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
@@ -104,7 +124,10 @@ impl client::Handler for Client {
             return Ok(());
         };
         reply.accept().await;
-        tokio::spawn(super::tunnel::carry_to(channel, to, label));
+        if sink.send(channel).is_err() {
+            // The forward went away meanwhile: the channel closes here.
+            tracing::debug!(host = %label, port = connected_port, "forwarded connection arrived as its forward closed");
+        }
         Ok(())
     }
 
@@ -147,7 +170,9 @@ impl client::Handler for Client {
                 HostKeyPolicy::AcceptNew => {
                     let line = known_hosts::entry_line(&self.host, self.port, key)
                         .map_err(HandlerError::HostKey)?;
-                    known_hosts::append(&self.known_hosts, &line).map_err(HandlerError::HostKey)?;
+                    known_hosts::append_blocking(&self.known_hosts, line)
+                        .await
+                        .map_err(HandlerError::HostKey)?;
                     tracing::warn!(host = %label, %fingerprint, known_hosts = %self.known_hosts.display(),
                         "accept-new: recorded the key of a host seen for the first time");
                     Ok(true)
@@ -167,7 +192,7 @@ pub(crate) async fn connect(
     forwards: ForwardTargets,
 ) -> Result<Connection> {
     let label = target.host_label();
-    let entries = known_hosts::load(&opts.known_hosts)?;
+    let entries = opts.known_hosts_cache.entries(&opts.known_hosts).await?;
 
     let mut config = client::Config {
         keepalive_interval: Some(opts.keepalive_interval),

@@ -267,6 +267,87 @@ pub fn load(path: &Path) -> Result<Vec<Entry>> {
     }
 }
 
+/// known_hosts entries read once and kept while the file is unchanged (same
+/// modification time, size and inode), so a handshake costs no file read.
+/// Reads happen on tokio's blocking pool, never on a runtime worker. Clones
+/// share the cache.
+#[derive(Clone, Default)]
+pub struct Cache {
+    inner: std::sync::Arc<std::sync::Mutex<Option<Cached>>>,
+}
+
+struct Cached {
+    path: PathBuf,
+    stamp: Option<Stamp>,
+    entries: std::sync::Arc<Vec<Entry>>,
+}
+
+/// What identifies a version of the file.
+type Stamp = (std::time::SystemTime, u64, u64);
+
+fn stamp(path: &Path) -> Result<Option<Stamp>> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(Some((
+            m.modified().unwrap_or(std::time::UNIX_EPOCH),
+            m.len(),
+            m.ino(),
+        ))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(Error::KnownHosts {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+impl std::fmt::Debug for Cache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("known_hosts::Cache")
+    }
+}
+
+impl Cache {
+    /// The entries of `path`, read again only when the file changed.
+    pub async fn entries(&self, path: &Path) -> Result<std::sync::Arc<Vec<Entry>>> {
+        let (inner, path) = (self.inner.clone(), path.to_path_buf());
+        tokio::task::spawn_blocking(move || {
+            let now = stamp(&path)?;
+            if let Ok(c) = inner.lock() {
+                if let Some(c) = c.as_ref().filter(|c| c.path == path && c.stamp == now) {
+                    return Ok(c.entries.clone());
+                }
+            }
+            let entries = std::sync::Arc::new(load(&path)?);
+            // Stamped before the read: a change during the read is seen next time.
+            if let Ok(mut c) = inner.lock() {
+                *c = Some(Cached {
+                    path,
+                    stamp: now,
+                    entries: entries.clone(),
+                });
+            }
+            Ok(entries)
+        })
+        .await
+        .map_err(|e| Error::Invalid {
+            what: "known_hosts read".into(),
+            reason: e.to_string(),
+        })?
+    }
+}
+
+/// [`append`] on tokio's blocking pool.
+pub async fn append_blocking(path: &Path, line: String) -> Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || append(&path, &line))
+        .await
+        .map_err(|e| Error::Invalid {
+            what: "known_hosts append".into(),
+            reason: e.to_string(),
+        })?
+}
+
 /// Append a first-seen key (accept-new). The file is created 0600 when missing.
 pub fn append(path: &PathBuf, line: &str) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
@@ -286,6 +367,45 @@ pub fn append(path: &PathBuf, line: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_cache_reads_the_file_again_only_when_it_changed() {
+        let dir = std::env::temp_dir().join(format!("kh-cache-{:x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("known_hosts");
+        let cache = Cache::default();
+        assert!(
+            cache.entries(&path).await.unwrap().is_empty(),
+            "missing file"
+        );
+        std::fs::write(&path, format!("198.18.0.11 ssh-ed25519 {K1}\n")).unwrap();
+        let first = cache.entries(&path).await.unwrap();
+        assert_eq!(first.len(), 1);
+        let again = cache.entries(&path).await.unwrap();
+        assert!(
+            std::sync::Arc::ptr_eq(&first, &again),
+            "read again unchanged"
+        );
+        append_blocking(&path, format!("198.18.0.12 ssh-ed25519 {K2}\n"))
+            .await
+            .unwrap();
+        let grown = cache.entries(&path).await.unwrap();
+        assert_eq!(grown.len(), 2, "an appended key is seen");
+        // Replaced by a file of the same size: another inode.
+        let other = dir.join("other");
+        std::fs::write(
+            &other,
+            format!("198.18.0.13 ssh-ed25519 {K1}\n198.18.0.12 ssh-ed25519 {K2}\n"),
+        )
+        .unwrap();
+        std::fs::rename(&other, &path).unwrap();
+        let replaced = cache.entries(&path).await.unwrap();
+        assert_eq!(
+            check(&replaced, "198.18.0.13", 22, &key(K1)),
+            Verdict::Known { line: 1 }
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     const K1: &str = "AAAAC3NzaC1lZDI1NTE5AAAAIJdD7y3aLq454yWBdwLWbieU1ebz9/cu7/QEXn9OIeZJ";
     const K2: &str = "AAAAC3NzaC1lZDI1NTE5AAAAIA6rWI3G1sz07DnfFlrouTcysQlj2P+jpNSOEWD9OJ3X";

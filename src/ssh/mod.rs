@@ -2,11 +2,15 @@
 //!
 //! - [`known_hosts`]: host-key verification (pure parsing and checking).
 //! - [`auth`]: key files, certificates, ssh-agent.
-//! - [`connect`]: one bounded, verified, authenticated connection.
-//! - [`pool`]: many channels over few connections, with replacement and idle close.
+//! - [`connect`]: one bounded, verified, authenticated connection; it hands
+//!   the channels sshd opens for remote forwards to their forward's sink.
+//! - [`tunnel`]: carrying bytes between TCP sockets and channels, given a
+//!   channel opener; knows nothing of connections.
+//! - [`pool`]: many channels over few connections, with replacement and idle
+//!   close; it sits above `connect` and `tunnel` and builds the tunnels
+//!   ([`LocalForward::bind`], [`RemoteForward::open`]).
 //! - [`exec`]: a command with stdin, bounded in time and output.
 //! - [`sftp`]: uploads with exact modes.
-//! - [`tunnel`]: local and remote TCP forwards over pooled connections.
 
 pub mod auth;
 pub mod connect;

@@ -21,9 +21,12 @@ use std::time::{Duration, Instant};
 
 use russh::client::Msg;
 use russh::Channel;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
-use super::connect::{self, ConnectOptions, Connection};
+use super::connect::{self, ConnectOptions, Connection, ForwardSink, ForwardTargets};
+use super::tunnel::{
+    BoxFut, CarryTo, ForwardLink, Hold, LocalForward, OpenChannel, RemoteForward, RequestForward,
+};
 use super::Target;
 use crate::error::{Error, Phase, Result};
 
@@ -64,6 +67,9 @@ pub struct PoolStats {
     pub connections: usize,
     /// Channels currently open.
     pub channels: usize,
+    /// Tunnel tasks alive: listeners, remote-forward keepers and the
+    /// connections they carry. 0 once every tunnel is closed.
+    pub tunnel_tasks: usize,
 }
 
 /// A cheaply clonable handle to the pool.
@@ -77,13 +83,8 @@ struct Inner {
     slots: Mutex<HashMap<Target, Arc<Slot>>>,
     handshakes: AtomicU64,
     forwards: ForwardTargets,
+    tunnel_tasks: Arc<AtomicUsize>,
 }
-
-/// Remote forwards of this pool: (host `address:port`, the port sshd listens
-/// on for us on the host's loopback) and the local `host:port` its
-/// connections are carried to. Every connection's handler consults it;
-/// forwards not in it are refused.
-pub(crate) type ForwardTargets = Arc<Mutex<HashMap<(String, u32), String>>>;
 
 /// The connections of one target. The async mutex is held across a handshake,
 /// which is how concurrent first uses end up sharing one.
@@ -131,7 +132,16 @@ pub(crate) struct Lease {
 /// A session slot on a pooled connection. Dropping it frees the slot.
 pub(crate) struct SlotGuard {
     conn: Arc<Conn>,
-    _permit: OwnedSemaphorePermit,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl SlotGuard {
+    /// Give the slot up for good: the server holds fewer sessions.
+    fn forget(mut self) {
+        if let Some(p) = self.permit.take() {
+            p.forget();
+        }
+    }
 }
 
 impl Drop for SlotGuard {
@@ -147,18 +157,25 @@ pub(crate) struct ForwardGuard {
 }
 
 impl ForwardGuard {
-    /// The connection is gone (sshd restarted, keepalives unanswered).
-    pub(crate) fn is_closed(&self) -> bool {
+    fn new(conn: Arc<Conn>) -> ForwardGuard {
+        conn.forwards.fetch_add(1, Ordering::Relaxed);
+        ForwardGuard { conn }
+    }
+}
+
+impl ForwardLink for ForwardGuard {
+    fn is_closed(&self) -> bool {
         self.conn.handle.is_closed()
     }
 
-    /// Ask sshd to stop listening on `port` (best effort).
-    pub(crate) async fn cancel_forward(&self, port: u32) {
-        let _ = self
-            .conn
-            .handle
-            .cancel_tcpip_forward("127.0.0.1", port)
-            .await;
+    fn cancel(self: Arc<Self>, port: u32) -> BoxFut<()> {
+        Box::pin(async move {
+            let _ = self
+                .conn
+                .handle
+                .cancel_tcpip_forward("127.0.0.1", port)
+                .await;
+        })
     }
 }
 
@@ -178,6 +195,7 @@ impl Pool {
             slots: Mutex::new(HashMap::new()),
             handshakes: AtomicU64::new(0),
             forwards: Arc::new(Mutex::new(HashMap::new())),
+            tunnel_tasks: Arc::new(AtomicUsize::new(0)),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(sweep_idle(Arc::downgrade(&inner)));
@@ -194,6 +212,7 @@ impl Pool {
     pub fn stats(&self) -> PoolStats {
         let mut stats = PoolStats {
             handshakes: self.inner.handshakes.load(Ordering::Relaxed),
+            tunnel_tasks: self.inner.tunnel_tasks.load(Ordering::Relaxed),
             ..Default::default()
         };
         for slot in self.slots() {
@@ -253,44 +272,97 @@ impl Pool {
     /// Open a session channel to `target`, reusing a pooled connection when one
     /// has room. A dead pooled connection is replaced transparently once.
     pub(crate) async fn open_session(&self, target: &Target) -> Result<Lease> {
+        let (channel, held) = self.open_channel(target, Open::Session).await?;
+        match held {
+            Held::Session(slot) => Ok(Lease { channel, slot }),
+            Held::Forward(_) => Err(Error::Invalid {
+                what: "session channel".into(),
+                reason: "opened without a session slot".into(),
+            }),
+        }
+    }
+
+    /// Open a direct-tcpip channel: sshd on `target` connects to
+    /// `host:port` (as seen from the host) and the channel carries the bytes.
+    /// It takes no session slot: a tunnel never waits behind commands.
+    pub(crate) async fn open_direct_tcpip(
+        &self,
+        target: &Target,
+        host: &str,
+        port: u16,
+    ) -> Result<(Channel<Msg>, ForwardGuard)> {
+        let (channel, held) = self
+            .open_channel(target, Open::DirectTcpip { host, port })
+            .await?;
+        match held {
+            Held::Forward(guard) => Ok((channel, guard)),
+            Held::Session(_) => Err(Error::Invalid {
+                what: "tunnel channel".into(),
+                reason: "opened on a session slot".into(),
+            }),
+        }
+    }
+
+    /// The one path that opens a channel: a session takes a session slot
+    /// (queueing when every connection is full), a forward only a live
+    /// connection. A channel the server refuses for lack of sessions lowers
+    /// that connection's capacity; a dead pooled connection is replaced once.
+    async fn open_channel(&self, target: &Target, what: Open<'_>) -> Result<(Channel<Msg>, Held)> {
         let slot = self.slot(target);
         let mut replaced_dead = false;
         loop {
-            let (conn, permit) = self.take_slot(target, &slot).await?;
-            let opened = tokio::time::timeout(
-                self.inner.opts.channel_timeout,
-                conn.handle.channel_open_session(),
-            )
-            .await;
-            match opened {
-                Ok(Ok(channel)) => {
-                    return Ok(Lease {
-                        channel,
-                        slot: SlotGuard {
-                            conn,
-                            _permit: permit,
-                        },
+            let held = match what {
+                Open::Session => {
+                    let (conn, permit) = self.take_slot(target, &slot).await?;
+                    Held::Session(SlotGuard {
+                        conn,
+                        permit: Some(permit),
                     })
                 }
-                Ok(Err(russh::Error::ChannelOpenFailure(reason))) => {
-                    // The server's MaxSessions is below ours: this connection
-                    // holds fewer channels than we assumed. Give up the slot
-                    // for good and try elsewhere.
-                    let in_use_by_others = conn.in_use().saturating_sub(1);
-                    if in_use_by_others == 0 {
-                        return Err(Error::Ssh {
-                            host: target.host_label(),
-                            user: target.user.clone(),
-                            reason: format!("the server refused to open a session: {reason:?}"),
-                        });
+                Open::DirectTcpip { .. } => Held::Forward(self.forward_conn(target).await?),
+            };
+            let conn = held.conn().clone();
+            let opened = tokio::time::timeout(self.inner.opts.channel_timeout, async {
+                match what {
+                    Open::Session => conn.handle.channel_open_session().await,
+                    Open::DirectTcpip { host, port } => {
+                        conn.handle
+                            .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
+                            .await
                     }
-                    permit.forget();
-                    conn.capacity.fetch_sub(1, Ordering::Relaxed);
-                    tracing::debug!(host = %target.host_label(), user = %target.user,
-                        capacity = in_use_by_others, "server refused a channel; lowering this connection's capacity");
                 }
+            })
+            .await;
+            match opened {
+                Ok(Ok(channel)) => return Ok((channel, held)),
+                Ok(Err(russh::Error::ChannelOpenFailure(reason))) => match (what, held) {
+                    (Open::DirectTcpip { host, port }, _) => {
+                        return Err(Error::Tunnel {
+                            what: format!("to {host}:{port} on {}", target.host_label()),
+                            reason: format!("sshd refused to connect ({reason:?}); is the server listening, and does sshd allow TCP forwarding?"),
+                        })
+                    }
+                    (Open::Session, Held::Session(slot_guard)) => {
+                        // The server's MaxSessions is below ours: this
+                        // connection holds fewer channels than we assumed.
+                        // Give up the slot for good and try elsewhere.
+                        let in_use_by_others = conn.in_use().saturating_sub(1);
+                        if in_use_by_others == 0 {
+                            return Err(Error::Ssh {
+                                host: target.host_label(),
+                                user: target.user.clone(),
+                                reason: format!("the server refused to open a session: {reason:?}"),
+                            });
+                        }
+                        slot_guard.forget();
+                        conn.capacity.fetch_sub(1, Ordering::Relaxed);
+                        tracing::debug!(host = %target.host_label(), user = %target.user,
+                            capacity = in_use_by_others, "server refused a channel; lowering this connection's capacity");
+                    }
+                    (Open::Session, Held::Forward(_)) => {}
+                },
                 Ok(Err(e)) => {
-                    drop(permit);
+                    drop(held);
                     remove(&slot, &conn).await;
                     if replaced_dead {
                         return Err(Error::Ssh {
@@ -306,7 +378,7 @@ impl Pool {
                 Err(_) => {
                     // A connection that cannot open a channel in time is
                     // presumed dead: the next caller gets a fresh one.
-                    drop(permit);
+                    drop(held);
                     remove(&slot, &conn).await;
                     return Err(Error::Timeout {
                         host: target.host_label(),
@@ -319,73 +391,21 @@ impl Pool {
         }
     }
 
-    /// A live connection to `target` for forwarding, opened if needed. No
-    /// session slot stays taken.
+    /// A live connection to `target` for forwarding, opened if there is
+    /// none. It takes no session slot and never queues behind sessions:
+    /// forwarding channels are not counted by sshd's MaxSessions.
     async fn forward_conn(&self, target: &Target) -> Result<ForwardGuard> {
         let slot = self.slot(target);
-        let (conn, permit) = self.take_slot(target, &slot).await?;
-        conn.forwards.fetch_add(1, Ordering::Relaxed);
-        drop(permit);
-        Ok(ForwardGuard { conn })
-    }
-
-    /// Open a direct-tcpip channel: sshd on `target` connects to
-    /// `host:port` (as seen from the host) and the channel carries the bytes.
-    /// A dead pooled connection is replaced once, as for sessions.
-    pub(crate) async fn open_direct_tcpip(
-        &self,
-        target: &Target,
-        host: &str,
-        port: u16,
-    ) -> Result<(Channel<Msg>, ForwardGuard)> {
-        let slot = self.slot(target);
-        let mut replaced_dead = false;
-        loop {
-            let guard = self.forward_conn(target).await?;
-            let opened = tokio::time::timeout(
-                self.inner.opts.channel_timeout,
-                guard
-                    .conn
-                    .handle
-                    .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0),
-            )
-            .await;
-            match opened {
-                Ok(Ok(channel)) => return Ok((channel, guard)),
-                Ok(Err(russh::Error::ChannelOpenFailure(reason))) => {
-                    return Err(Error::Tunnel {
-                        what: format!("to {host}:{port} on {}", target.host_label()),
-                        reason: format!("sshd refused to connect ({reason:?}); is the server listening, and does sshd allow TCP forwarding?"),
-                    })
-                }
-                Ok(Err(e)) => {
-                    let conn = guard.conn.clone();
-                    drop(guard);
-                    remove(&slot, &conn).await;
-                    if replaced_dead {
-                        return Err(Error::Ssh {
-                            host: target.host_label(),
-                            user: target.user.clone(),
-                            reason: e.to_string(),
-                        });
-                    }
-                    tracing::info!(host = %target.host_label(), user = %target.user,
-                        "pooled connection is dead ({e}); reconnecting for a tunnel");
-                    replaced_dead = true;
-                }
-                Err(_) => {
-                    let conn = guard.conn.clone();
-                    drop(guard);
-                    remove(&slot, &conn).await;
-                    return Err(Error::Timeout {
-                        host: target.host_label(),
-                        user: target.user.clone(),
-                        phase: Phase::Channel,
-                        after: self.inner.opts.channel_timeout,
-                    });
-                }
-            }
+        let arrived = Instant::now();
+        let mut conns = slot.conns.lock().await;
+        conns.retain(|c| !c.handle.is_closed());
+        if let Some(conn) = conns.iter().min_by_key(|c| c.in_use()) {
+            return Ok(ForwardGuard::new(conn.clone()));
         }
+        let conn = self
+            .connect_into(target, &slot, &mut conns, arrived)
+            .await?;
+        Ok(ForwardGuard::new(conn))
     }
 
     /// Ask sshd on `target` to listen on its loopback at `port` (0: sshd
@@ -397,12 +417,13 @@ impl Pool {
         target: &Target,
         port: u16,
         to: &str,
+        sink: ForwardSink,
     ) -> Result<(u16, ForwardGuard)> {
         let guard = self.forward_conn(target).await?;
         let what = || format!("from 127.0.0.1:{port} on {} to {to}", target.host_label());
         // Known before sshd answers, so no connection arrives unclaimed.
         if port != 0 {
-            self.set_forward_target(target, u32::from(port), Some(to));
+            self.set_forward_target(target, u32::from(port), Some(sink.clone()));
         }
         let granted = tokio::time::timeout(
             self.inner.opts.channel_timeout,
@@ -442,17 +463,17 @@ impl Pool {
         if bound16 == 0 {
             return fail("sshd reported no port".into());
         }
-        self.set_forward_target(target, bound, Some(to));
+        self.set_forward_target(target, bound, Some(sink));
         Ok((bound16, guard))
     }
 
     /// Where connections to the remote forward on `port` go; `None` forgets it.
-    pub(crate) fn set_forward_target(&self, target: &Target, port: u32, to: Option<&str>) {
+    pub(crate) fn set_forward_target(&self, target: &Target, port: u32, to: Option<ForwardSink>) {
         let key = (target.host_label(), port);
         if let Ok(mut map) = self.inner.forwards.lock() {
             match to {
                 Some(to) => {
-                    map.insert(key, to.to_string());
+                    map.insert(key, to);
                 }
                 None => {
                     map.remove(&key);
@@ -481,46 +502,13 @@ impl Pool {
         }
 
         if conns.len() < opts.max_connections_per_target.max(1) {
-            // If a handshake failed while we were queued, share its verdict.
-            if let Ok(last) = slot.last_failure.lock() {
-                if let Some((at, err)) = last.as_ref() {
-                    if *at >= arrived {
-                        return Err(err.clone());
-                    }
-                }
-            }
-            let connected =
-                connect::connect(target, &opts.connect, self.inner.forwards.clone()).await;
-            crate::metrics::ssh_connect(
-                &target.host_label(),
-                connected.as_ref().err().map(|e| e.kind()),
-            );
-            match connected {
-                Ok(handle) => {
-                    self.inner.handshakes.fetch_add(1, Ordering::Relaxed);
-                    let capacity = opts.max_sessions_per_connection.max(1);
-                    let conn = Arc::new(Conn {
-                        handle,
-                        sessions: Arc::new(Semaphore::new(capacity)),
-                        capacity: AtomicUsize::new(capacity),
-                        last_used: Mutex::new(Instant::now()),
-                        forwards: AtomicUsize::new(0),
-                    });
-                    conns.push(conn.clone());
-                    let permit = conn
-                        .sessions
-                        .clone()
-                        .try_acquire_owned()
-                        .map_err(|_| queue_timeout(target, opts))?;
-                    return Ok((conn, permit));
-                }
-                Err(e) => {
-                    if let Ok(mut last) = slot.last_failure.lock() {
-                        *last = Some((Instant::now(), e.clone()));
-                    }
-                    return Err(e);
-                }
-            }
+            let conn = self.connect_into(target, slot, &mut conns, arrived).await?;
+            let permit = conn
+                .sessions
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| queue_timeout(target, opts))?;
+            return Ok((conn, permit));
         }
 
         // Every connection is full and no more may be opened: queue on the
@@ -529,11 +517,154 @@ impl Pool {
             return Err(queue_timeout(target, opts));
         };
         drop(conns);
-        let wait = opts.connect.connect_timeout + opts.channel_timeout;
+        let wait = queue_wait(opts);
         match tokio::time::timeout(wait, conn.sessions.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok((conn, permit)),
             _ => Err(queue_timeout(target, opts)),
         }
+    }
+}
+
+impl Pool {
+    /// Open a new connection to `target` and add it to `conns` (the slot's
+    /// list, locked by the caller, which is how callers that arrive during a
+    /// handshake share it). A failure is remembered so callers that queued
+    /// behind it fail with the same error instead of each waiting it out.
+    async fn connect_into(
+        &self,
+        target: &Target,
+        slot: &Slot,
+        conns: &mut Vec<Arc<Conn>>,
+        arrived: Instant,
+    ) -> Result<Arc<Conn>> {
+        let opts = &self.inner.opts;
+        if let Ok(last) = slot.last_failure.lock() {
+            if let Some((at, err)) = last.as_ref() {
+                if *at >= arrived {
+                    return Err(err.clone());
+                }
+            }
+        }
+        let connected = connect::connect(target, &opts.connect, self.inner.forwards.clone()).await;
+        crate::metrics::ssh_connect(
+            &target.host_label(),
+            connected.as_ref().err().map(|e| e.kind()),
+        );
+        match connected {
+            Ok(handle) => {
+                self.inner.handshakes.fetch_add(1, Ordering::Relaxed);
+                let capacity = opts.max_sessions_per_connection.max(1);
+                let conn = Arc::new(Conn {
+                    handle,
+                    sessions: Arc::new(Semaphore::new(capacity)),
+                    capacity: AtomicUsize::new(capacity),
+                    last_used: Mutex::new(Instant::now()),
+                    forwards: AtomicUsize::new(0),
+                });
+                conns.push(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => {
+                if let Ok(mut last) = slot.last_failure.lock() {
+                    *last = Some((Instant::now(), e.clone()));
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+/// What a channel is opened for.
+#[derive(Clone, Copy)]
+enum Open<'a> {
+    /// A session (exec, SFTP): takes a session slot.
+    Session,
+    /// A forwarding channel to `host:port` as seen from the host.
+    DirectTcpip { host: &'a str, port: u16 },
+}
+
+/// What keeps a channel's connection in use.
+enum Held {
+    Session(SlotGuard),
+    Forward(ForwardGuard),
+}
+
+impl Held {
+    fn conn(&self) -> &Arc<Conn> {
+        match self {
+            Held::Session(s) => &s.conn,
+            Held::Forward(f) => &f.conn,
+        }
+    }
+}
+
+/// The pool builds the tunnels: they get channel openers from it and know
+/// nothing of connections.
+impl LocalForward {
+    /// Listen on `127.0.0.1:local_port` (0: any free port) and carry every
+    /// connection to `remote_host:remote_port` as seen from `target`.
+    /// A taken port is a clear error naming it.
+    pub async fn bind(
+        pool: Pool,
+        target: Target,
+        local_port: u16,
+        remote_host: String,
+        remote_port: u16,
+    ) -> Result<LocalForward> {
+        let what = format!(
+            "127.0.0.1:{local_port} -> {remote_host}:{remote_port} on {}",
+            target.host_label()
+        );
+        let label = target.host_label();
+        let tally = pool.inner.tunnel_tasks.clone();
+        let open: OpenChannel = Arc::new(move || {
+            let (pool, target, host) = (pool.clone(), target.clone(), remote_host.clone());
+            Box::pin(async move {
+                let (channel, guard) = pool.open_direct_tcpip(&target, &host, remote_port).await?;
+                Ok((channel, Box::new(guard) as Hold))
+            })
+        });
+        LocalForward::listen(local_port, what, label, remote_port, open, tally).await
+    }
+}
+
+impl RemoteForward {
+    /// Ask sshd on `target` to listen on `127.0.0.1:port` (0: sshd chooses)
+    /// and carry connections to the local `to` (`host:port`). The first
+    /// request's failure is returned; later ones (after the connection was
+    /// replaced) are retried in the background with the same port.
+    pub async fn open(pool: Pool, target: Target, port: u16, to: String) -> Result<RemoteForward> {
+        let (sink, channels) = mpsc::unbounded_channel();
+        let (port, guard) = pool
+            .request_forward(&target, port, &to, sink.clone())
+            .await?;
+        let request: RequestForward = {
+            let (pool, target, to) = (pool.clone(), target.clone(), to.clone());
+            Arc::new(move |port| {
+                let (pool, target, to, sink) =
+                    (pool.clone(), target.clone(), to.clone(), sink.clone());
+                Box::pin(async move {
+                    let (port, guard) = pool.request_forward(&target, port, &to, sink).await?;
+                    Ok((port, Arc::new(guard) as Arc<dyn ForwardLink>))
+                })
+            })
+        };
+        let forget = {
+            let (pool, target) = (pool.clone(), target.clone());
+            Box::new(move || pool.set_forward_target(&target, u32::from(port), None))
+        };
+        Ok(RemoteForward::start(
+            port,
+            Arc::new(guard),
+            request,
+            channels,
+            CarryTo {
+                to,
+                label: target.host_label(),
+                tally: pool.inner.tunnel_tasks.clone(),
+            },
+            forget,
+        ))
     }
 }
 
@@ -542,8 +673,15 @@ fn queue_timeout(target: &Target, opts: &PoolOptions) -> Error {
         host: target.host_label(),
         user: target.user.clone(),
         phase: Phase::Queue,
-        after: opts.connect.connect_timeout + opts.channel_timeout,
+        after: queue_wait(opts),
     }
+}
+
+/// How long a caller queues for a session slot when every connection is full.
+fn queue_wait(opts: &PoolOptions) -> Duration {
+    opts.connect
+        .connect_timeout
+        .saturating_add(opts.channel_timeout)
 }
 
 async fn remove(slot: &Slot, dead: &Arc<Conn>) {
@@ -602,5 +740,19 @@ async fn sweep_idle(inner: Weak<Inner>) {
                 disconnect(conn).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_queue_wait_of_huge_bounds_saturates_instead_of_panicking() {
+        let mut connect = ConnectOptions::new("/nonexistent");
+        connect.connect_timeout = Duration::MAX;
+        let mut opts = PoolOptions::new(connect);
+        opts.channel_timeout = Duration::from_secs(10);
+        assert_eq!(queue_wait(&opts), Duration::MAX);
     }
 }

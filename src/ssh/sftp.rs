@@ -141,9 +141,13 @@ impl Pool {
                 if sftp.try_exists(dir.as_str()).await.unwrap_or(false) {
                     continue;
                 }
-                sftp.create_dir(dir.as_str())
-                    .await
-                    .map_err(|e| sftp_err(target, &dir, e))?;
+                if let Err(e) = sftp.create_dir(dir.as_str()).await {
+                    // Another upload made it between the check and here.
+                    if sftp.try_exists(dir.as_str()).await.unwrap_or(false) {
+                        continue;
+                    }
+                    return Err(sftp_err(target, &dir, e));
+                }
                 sftp.set_metadata(dir.as_str(), mode_attrs(0o700))
                     .await
                     .map_err(|e| sftp_err(target, &dir, e))?;
