@@ -2131,6 +2131,15 @@ mod tests {
         let out = launch(&s);
         assert_eq!(out.status, 0, "{out:?}");
         let l = launched(&out, &dir);
+        // The pid is known before the wrapper's exec chain (prlimit, env)
+        // reaches the server: read the limits once it has.
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                fs::read(format!("/proc/{}/cmdline", l.pid))
+                    .is_ok_and(|c| c == b"/bin/sleep\x0030\x00")
+            }),
+            "the server never exec'd: {out:?}"
+        );
         let lim = fs::read_to_string(format!("/proc/{}/limits", l.pid)).unwrap();
         let line = lim
             .lines()
