@@ -1046,7 +1046,15 @@ async fn memory_limits_are_enforced_and_reported() {
         .snapshot(0)
         .iter()
         .any(|e| e.message.contains("prlimit")));
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", state.pid.unwrap())).unwrap();
+    // The pid is known before the wrapper's exec chain (prlimit, env) has
+    // reached the server; read the limits once it has (bounded).
+    let pid = state.pid.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read(format!("/proc/{pid}/comm")).is_ok_and(|c| c.starts_with(b"sleep")) {
+        assert!(Instant::now() < deadline, "the server never exec'd sleep");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
     let line = limits
         .lines()
         .find(|l| l.starts_with("Max address space"))
