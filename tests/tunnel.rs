@@ -443,18 +443,27 @@ async fn spawner_tunnel_follows_the_server_across_a_hub_restart_and_closes_on_st
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // ... and a new one listens on the recorded port again, once it knows
-    // the server runs; a taken port is a clear error naming it.
-    let sp = Spawner::new(config).unwrap();
+    // the server runs; when another program holds that port meanwhile, the
+    // tunnel moves to a free one (the hub then moves its route there, see
+    // get_url in the Python spawner) instead of losing the server.
+    let sp = Spawner::new(config.clone()).unwrap();
     let squatter = std::net::TcpListener::bind(("127.0.0.1", local)).unwrap();
     assert!(matches!(sp.poll(&state).await, PollOutcome::Running));
-    let err = sp.ensure_tunnels(&state).await.unwrap_err();
-    assert!(
-        err.to_string().contains(&format!("127.0.0.1:{local}")),
-        "{err}"
-    );
-    drop(squatter);
     sp.ensure_tunnels(&state).await.unwrap();
     assert_eq!(sp.tunnel_count(), (1, 0));
+    let moved = sp
+        .local_tunnel_port(&state.run_id)
+        .expect("the tunnel listens somewhere");
+    assert_ne!(moved, local, "the taken port was reused");
+    assert!(wait_http_200(moved, &path).await.contains("hello"));
+    drop(squatter);
+
+    // Another restart with the port free again: back on the recorded port.
+    drop(sp);
+    let sp = Spawner::new(config).unwrap();
+    assert!(matches!(sp.poll(&state).await, PollOutcome::Running));
+    sp.ensure_tunnels(&state).await.unwrap();
+    assert_eq!(sp.local_tunnel_port(&state.run_id), Some(local));
     assert!(wait_http_200(local, &path).await.contains("hello"));
 
     sp.stop(&state).await.unwrap();
