@@ -2410,6 +2410,9 @@ mod tests {
             wait_until(Duration::from_secs(5), || {
                 fs::read(format!("/proc/{}/cmdline", l.pid))
                     .is_ok_and(|c| !c.windows(16).any(|w| w == b"ssh-spawner-run:"))
+                    // past the exec chain's own steps (env, prlimit) too
+                    && fs::read(format!("/proc/{}/comm", l.pid))
+                        .is_ok_and(|c| c != b"env\n" && c != b"prlimit\n")
                     && Path::new(&format!("{dir}/pid")).exists()
             }),
             "the server never exec'd: {out:?}"
