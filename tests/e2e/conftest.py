@@ -222,6 +222,10 @@ class SpawnFailed(AssertionError):
     pass
 
 
+# What the tests' own hub service may do; a test that needs more adds to it.
+E2E_SCOPES = ("admin:users", "admin:servers", "access:servers", "read:users", "list:users")
+
+
 class Hub:
     """One JupyterHub (and its proxy) in its own directory."""
 
@@ -268,13 +272,7 @@ class Hub:
             "JupyterHub.load_roles": [
                 {
                     "name": "e2e",
-                    "scopes": [
-                        "admin:users",
-                        "admin:servers",
-                        "access:servers",
-                        "read:users",
-                        "list:users",
-                    ],
+                    "scopes": list(E2E_SCOPES),
                     "services": ["e2e"],
                 }
             ],

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import all_procs, group_members, proc_environ, proc_start_time, wait_until
+from .conftest import (
+    E2E_SCOPES,
+    all_procs,
+    group_members,
+    proc_environ,
+    proc_start_time,
+    wait_until,
+)
 
 ALICE = "tb-alice"  # left idle
 BOB = "tb.bob-2"  # in use
@@ -55,13 +62,7 @@ def test_idle_culler_culls_idle_server_and_keeps_active_one(testbed, hub_factory
             "JupyterHub.load_roles": [
                 {
                     "name": "e2e",
-                    "scopes": [
-                        "admin:users",
-                        "admin:servers",
-                        "access:servers",
-                        "read:users",
-                        "list:users",
-                    ],
+                    "scopes": list(E2E_SCOPES),
                     "services": ["e2e"],
                 },
                 {

@@ -12,7 +12,7 @@ import re
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import bed_fault, wait_until
+from .conftest import E2E_SCOPES, bed_fault, wait_until
 
 ALICE = "tb-alice"
 BOB = "tb.bob-2"
@@ -59,14 +59,7 @@ def test_metrics_move_and_logs_name_the_user(testbed, hub_factory):
             "JupyterHub.load_roles": [
                 {
                     "name": "e2e",
-                    "scopes": [
-                        "admin:users",
-                        "admin:servers",
-                        "access:servers",
-                        "read:users",
-                        "list:users",
-                        "read:metrics",
-                    ],
+                    "scopes": [*E2E_SCOPES, "read:metrics"],
                     "services": ["e2e"],
                 }
             ],

@@ -18,7 +18,7 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from .conftest import REPO, assert_server_process, bed_fault, wait_until
+from .conftest import E2E_SCOPES, REPO, assert_server_process, bed_fault, wait_until
 
 pytestmark = pytest.mark.any_hub  # see conftest.ANY_HUB
 
@@ -182,14 +182,7 @@ def test_hub_tunnel_for_a_host_that_cannot_reach_the_hub(testbed, hub_factory):
                 "JupyterHub.load_roles": [
                     {
                         "name": "e2e",
-                        "scopes": [
-                            "admin:users",
-                            "admin:servers",
-                            "access:servers",
-                            "read:users",
-                            "list:users",
-                            "tokens",
-                        ],
+                        "scopes": [*E2E_SCOPES, "tokens"],
                         "services": ["e2e"],
                     }
                 ],
@@ -253,14 +246,7 @@ def test_internal_ssl_runs_end_to_end_through_both_tunnels(testbed, hub_factory,
                 "JupyterHub.load_roles": [
                     {
                         "name": "e2e",
-                        "scopes": [
-                            "admin:users",
-                            "admin:servers",
-                            "access:servers",
-                            "read:users",
-                            "list:users",
-                            "tokens",
-                        ],
+                        "scopes": [*E2E_SCOPES, "tokens"],
                         "services": ["e2e"],
                     }
                 ],
