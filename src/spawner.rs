@@ -1589,7 +1589,15 @@ async fn drain_polls(
             }
             Err(_) => return,
         };
-        let procs: Vec<Proc> = batch.iter().map(|(p, _)| p.clone()).collect();
+        // The same server polled twice at once (two hub calls racing) sits
+        // in one batch twice: the script asks about it once, and both get
+        // that answer.
+        let mut seen = std::collections::HashSet::new();
+        let procs: Vec<Proc> = batch
+            .iter()
+            .filter(|(p, _)| seen.insert(p.run_id.clone()))
+            .map(|(p, _)| p.clone())
+            .collect();
         execs.fetch_add(1, Ordering::Relaxed);
         let round = Instant::now();
         let result = async {
@@ -1604,12 +1612,15 @@ async fn drain_polls(
         metrics::poll_round(&target.host_label(), round.elapsed());
         match result {
             Ok(statuses) => {
-                let mut by_run: HashMap<String, ProcStatus> = statuses.into_iter().collect();
+                let by_run: HashMap<String, ProcStatus> = statuses.into_iter().collect();
                 for (p, reply) in batch {
-                    let r = by_run.remove(&p.run_id).ok_or_else(|| Error::Invalid {
-                        what: "poll report".into(),
-                        reason: format!("no answer for {}", p.run_id),
-                    });
+                    let r = by_run
+                        .get(&p.run_id)
+                        .cloned()
+                        .ok_or_else(|| Error::Invalid {
+                            what: "poll report".into(),
+                            reason: format!("no answer for {}", p.run_id),
+                        });
                     let _ = reply.send(r);
                 }
             }

@@ -884,6 +884,45 @@ async fn a_poll_does_not_wait_for_the_polls_that_arrive_after_it() {
 }
 
 #[tokio::test]
+async fn the_same_server_polled_twice_at_once_is_running_for_both() {
+    let Some(tb) = testbed("the_same_server_polled_twice_at_once_is_running_for_both") else {
+        return;
+    };
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice().name.clone();
+    let state = sp
+        .spawn(
+            &SpawnRequest {
+                host: Some(tb.hosts[2].name.clone()),
+                ..request(&user)
+            },
+            env_for(&user, vec![]),
+            &["sleep".to_string(), "1409".to_string()],
+            &Progress::new(),
+        )
+        .await
+        .unwrap();
+    // Polls started together queue in one batch per host: the same run
+    // twice (or more) in it gets one answer for all, not "no answer".
+    let polls: Vec<_> = (0..4)
+        .map(|_| {
+            let (sp, state) = (sp.clone(), state.clone());
+            tokio::spawn(async move { sp.poll(&state).await })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for p in polls {
+        outcomes.push(p.await.unwrap());
+    }
+    let stopped = sp.stop(&state).await;
+    let _ = std::fs::remove_dir_all(&state.dir);
+    for o in &outcomes {
+        assert!(matches!(o, PollOutcome::Running), "{outcomes:?}");
+    }
+    stopped.unwrap();
+}
+
+#[tokio::test]
 async fn starts_at_once_never_share_a_port() {
     let Some(tb) = testbed("starts_at_once_never_share_a_port") else {
         return;
