@@ -139,6 +139,7 @@ async fn the_whole_lifecycle_with_a_server_answering_http() {
         )
         .await
         .unwrap();
+    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     // Listening when the start returns: the first connection is accepted.
     tokio::net::TcpStream::connect((state.address.as_str(), state.port))
         .await
@@ -251,6 +252,7 @@ async fn stop_kills_children_even_in_their_own_session() {
         )
         .await
         .unwrap();
+    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     // The trap is set once `sleep 1300` runs (the bed shares this machine's
     // pid namespace): wait for it rather than for a guess of the clock.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -304,6 +306,7 @@ async fn stop_after_a_crash_kills_what_the_server_left_behind() {
         )
         .await
         .unwrap();
+    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     let mut exited = false;
     for _ in 0..50 {
         if let PollOutcome::Exited {
@@ -404,6 +407,7 @@ async fn hostile_environment_values_arrive_byte_exact_and_secrets_stay_out_of_ar
         )
         .await
         .unwrap();
+    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     for _ in 0..50 {
         if std::path::Path::new(&out_file).exists() {
             break;
@@ -505,6 +509,7 @@ async fn a_taken_port_is_retried_with_another() {
         .launch(&prepared, &env(&prepared.state), &mocksu(&tb), &progress)
         .await
         .unwrap();
+    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     assert_eq!(state.port, next);
     http_get(&state.address, next, &format!("/user/{user}/")).await;
     sp.stop(&state).await.unwrap();
@@ -572,6 +577,7 @@ async fn forged_state_never_signals_someone_elses_process() {
         )
         .await
         .unwrap();
+    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     // Another run's state whose pid is now this server (another start time):
     // a reused pid, or a forged state.
     let mut forged = state.clone();
@@ -617,6 +623,7 @@ async fn forged_state_never_signals_someone_elses_process() {
         )
         .await
         .unwrap();
+    let _stop_bobs_on_panic = common::StopOnPanic::new(&sp, &bobs);
     let mut pointed = state.clone();
     pointed.pid = bobs.pid;
     pointed.pgid = bobs.pgid;
@@ -813,6 +820,7 @@ async fn an_old_pid_file_never_makes_stop_signal_another_program() {
         )
         .await
         .unwrap();
+    let _stop_launched_on_panic = common::StopOnPanic::new(&sp, &launched);
     let mut unsaved = launched.clone();
     (unsaved.pid, unsaved.pgid, unsaved.start_time) = (None, None, None);
     (unsaved.uid, unsaved.boot_id) = (None, None);
@@ -844,6 +852,7 @@ async fn a_poll_does_not_wait_for_the_polls_that_arrive_after_it() {
         )
         .await
         .unwrap();
+    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     // This poll starts the batch; a steady stream of polls of the same host
     // keeps arriving after it until it has its answer (or 30 s pass).
     let first = {
@@ -902,6 +911,7 @@ async fn the_same_server_polled_twice_at_once_is_running_for_both() {
         )
         .await
         .unwrap();
+    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     // Polls started together queue in one batch per host: the same run
     // twice (or more) in it gets one answer for all, not "no answer".
     let polls: Vec<_> = (0..4)
@@ -1046,6 +1056,7 @@ async fn certificates_are_private_and_removed_on_stop() {
         )
         .await
         .unwrap();
+    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     sp.stop(&state).await.unwrap();
     for p in [&paths.keyfile, &paths.certfile, &paths.cafile] {
         assert!(!std::path::Path::new(p).exists(), "{p} left after stop");
@@ -1075,6 +1086,7 @@ async fn memory_limits_are_enforced_and_reported() {
         )
         .await
         .unwrap();
+    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     let enforcement = state.enforcement.clone().unwrap();
     // The testbed has no systemd user manager: prlimit, and CPU says so.
     assert!(
@@ -1261,6 +1273,7 @@ async fn failover_when_a_host_is_cut() {
         )
         .await
         .unwrap();
+    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     assert_eq!(state.host, "node3");
     assert!(
         started.elapsed() < Duration::from_secs(15),

@@ -422,6 +422,7 @@ async fn spawner_tunnel_follows_the_server_across_a_hub_restart_and_closes_on_st
         .spawn(&req, env, &command, &Progress::new())
         .await
         .unwrap();
+    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     let local = state
         .tunnel_port
         .expect("the state records the tunnel port");
@@ -614,6 +615,7 @@ async fn a_stop_that_cannot_reach_the_host_still_closes_the_servers_tunnels() {
         .spawn(&req, env, &command, &Progress::new())
         .await
         .unwrap();
+    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     let local = state.tunnel_port.unwrap();
     let path = format!("/user/{user}/hello");
     assert!(wait_http_200(local, &path).await.contains("hello"));

@@ -190,3 +190,52 @@ pub fn mode_of(path: &Path) -> u32 {
         .mode()
         & 0o7777
 }
+
+/// Stops a server the test started when the test panics before stopping it
+/// itself, so a failing test leaves no process on a shared host. On success
+/// it does nothing (the tests stop their servers as part of what they check).
+/// The stop runs on a thread of its own with a fresh Spawner (a new pool):
+/// the test's runtime is unwinding and cannot drive its own connections.
+pub struct StopOnPanic {
+    config: ssh_spawner::config::Config,
+    state: ssh_spawner::plan::state::ServerState,
+}
+
+impl StopOnPanic {
+    pub fn new(
+        sp: &ssh_spawner::spawner::Spawner,
+        state: &ssh_spawner::plan::state::ServerState,
+    ) -> StopOnPanic {
+        StopOnPanic {
+            config: sp.config().clone(),
+            state: state.clone(),
+        }
+    }
+}
+
+impl Drop for StopOnPanic {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let (config, state) = (self.config.clone(), self.state.clone());
+        let stopped = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(async {
+                let sp = ssh_spawner::spawner::Spawner::new(config).map_err(|e| e.to_string())?;
+                tokio::time::timeout(Duration::from_secs(30), sp.stop(&state))
+                    .await
+                    .map_err(|_| "timed out".to_string())?
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .join();
+        eprintln!(
+            "StopOnPanic: the failed test's server {} on {}: {:?}",
+            self.state.run_id, self.state.host, stopped
+        );
+    }
+}
