@@ -19,6 +19,24 @@ use ssh_spawner::spawner::{PollOutcome, Progress, SpawnRequest, Spawner};
 use ssh_spawner::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Starts a server that the test expects to start, and a guard that stops it
+/// if the test fails before stopping it itself.
+async fn started(
+    sp: &Spawner,
+    req: &SpawnRequest,
+    env: impl Fn(&ServerState) -> Vec<(String, String)>,
+    cmd: &[String],
+) -> (ServerState, common::StopOnPanic) {
+    let state = sp.spawn(req, env, cmd, &Progress::new()).await.unwrap();
+    let guard = common::StopOnPanic::new(sp, &state);
+    (state, guard)
+}
+
+/// `sleep SECS`: a server that never listens, marked by its length.
+fn sleep_cmd(secs: u32) -> Vec<String> {
+    vec!["sleep".to_string(), secs.to_string()]
+}
+
 fn config(tb: &Testbed) -> Config {
     let hosts: Vec<String> = tb
         .hosts
@@ -243,16 +261,7 @@ async fn stop_kills_children_even_in_their_own_session() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let state = sp
-        .spawn(
-            &request(&user),
-            env_for(&user, vec![]),
-            &cmd,
-            &Progress::new(),
-        )
-        .await
-        .unwrap();
-    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
+    let (state, _stop_on_panic) = started(&sp, &request(&user), env_for(&user, vec![]), &cmd).await;
     // The trap is set once `sleep 1300` runs (the bed shares this machine's
     // pid namespace): wait for it rather than for a guess of the clock.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -297,16 +306,7 @@ async fn stop_after_a_crash_kills_what_the_server_left_behind() {
         .iter()
         .map(|s| s.to_string())
         .collect();
-    let state = sp
-        .spawn(
-            &request(&user),
-            env_for(&user, vec![]),
-            &cmd,
-            &Progress::new(),
-        )
-        .await
-        .unwrap();
-    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
+    let (state, _stop_on_panic) = started(&sp, &request(&user), env_for(&user, vec![]), &cmd).await;
     let mut exited = false;
     for _ in 0..50 {
         if let PollOutcome::Exited {
@@ -398,16 +398,7 @@ async fn hostile_environment_values_arrive_byte_exact_and_secrets_stay_out_of_ar
         ("OUT".to_string(), out_file.clone()),
         ("JUPYTERHUB_API_TOKEN".to_string(), token.clone()),
     ];
-    let state = sp
-        .spawn(
-            &request(&user),
-            env_for(&user, extra),
-            &cmd,
-            &Progress::new(),
-        )
-        .await
-        .unwrap();
-    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
+    let (state, _stop_on_panic) = started(&sp, &request(&user), env_for(&user, extra), &cmd).await;
     for _ in 0..50 {
         if std::path::Path::new(&out_file).exists() {
             break;
@@ -568,16 +559,13 @@ async fn forged_state_never_signals_someone_elses_process() {
     };
     let sp = Spawner::new(config(&tb)).unwrap();
     let user = tb.alice().name.clone();
-    let state = sp
-        .spawn(
-            &request(&user),
-            env_for(&user, vec![]),
-            &["sleep".to_string(), "1400".to_string()],
-            &Progress::new(),
-        )
-        .await
-        .unwrap();
-    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
+    let (state, _stop_on_panic) = started(
+        &sp,
+        &request(&user),
+        env_for(&user, vec![]),
+        &sleep_cmd(1400),
+    )
+    .await;
     // Another run's state whose pid is now this server (another start time):
     // a reused pid, or a forged state.
     let mut forged = state.clone();
@@ -614,16 +602,8 @@ async fn forged_state_never_signals_someone_elses_process() {
     // Alice's state edited to name bob's running process (pid, group, start
     // time, uid): alice's login sees it is not hers and never signals it.
     let bob = tb.bob().name.clone();
-    let bobs = sp
-        .spawn(
-            &request(&bob),
-            env_for(&bob, vec![]),
-            &["sleep".to_string(), "1401".to_string()],
-            &Progress::new(),
-        )
-        .await
-        .unwrap();
-    let _stop_bobs_on_panic = common::StopOnPanic::new(&sp, &bobs);
+    let (bobs, _stop_bobs_on_panic) =
+        started(&sp, &request(&bob), env_for(&bob, vec![]), &sleep_cmd(1401)).await;
     let mut pointed = state.clone();
     pointed.pid = bobs.pid;
     pointed.pgid = bobs.pgid;
@@ -811,16 +791,13 @@ async fn an_old_pid_file_never_makes_stop_signal_another_program() {
     );
     // The real thing is still adopted: a launched server whose pid never
     // reached the state.
-    let launched = sp
-        .spawn(
-            &request(&user),
-            env_for(&user, vec![]),
-            &["sleep".to_string(), "1402".to_string()],
-            &Progress::new(),
-        )
-        .await
-        .unwrap();
-    let _stop_launched_on_panic = common::StopOnPanic::new(&sp, &launched);
+    let (launched, _stop_launched_on_panic) = started(
+        &sp,
+        &request(&user),
+        env_for(&user, vec![]),
+        &sleep_cmd(1402),
+    )
+    .await;
     let mut unsaved = launched.clone();
     (unsaved.pid, unsaved.pgid, unsaved.start_time) = (None, None, None);
     (unsaved.uid, unsaved.boot_id) = (None, None);
@@ -840,19 +817,16 @@ async fn a_poll_does_not_wait_for_the_polls_that_arrive_after_it() {
     };
     let sp = Spawner::new(config(&tb)).unwrap();
     let user = tb.alice().name.clone();
-    let state = sp
-        .spawn(
-            &SpawnRequest {
-                host: Some(tb.hosts[1].name.clone()),
-                ..request(&user)
-            },
-            env_for(&user, vec![]),
-            &["sleep".to_string(), "1403".to_string()],
-            &Progress::new(),
-        )
-        .await
-        .unwrap();
-    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
+    let (state, _stop_on_panic) = started(
+        &sp,
+        &SpawnRequest {
+            host: Some(tb.hosts[1].name.clone()),
+            ..request(&user)
+        },
+        env_for(&user, vec![]),
+        &sleep_cmd(1403),
+    )
+    .await;
     // This poll starts the batch; a steady stream of polls of the same host
     // keeps arriving after it until it has its answer (or 30 s pass).
     let first = {
@@ -899,19 +873,16 @@ async fn the_same_server_polled_twice_at_once_is_running_for_both() {
     };
     let sp = Spawner::new(config(&tb)).unwrap();
     let user = tb.alice().name.clone();
-    let state = sp
-        .spawn(
-            &SpawnRequest {
-                host: Some(tb.hosts[2].name.clone()),
-                ..request(&user)
-            },
-            env_for(&user, vec![]),
-            &["sleep".to_string(), "1409".to_string()],
-            &Progress::new(),
-        )
-        .await
-        .unwrap();
-    let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
+    let (state, _stop_on_panic) = started(
+        &sp,
+        &SpawnRequest {
+            host: Some(tb.hosts[2].name.clone()),
+            ..request(&user)
+        },
+        env_for(&user, vec![]),
+        &sleep_cmd(1409),
+    )
+    .await;
     // Polls started together queue in one batch per host: the same run
     // twice (or more) in it gets one answer for all, not "no answer".
     let polls: Vec<_> = (0..4)
@@ -987,7 +958,7 @@ async fn many_polls_on_one_host_share_an_exec() {
             sp.spawn(
                 &request(&user),
                 env_for(&user, vec![]),
-                &["sleep".to_string(), "1500".to_string()],
+                &sleep_cmd(1500),
                 &Progress::new(),
             )
             .await
@@ -1051,7 +1022,7 @@ async fn certificates_are_private_and_removed_on_stop() {
         .launch(
             &prepared,
             &env(&prepared.state),
-            &["sleep".to_string(), "1600".to_string()],
+            &sleep_cmd(1600),
             &progress,
         )
         .await
@@ -1078,12 +1049,7 @@ async fn memory_limits_are_enforced_and_reported() {
     };
     let progress = Progress::new();
     let state = sp
-        .spawn(
-            &req,
-            env_for(&user, vec![]),
-            &["sleep".to_string(), "1700".to_string()],
-            &progress,
-        )
+        .spawn(&req, env_for(&user, vec![]), &sleep_cmd(1700), &progress)
         .await
         .unwrap();
     let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
