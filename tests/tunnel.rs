@@ -374,7 +374,7 @@ async fn wait_http_200(port: u16, path: &str) -> String {
 #[tokio::test]
 async fn spawner_tunnel_follows_the_server_across_a_hub_restart_and_closes_on_stop() {
     use ssh_spawner::config::Config;
-    use ssh_spawner::spawner::{PollOutcome, Progress, SpawnRequest, Spawner};
+    use ssh_spawner::spawner::{PollOutcome, Progress, Spawner};
 
     let Some(tb) =
         testbed("spawner_tunnel_follows_the_server_across_a_hub_restart_and_closes_on_stop")
@@ -395,27 +395,8 @@ async fn spawner_tunnel_follows_the_server_across_a_hub_restart_and_closes_on_st
     );
     let config: Config = toml::from_str(&text).unwrap();
     let user = tb.bob().name.clone();
-    let command = vec![
-        tb.python.display().to_string(),
-        "-m".into(),
-        "jupyterhub.tests.mocksu".into(),
-    ];
-    let env = {
-        let user = user.clone();
-        move |s: &ssh_spawner::plan::state::ServerState| {
-            vec![
-                (
-                    "JUPYTERHUB_SERVICE_URL".to_string(),
-                    format!("http://127.0.0.1:{}/user/{user}/", s.port),
-                ),
-                ("JUPYTERHUB_USER".to_string(), user.clone()),
-            ]
-        }
-    };
-    let req = SpawnRequest {
-        username: user.clone(),
-        ..Default::default()
-    };
+    let mocksu = mocksu_for(&tb, &user);
+    let (command, env, req) = (mocksu.command.clone(), mocksu.env(), mocksu.request());
 
     let sp = Spawner::new(config.clone()).unwrap();
     let state = sp
@@ -571,7 +552,7 @@ async fn a_remote_forwards_connections_end_with_it() {
 async fn a_stop_that_cannot_reach_the_host_still_closes_the_servers_tunnels() {
     use ssh_spawner::config::Config;
     use ssh_spawner::plan::script::Stopped;
-    use ssh_spawner::spawner::{Progress, SpawnRequest, Spawner};
+    use ssh_spawner::spawner::{Progress, Spawner};
 
     let Some(tb) = testbed("a_stop_that_cannot_reach_the_host_still_closes_the_servers_tunnels")
     else {
@@ -589,27 +570,8 @@ async fn a_stop_that_cannot_reach_the_host_still_closes_the_servers_tunnels() {
     );
     let config: Config = toml::from_str(&text).unwrap();
     let user = tb.alice().name.clone();
-    let command = vec![
-        tb.python.display().to_string(),
-        "-m".into(),
-        "jupyterhub.tests.mocksu".into(),
-    ];
-    let env = {
-        let user = user.clone();
-        move |s: &ssh_spawner::plan::state::ServerState| {
-            vec![
-                (
-                    "JUPYTERHUB_SERVICE_URL".to_string(),
-                    format!("http://127.0.0.1:{}/user/{user}/", s.port),
-                ),
-                ("JUPYTERHUB_USER".to_string(), user.clone()),
-            ]
-        }
-    };
-    let req = SpawnRequest {
-        username: user.clone(),
-        ..Default::default()
-    };
+    let mocksu = mocksu_for(&tb, &user);
+    let (command, env, req) = (mocksu.command.clone(), mocksu.env(), mocksu.request());
     let sp = Spawner::new(config).unwrap();
     let state = sp
         .spawn(&req, env, &command, &Progress::new())
@@ -825,4 +787,47 @@ async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> 
     })
     .await;
     out
+}
+
+/// JupyterHub's mock single-user server as `user`: its command, its
+/// environment (the service URL on the port the spawner picks) and the
+/// request.
+struct Mocksu {
+    command: Vec<String>,
+    user: String,
+}
+
+impl Mocksu {
+    fn env(
+        &self,
+    ) -> impl Fn(&ssh_spawner::plan::state::ServerState) -> Vec<(String, String)> + Clone {
+        let user = self.user.clone();
+        move |s| {
+            vec![
+                (
+                    "JUPYTERHUB_SERVICE_URL".to_string(),
+                    format!("http://127.0.0.1:{}/user/{user}/", s.port),
+                ),
+                ("JUPYTERHUB_USER".to_string(), user.clone()),
+            ]
+        }
+    }
+
+    fn request(&self) -> ssh_spawner::spawner::SpawnRequest {
+        ssh_spawner::spawner::SpawnRequest {
+            username: self.user.clone(),
+            ..Default::default()
+        }
+    }
+}
+
+fn mocksu_for(tb: &common::Testbed, user: &str) -> Mocksu {
+    Mocksu {
+        command: vec![
+            tb.python.display().to_string(),
+            "-m".into(),
+            "jupyterhub.tests.mocksu".into(),
+        ],
+        user: user.to_string(),
+    }
 }
