@@ -116,6 +116,17 @@ def bed_fault(tb: dict, action: str, host: str) -> None:
     subprocess.run([tb["script"], action, host], check=True, timeout=60, capture_output=True)
 
 
+@contextlib.contextmanager
+def host_cut(tb: dict, host: str):
+    """The host's link dropped (every packet, both ways) while the block
+    runs, healed after it whatever happens."""
+    bed_fault(tb, "cut", host)
+    try:
+        yield
+    finally:
+        bed_fault(tb, "heal", host)
+
+
 # --------------------------------------------------------------------------
 # /proc
 

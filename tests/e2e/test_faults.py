@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from .conftest import assert_server_process, bed_fault, proc_start_time, wait_polls, wait_until
+from .conftest import assert_server_process, host_cut, proc_start_time, wait_polls, wait_until
 
 pytestmark = pytest.mark.any_hub  # see conftest.ANY_HUB
 
@@ -27,8 +27,7 @@ def test_host_cut_while_hub_down_keeps_server(testbed, hub_factory):
     hub.stop()
     log_before = len(hub.log_text())
 
-    bed_fault(testbed, "cut", host)
-    try:
+    with host_cut(testbed, host):
         t0 = time.monotonic()
         hub.start(
             **{
@@ -53,8 +52,6 @@ def test_host_cut_while_hub_down_keeps_server(testbed, hub_factory):
         # The next poll (the restarted hub waits for the host) keeps it too.
         wait_polls(hub, ALICE, 2, log_before)
         assert hub.server_model(ALICE) is not None
-    finally:
-        bed_fault(testbed, "heal", host)
     t_heal = time.monotonic()
 
     wait_until(
@@ -83,8 +80,7 @@ def test_stop_while_host_cut_cleans_up_once_it_heals(testbed, hub_factory):
     assert_server_process(testbed, state, ALICE)
     host = state["host"]
 
-    bed_fault(testbed, "cut", host)
-    try:
+    with host_cut(testbed, host):
         t0 = time.monotonic()
         r = hub.api("DELETE", hub.server_path(ALICE), timeout=60)
         took = time.monotonic() - t0
@@ -92,8 +88,6 @@ def test_stop_while_host_cut_cleans_up_once_it_heals(testbed, hub_factory):
         wait_until(lambda: hub.server_model(ALICE) is None, 30, what="the hub to forget it")
         # The host never heard of the stop: the server still runs.
         assert proc_start_time(state["pid"]) == state["start_time"]
-    finally:
-        bed_fault(testbed, "heal", host)
     t_heal = time.monotonic()
     # The spawner keeps trying in the background (every 15 s) and stops it.
     wait_until(
@@ -127,8 +121,7 @@ def test_stop_while_host_cut_is_finished_after_a_hub_restart(testbed, hub_factor
     assert_server_process(testbed, state, ALICE)
     host = state["host"]
 
-    bed_fault(testbed, "cut", host)
-    try:
+    with host_cut(testbed, host):
         hub.api("DELETE", hub.server_path(ALICE), timeout=60)
         wait_until(lambda: hub.server_model(ALICE) is None, 30, what="the hub to forget it")
         assert pending_stops(hub) == [f"{state['run_id']}.json"]
@@ -143,8 +136,6 @@ def test_stop_while_host_cut_is_finished_after_a_hub_restart(testbed, hub_factor
             what="the restarted hub to retry the pending stop",
         )
         assert proc_start_time(state["pid"]) == state["start_time"]
-    finally:
-        bed_fault(testbed, "heal", host)
     t_heal = time.monotonic()
     wait_until(
         lambda: proc_start_time(state["pid"]) != state["start_time"] and not hub.my_procs(),
@@ -179,8 +170,7 @@ def test_server_reported_stopped_after_a_long_outage_is_stopped_when_host_return
     assert_server_process(testbed, state, ALICE)
     host = state["host"]
 
-    bed_fault(testbed, "cut", host)
-    try:
+    with host_cut(testbed, host):
         # A poll over the pooled connection to a blackholed host may wait
         # for command_timeout (30 s) before it says "unknown".
         wait_until(
@@ -189,8 +179,6 @@ def test_server_reported_stopped_after_a_long_outage_is_stopped_when_host_return
         assert "reporting the server stopped" in hub.log_text()
         assert pending_stops(hub) == [f"{state['run_id']}.json"]
         assert proc_start_time(state["pid"]) == state["start_time"]
-    finally:
-        bed_fault(testbed, "heal", host)
     t_heal = time.monotonic()
     wait_until(
         lambda: proc_start_time(state["pid"]) != state["start_time"] and not hub.my_procs(),

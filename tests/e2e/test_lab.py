@@ -12,7 +12,7 @@ import re
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import E2E_SCOPES, bed_fault, wait_until
+from .conftest import E2E_SCOPES, host_cut, wait_until
 
 ALICE = "tb-alice"
 BOB = "tb.bob-2"
@@ -78,15 +78,12 @@ def test_metrics_move_and_logs_name_the_user(testbed, hub_factory):
     assert host == hosts[0]
 
     # bob: a host that does not answer.
-    bed_fault(testbed, "cut", cut)
-    try:
+    with host_cut(testbed, cut):
         r = hub.request_spawn(BOB, json={"host": cut})
         if r.status_code in (201, 202):
             wait_until(lambda: hub.server_model(BOB) is None, 60, what="bob's spawn to fail")
         else:
             assert r.status_code >= 400, (r.status_code, r.text)
-    finally:
-        bed_fault(testbed, "heal", cut)
 
     def polled():
         return total(scrape(hub), "ssh_spawner_poll_round_duration_seconds_count", host=host) >= 1

@@ -11,7 +11,7 @@ from urllib.parse import quote
 
 import requests
 
-from .conftest import assert_server_process, bed_fault, wait_until
+from .conftest import assert_server_process, host_cut, wait_until
 
 ALICE = "tb-alice"
 
@@ -131,8 +131,7 @@ def test_form_shows_live_figures_and_a_down_host_cannot_be_chosen(testbed, hub_f
     )
     down = names[2]
     s = login(hub, ALICE)
-    bed_fault(testbed, "cut", down)
-    try:
+    with host_cut(testbed, down):
         t0 = time.monotonic()
         page, _ = spawn_page(hub, s, ALICE)
         took = time.monotonic() - t0
@@ -157,8 +156,6 @@ def test_form_shows_live_figures_and_a_down_host_cannot_be_chosen(testbed, hub_f
         assert f"{down}, the host you chose, cannot take the server now" in said, said
         assert "choose another host or let the spawner choose" in said, said
         assert f"Spawn failed: {down}, the host you chose" in said, "plain words on the page"
-    finally:
-        bed_fault(testbed, "heal", down)
     wait_until(lambda: not hub.my_procs(), 5, what="no processes")
 
 

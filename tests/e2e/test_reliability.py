@@ -23,6 +23,7 @@ from .conftest import (
     assert_server_process,
     bed_fault,
     group_members,
+    host_cut,
     proc_start_time,
     read_proc,
     wait_polls,
@@ -411,8 +412,7 @@ def test_blackholed_host_bounds_every_wait_and_spares_other_users(testbed, hub_f
     hub.spawn(ALICE)
     state = hub.ssh_state(ALICE)
     host = state["host"]
-    bed_fault(testbed, "cut", host)
-    try:
+    with host_cut(testbed, host):
         log_before = len(hub.log_text())
         wait_until(
             lambda: "cannot reach the host" in hub.log_text()[log_before:],
@@ -433,8 +433,6 @@ def test_blackholed_host_bounds_every_wait_and_spares_other_users(testbed, hub_f
         assert hub.server_model(ALICE) is not None, "alice's server dropped within the grace"
         assert proc_start_time(state["pid"]) == state["start_time"]
         print(f"BLACKHOLE checks done {time.monotonic() - t0:.2f} s")
-    finally:
-        bed_fault(testbed, "heal", host)
     wait_until(
         lambda: hub.proxy_get(f"/user/{ALICE}/api/status").status_code == 200,
         30,
