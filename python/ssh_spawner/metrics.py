@@ -67,23 +67,18 @@ class SpawnerCollector(Collector):
             spawn.add_metric([h, outcome], _buckets(hist), hist["sum"])
         yield spawn
 
-        attempts = CounterMetricFamily(
+        yield _counter(
             "ssh_spawner_ssh_connect_attempts",
             "SSH connections attempted (TCP, key exchange, host key check, authentication)",
-            labels=["host"],
+            ["host"],
+            ((host(label), n) for label, n in snap["ssh_connect_attempts"]),
         )
-        for label, n in snap["ssh_connect_attempts"]:
-            attempts.add_metric([host(label)], n)
-        yield attempts
-
-        failures = CounterMetricFamily(
+        yield _counter(
             "ssh_spawner_ssh_connect_failures",
             "SSH connection attempts that failed, by error kind",
-            labels=["host", "kind"],
+            ["host", "kind"],
+            ((host(label), kind, n) for label, kind, n in snap["ssh_connect_failures"]),
         )
-        for label, kind, n in snap["ssh_connect_failures"]:
-            failures.add_metric([host(label), kind], n)
-        yield failures
 
         conns = GaugeMetricFamily(
             "ssh_spawner_ssh_connections",
@@ -129,25 +124,28 @@ class SpawnerCollector(Collector):
             running.add_metric([h], n)
         yield running
 
-        escalated = CounterMetricFamily(
+        yield _counter(
             "ssh_spawner_stops_escalated",
             "Stops that sent SIGKILL because the server outlived SIGTERM by stop_grace",
-            labels=["host"],
+            ["host"],
+            snap["stops_escalated"],
         )
-        for h, n in snap["stops_escalated"]:
-            escalated.add_metric([h], n)
-        yield escalated
-
-        swept = CounterMetricFamily(
+        yield _counter(
             "ssh_spawner_journal_swept",
             "Journal entries of starts in flight handled after a hub restart:"
             " stopped (orphan stopped), forgotten (its server is in the database),"
             " failed (host not answering; kept for the next restart)",
-            labels=["outcome"],
+            ["outcome"],
+            sorted(JOURNAL_SWEPT.items()),
         )
-        for outcome, n in sorted(JOURNAL_SWEPT.items()):
-            swept.add_metric([outcome], n)
-        yield swept
+
+
+def _counter(name: str, doc: str, labels: list[str], rows: Iterable) -> CounterMetricFamily:
+    """A counter family from rows of (label values..., count)."""
+    family = CounterMetricFamily(name, doc, labels=labels)
+    for *values, n in rows:
+        family.add_metric(list(values), n)
+    return family
 
 
 def register(cores: Callable[[], Iterable[_core.Core]]) -> None:
