@@ -382,7 +382,8 @@ class SSHSpawner(Spawner):
             raise self._spawn_error(
                 RuntimeError(f"cannot write the start journal in {journal.dir}: {e}")
             ) from None
-        self._journaled = (*self._journaled, run_id)
+        if run_id not in self._journaled:
+            self._journaled = (*self._journaled, run_id)
 
     def _journal_forget(self) -> None:
         """Remove this spawner's entries (in a thread when the loop runs:
@@ -736,6 +737,11 @@ class SSHSpawner(Spawner):
     # ---- lifecycle ------------------------------------------------------
 
     async def start(self):
+        """One await of the core's start loop (another port when the chosen
+        one was taken, another host when one does not answer: the rules are
+        in ``plan::retry``), with the hub's parts around it: progress, the
+        journal of each state before its launch, pending stops for attempts
+        abandoned on a host that did not answer."""
         began = time.monotonic()
         self._sweep_journal_once()
         self._ensure_stopper()
@@ -745,63 +751,66 @@ class SSHSpawner(Spawner):
             if self._prepared is None:
                 await self._prepare()
             cmd = list(self.cmd) + list(self.get_args())
-            tried = []
-            while True:
-                env = self.get_env()
-                try:
-                    if self.hub_tunnel:
-                        env = await self._through_hub_tunnel(env)
-                    # The launch returns once the server listens (the hub's
-                    # first check then succeeds) or fails if it exits first;
-                    # it waits at most what is left of start_timeout, less a
-                    # margin so the hub never cancels a start that is fine.
-                    left = self.start_timeout - (time.monotonic() - began) - 2.0
-                    self._state_json = await self.core.launch(
-                        self._prepared, sorted(env.items()), cmd, progress, max(0.0, left)
-                    )
-                    break
-                except _core.SpawnerError as e:
-                    if e.kind == "port_taken":
-                        taken = self.port
-                        self.port = self.core.repick_port(self._prepared)
-                        progress.emit(
-                            40, f"Port {taken} was taken meanwhile; trying port {self.port}"
-                        )
-                        continue
-                    if e.unreachable and self._choice.get("host"):
-                        # The user chose this host: say so rather than move.
-                        await self._stop_later(
-                            self._prepared.state, f"launch on {self._prepared.host} unanswered"
-                        )
-                        raise self._spawn_error(
-                            RuntimeError(
-                                f"{self._prepared.host}, the host you chose, stopped answering"
-                                f" ({self._redact(str(e))}); the server was not moved to"
-                                " another host: choose another host or let the spawner choose"
-                            )
-                        ) from None
-                    if e.unreachable and not self.internal_ssl:
-                        # The launch may have reached the host: clean it up
-                        # when it answers again, and try another host now.
-                        await self._stop_later(
-                            self._prepared.state, f"launch on {self._prepared.host} unanswered"
-                        )
-                        tried.append(self._prepared.host)
-                        progress.emit(
-                            15, f"{self._prepared.host} did not answer; trying another host"
-                        )
-                        self.log.warning("%s: %s; trying another host", self._log_name, e)
-                        await self._prepare(tried)
-                        continue
-                    raise self._spawn_error(e) from None
+            env = self.get_env()
+            hub_api = None
+            if self.hub_tunnel:
+                hub_api = self._hub_api_to(env["JUPYTERHUB_API_URL"])
+                self.core.set_hub_api(hub_api)
+            # The launch returns once the server listens (the hub's first
+            # check then succeeds) or fails if it exits first; it waits at
+            # most what is left of start_timeout, less a margin so the hub
+            # never cancels a start that is fine.
+            left = self.start_timeout - (time.monotonic() - began) - 2.0
+            steps = _core.StartSteps()
+            failed = []  # what the hub could not record
+            # Not cancelled with start(): steps already taken are still acted on.
+            recorder = asyncio.ensure_future(self._record_steps(steps, failed))
+            try:
+                self._state_json = await self.core.start(
+                    self._prepared,
+                    self._request(),
+                    sorted(env.items()),
+                    cmd,
+                    progress,
+                    steps,
+                    max(0.0, left),
+                    not self.internal_ssl,
+                    hub_api,
+                )
+            except _core.SpawnerError as e:
+                await recorder
+                if failed:
+                    raise failed[0] from None
+                raise self._spawn_error(e) from None
+            await recorder
+            state = json.loads(self._state_json)
+            self.port = state["port"]
             self._unreachable_since = None
-            tunnel_port = json.loads(self._state_json).get("tunnel_port")
-            if tunnel_port:
-                return ("127.0.0.1", tunnel_port)
-            return (self._prepared.address, self.port)
+            if state.get("tunnel_port"):
+                return ("127.0.0.1", state["tunnel_port"])
+            return (state["address"], self.port)
         finally:
             self._launching = False
             self._finish_progress()
+
+    async def _record_steps(self, steps, failed: list) -> None:
+        """The hub's side of each step of a start (until the start is over):
+        a state about to be launched is journaled first (a killed hub stops it
+        after a restart) and becomes the state stop() acts on; an attempt
+        abandoned on a host that did not answer becomes a pending stop."""
+        while (step := await steps.next()) is not None:
+            if step.kind == "abandoned":
+                self.log.warning("%s: %s; it is stopped once it answers", self._log_name, step.why)
+                await self._stop_later(step.state, step.why)
+                continue
+            self._state_json = step.state
+            try:
+                await self._journal_write(step.state)
+            except Exception as e:  # noqa: BLE001 -- handed to start()
+                failed.append(e)
+                step.done(str(e))
+            else:
+                step.done()
 
     def _hub_api_url(self) -> str:
         """The hub API URL the server is given (as in Spawner.get_env)."""
@@ -825,21 +834,6 @@ class SSHSpawner(Spawner):
         else (a forged state is refused, not followed)."""
         if self.hub_tunnel and self.hub is not None:
             self.core.set_hub_api(self._hub_api_to(self._hub_api_url()))
-
-    async def _through_hub_tunnel(self, env: dict) -> dict:
-        """Open the hub tunnel for this spawn and point the environment's hub
-        API URLs at its port on the host's loopback."""
-        api = urlsplit(env["JUPYTERHUB_API_URL"])
-        to = self._hub_api_to(env["JUPYTERHUB_API_URL"])
-        self.core.set_hub_api(to)
-        remote = await self.core.open_hub_forward(self._prepared, to)
-        self._state_json = self._prepared.state
-        origin = f"{api.scheme}://{api.netloc}"
-        tunneled = f"{api.scheme}://127.0.0.1:{remote}"
-        return {
-            k: (tunneled + v[len(origin) :] if isinstance(v, str) and v.startswith(origin) else v)
-            for k, v in env.items()
-        }
 
     async def poll(self):
         self._sweep_journal_once()
