@@ -698,6 +698,16 @@ fn validate_options(options_json: &str, bounds_json: &str) -> PyResult<String> {
     serde_json::to_string(&choice).map_err(|e| SpawnerError::new_err(e.to_string()))
 }
 
+/// The core's option names (`Config`'s fields) and those the JupyterHub
+/// class does not send, each with why: `(names, [(name, why)])`.
+#[pyfunction]
+fn config_fields() -> (Vec<&'static str>, Vec<(&'static str, &'static str)>) {
+    (
+        Config::field_names().to_vec(),
+        crate::config::NOT_FROM_HUB.to_vec(),
+    )
+}
+
 /// Everything the core counted in this process, as JSON (see
 /// `metrics::Snapshot`); `python/ssh_spawner/metrics.py` exports it.
 #[pyfunction]
@@ -721,5 +731,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(drain_logs, m)?)?;
     m.add_function(wrap_pyfunction!(validate_options, m)?)?;
     m.add_function(wrap_pyfunction!(metrics_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(config_fields, m)?)?;
     Ok(())
 }
