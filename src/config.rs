@@ -190,6 +190,64 @@ fn d_command() -> Vec<String> {
     vec!["jupyterhub-singleuser".into()]
 }
 
+/// Options of [`Config`] the JupyterHub class does not send, and why: it
+/// has its own for them. Every other field is a traitlet of the class tagged
+/// `rust=True`, sent by `_config_json` under the same name (a test of the
+/// Python package compares the two lists through
+/// `ssh_spawner._core.config_fields`).
+pub const NOT_FROM_HUB: [(&str, &str); 3] = [
+    (
+        "ready_timeout",
+        "each start passes what is left of Spawner.start_timeout",
+    ),
+    ("command", "each start passes Spawner.cmd and its arguments"),
+    (
+        "launch_settle",
+        "deprecated and ignored; the class warns about it itself",
+    ),
+];
+
+impl Config {
+    /// The names of every option (the serde fields of [`Config`]), read from
+    /// its `Deserialize` implementation, so the list cannot drift from the
+    /// struct.
+    pub fn field_names() -> &'static [&'static str] {
+        fields_of::<Config>()
+    }
+}
+
+/// The field names a derived `Deserialize` asks for (`deserialize_struct`'s
+/// `fields`), caught by a deserializer that answers nothing else.
+fn fields_of<'de, T: Deserialize<'de>>() -> &'static [&'static str] {
+    struct Catch<'a>(&'a mut &'static [&'static str]);
+    impl<'de> serde::Deserializer<'de> for Catch<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            _v: V,
+        ) -> std::result::Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("field names only"))
+        }
+        fn deserialize_struct<V: serde::de::Visitor<'de>>(
+            self,
+            _name: &'static str,
+            fields: &'static [&'static str],
+            _v: V,
+        ) -> std::result::Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(serde::de::Error::custom("field names only"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Catch(&mut fields));
+    fields
+}
+
 fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Error {
     Error::Invalid {
         what: what.into(),
@@ -469,6 +527,35 @@ pub fn fill(template: &str, username: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_names_are_the_structs_and_name_the_hub_exceptions() {
+        let names = Config::field_names();
+        for f in [
+            "hosts",
+            "known_hosts",
+            "port_range",
+            "keepalive_count",
+            "hub_tunnel",
+        ] {
+            assert!(names.contains(&f), "{f} in {names:?}");
+        }
+        for (f, _) in NOT_FROM_HUB {
+            assert!(names.contains(&f), "{f} in {names:?}");
+        }
+        // Every name is a key the JSON reader takes, and nothing else is.
+        let mut all = serde_json::Map::new();
+        let c: Config = toml::from_str(MIN).unwrap();
+        let full = serde_json::to_value(&c).unwrap();
+        for f in names {
+            let v = full.get(*f).cloned().unwrap_or(serde_json::json!(1.0));
+            all.insert(f.to_string(), v);
+        }
+        Config::from_json(&serde_json::Value::Object(all.clone()).to_string()).unwrap();
+        all.insert("no_such_option".into(), serde_json::json!(1));
+        let err = Config::from_json(&serde_json::Value::Object(all).to_string()).unwrap_err();
+        assert!(err.to_string().contains("no_such_option"), "{err}");
+    }
 
     const MIN: &str = r#"
 known_hosts = "/etc/ssh/ssh_known_hosts"

@@ -18,6 +18,7 @@ use std::time::Duration;
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
+use tokio::sync::{mpsc, oneshot};
 use tracing_subscriber::layer::SubscriberExt;
 
 use crate::config::Config;
@@ -25,6 +26,7 @@ use crate::error::Error;
 use crate::plan::form;
 use crate::plan::hosts::Requirements;
 use crate::plan::limits::Limits;
+use crate::plan::retry;
 use crate::plan::state;
 use crate::spawner::{self, PollOutcome, SpawnRequest, Spawner};
 
@@ -272,6 +274,123 @@ impl Prepared {
     }
 }
 
+/// One step of a start for the hub to act on: `kind` "launching" (journal
+/// `state` before its launch, then call `done`) or "abandoned" (the launch
+/// of `state` may have reached a host that did not answer: stop it later;
+/// `why` says which).
+#[pyclass(frozen)]
+struct Step {
+    #[pyo3(get)]
+    kind: &'static str,
+    #[pyo3(get)]
+    state: String,
+    #[pyo3(get)]
+    why: String,
+    ack: Mutex<Option<oneshot::Sender<Result<(), String>>>>,
+}
+
+#[pymethods]
+impl Step {
+    /// The hub has acted on the step; `error`: it could not (ends the start).
+    #[pyo3(signature = (error=None))]
+    fn done(&self, error: Option<String>) {
+        if let Some(tx) = self.ack.lock().ok().and_then(|mut a| a.take()) {
+            let _ = tx.send(error.map_or(Ok(()), Err));
+        }
+    }
+}
+
+/// How long a launch waits for the hub to record its state.
+const RECORD_WAIT: Duration = Duration::from_secs(60);
+
+/// The steps of one start, read by the hub while it awaits `Core.start`.
+/// `next()` returns `None` once the start is over.
+#[pyclass(frozen)]
+struct StartSteps {
+    tx: Mutex<Option<mpsc::UnboundedSender<Step>>>,
+    rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<Step>>>,
+}
+
+impl StartSteps {
+    fn take(&self) -> PyResult<StepHooks> {
+        self.tx
+            .lock()
+            .ok()
+            .and_then(|mut t| t.take())
+            .map(StepHooks)
+            .ok_or_else(|| SpawnerError::new_err("these start steps were used already"))
+    }
+}
+
+#[pymethods]
+impl StartSteps {
+    #[new]
+    fn new() -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        StartSteps {
+            tx: Mutex::new(Some(tx)),
+            rx: Arc::new(tokio::sync::Mutex::new(rx)),
+        }
+    }
+
+    /// The next step, waiting for one; `None` once the start is over.
+    fn next<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let rx = self.rx.clone();
+        pyo3_async_runtimes::tokio::future_into_py(
+            py,
+            async move { Ok(rx.lock().await.recv().await) },
+        )
+    }
+}
+
+/// The hooks of a hub's start: each step goes to the hub's `StartSteps`.
+struct StepHooks(mpsc::UnboundedSender<Step>);
+
+impl spawner::StartHooks for StepHooks {
+    async fn launching(&self, _sp: &Spawner, st: &state::ServerState) -> crate::Result<()> {
+        let (ack, answered) = oneshot::channel();
+        let step = Step {
+            kind: "launching",
+            state: state::encode(st)?,
+            why: String::new(),
+            ack: Mutex::new(Some(ack)),
+        };
+        let refused = |reason: String| Error::Invalid {
+            what: "the start journal".into(),
+            reason,
+        };
+        self.0
+            .send(step)
+            .map_err(|_| refused("the hub no longer reads this start's steps".into()))?;
+        match tokio::time::timeout(RECORD_WAIT, answered).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(reason))) => Err(refused(reason)),
+            Ok(Err(_)) => Err(refused("the hub dropped the step unanswered".into())),
+            Err(_) => Err(refused(format!(
+                "not written within {} s",
+                RECORD_WAIT.as_secs()
+            ))),
+        }
+    }
+
+    async fn abandoned(&self, sp: &Spawner, st: state::ServerState, why: String) {
+        let Ok(text) = state::encode(&st) else {
+            sp.clean_up_later(st);
+            return;
+        };
+        let step = Step {
+            kind: "abandoned",
+            state: text,
+            why,
+            ack: Mutex::new(None),
+        };
+        if self.0.send(step).is_err() {
+            // Nobody on the hub's side to record it: retry in memory.
+            sp.clean_up_later(st);
+        }
+    }
+}
+
 /// The spawner core, one per hub (its connection pool is shared by all spawns).
 #[pyclass(frozen)]
 struct Core(Spawner);
@@ -340,15 +459,6 @@ impl Core {
         })
     }
 
-    /// Choose another port after a `port_taken` error; returns it.
-    fn repick_port(&self, prepared: &Prepared) -> PyResult<u16> {
-        let mut p = prepared
-            .0
-            .lock()
-            .map_err(|_| SpawnerError::new_err("poisoned"))?;
-        self.0.repick_port(&mut p).map_err(py_err)
-    }
-
     /// Upload the key, certificate and CA files at these local paths; returns
     /// (keyfile, certfile, cafile) remote paths. Files are read asynchronously.
     fn upload_certs<'py>(
@@ -376,29 +486,6 @@ impl Core {
         })
     }
 
-    /// Hub tunnel: a port on the prepared host's loopback carried to the hub
-    /// API at `to` (`host:port`); returns that port (the state records it).
-    fn open_hub_forward<'py>(
-        &self,
-        py: Python<'py>,
-        prepared: Py<Prepared>,
-        to: String,
-    ) -> PyResult<Bound<'py, PyAny>> {
-        let sp = self.0.clone();
-        let mut prep = prepared.get().get()?;
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let port = sp.open_hub_forward(&mut prep, &to).await.map_err(py_err)?;
-            let mut p = prepared
-                .get()
-                .0
-                .lock()
-                .map_err(|_| SpawnerError::new_err("prepared spawn state is poisoned"))?;
-            p.state.hub_forward_port = prep.state.hub_forward_port;
-            p.state.hub_forward_to = prep.state.hub_forward_to.clone();
-            Ok(port)
-        })
-    }
-
     /// Connections held and sessions in use, by host display name (or
     /// `address:port` for a host not in this configuration): a list of
     /// (host, connections, sessions).
@@ -423,27 +510,47 @@ impl Core {
         self.0.tunnel_count()
     }
 
-    /// Start the command; returns the state JSON.
-    #[pyo3(signature = (prepared, env, command, progress, ready_timeout=None))]
-    fn launch<'py>(
+    /// Start the command on the prepared host, retrying another port or
+    /// another host as the core's one start loop decides
+    /// (`Spawner::start`); returns the state JSON of the server that runs.
+    /// `env`: the environment built for the prepared port (each attempt's
+    /// port and hub tunnel are put in by the core). `steps` hands the hub
+    /// each state before its launch and each abandoned attempt.
+    /// `ready_timeout`: seconds to wait in all for the server to listen.
+    /// `may_move`: false when a certificate names the prepared host.
+    /// `hub_api`: open a hub tunnel to this `host:port` on each host.
+    #[pyo3(signature = (prepared, request_json, env, command, progress, steps, ready_timeout, may_move, hub_api=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn start<'py>(
         &self,
         py: Python<'py>,
         prepared: &Prepared,
+        request_json: &str,
         env: Vec<(String, String)>,
         command: Vec<String>,
         progress: &Progress,
-        ready_timeout: Option<f64>,
+        steps: &StartSteps,
+        ready_timeout: f64,
+        may_move: bool,
+        hub_api: Option<String>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        // Taken first: on any error below the steps end, and a hub reading
+        // them is not left waiting.
+        let hooks = steps.take()?;
+        let req = request_from(request_json)?;
         let (sp, p, prep) = (self.0.clone(), progress.0.clone(), prepared.get()?);
-        let ready = Duration::try_from_secs_f64(
-            ready_timeout
-                .unwrap_or(sp.config().ready_timeout)
-                .clamp(0.0, 3600.0),
-        )
-        .unwrap_or(Duration::ZERO);
+        let ready =
+            Duration::try_from_secs_f64(ready_timeout.clamp(0.0, 3600.0)).unwrap_or(Duration::ZERO);
+        let opts = spawner::StartOptions {
+            ready_until: Some(std::time::Instant::now() + ready),
+            hub_api,
+            may_move,
+        };
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let env_for =
+                |s: &state::ServerState| retry::attempt_env(&env, s.port, s.hub_forward_port);
             let st = sp
-                .launch_within(&prep, &env, &command, &p, ready)
+                .start(prep, &req, env_for, &command, &p, &opts, &hooks)
                 .await
                 .map_err(py_err)?;
             state::encode(&st).map_err(py_err)
@@ -591,6 +698,16 @@ fn validate_options(options_json: &str, bounds_json: &str) -> PyResult<String> {
     serde_json::to_string(&choice).map_err(|e| SpawnerError::new_err(e.to_string()))
 }
 
+/// The core's option names (`Config`'s fields) and those the JupyterHub
+/// class does not send, each with why: `(names, [(name, why)])`.
+#[pyfunction]
+fn config_fields() -> (Vec<&'static str>, Vec<(&'static str, &'static str)>) {
+    (
+        Config::field_names().to_vec(),
+        crate::config::NOT_FROM_HUB.to_vec(),
+    )
+}
+
 /// Everything the core counted in this process, as JSON (see
 /// `metrics::Snapshot`); `python/ssh_spawner/metrics.py` exports it.
 #[pyfunction]
@@ -609,8 +726,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Core>()?;
     m.add_class::<Prepared>()?;
     m.add_class::<Progress>()?;
+    m.add_class::<StartSteps>()?;
+    m.add_class::<Step>()?;
     m.add_function(wrap_pyfunction!(drain_logs, m)?)?;
     m.add_function(wrap_pyfunction!(validate_options, m)?)?;
     m.add_function(wrap_pyfunction!(metrics_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(config_fields, m)?)?;
     Ok(())
 }

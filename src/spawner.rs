@@ -23,6 +23,7 @@ use crate::plan::adopt;
 use crate::plan::hosts::{self, Candidate, HostFacts, Requirements, Strategy};
 use crate::plan::limits::{self, Limits};
 use crate::plan::ports::choose_port;
+use crate::plan::retry;
 use crate::plan::script::{self, LaunchSpec, Proc, ProcStatus};
 use crate::plan::state::{check_host_port, ServerState, STATE_VERSION};
 use crate::ssh::{Command, LocalForward, Pool, RemoteForward, Target, Upload};
@@ -117,6 +118,55 @@ pub struct Prepared {
     prologue: Vec<String>,
     /// When the spawn began (for the spawn duration metric).
     started: Instant,
+}
+
+/// How [`Spawner::start`] runs, beyond the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// The last moment to wait for the server to listen; each attempt waits
+    /// what is left. `None`: `ready_timeout` per attempt.
+    pub ready_until: Option<Instant>,
+    /// Open a hub tunnel to this hub API address (`host:port`) on each host
+    /// before launching there (the environment must then name its port; see
+    /// [`crate::plan::retry::attempt_env`]).
+    pub hub_api: Option<String>,
+    /// The server may move to another host (false once a TLS certificate
+    /// names the first one).
+    pub may_move: bool,
+}
+
+/// What the caller of [`Spawner::start`] does between attempts.
+pub trait StartHooks: Sync {
+    /// The state about to be launched (a new host, port or hub tunnel), before
+    /// anything starts there. An error ends the start.
+    fn launching(
+        &self,
+        sp: &Spawner,
+        state: &ServerState,
+    ) -> impl std::future::Future<Output = Result<()>> + Send;
+    /// An attempt abandoned on a host that did not answer: stop it once the
+    /// host answers.
+    fn abandoned(
+        &self,
+        sp: &Spawner,
+        state: ServerState,
+        why: String,
+    ) -> impl std::future::Future<Output = ()> + Send;
+}
+
+/// Hooks that record nothing and leave abandoned attempts to
+/// [`Spawner::clean_up_later`] (in memory: the CLI, the tests).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CleanUpLater;
+
+impl StartHooks for CleanUpLater {
+    async fn launching(&self, _sp: &Spawner, _state: &ServerState) -> Result<()> {
+        Ok(())
+    }
+    async fn abandoned(&self, sp: &Spawner, state: ServerState, why: String) {
+        tracing::info!(host = %state.host, run = %state.run_id, "{why}: stopped once it answers");
+        sp.clean_up_later(state);
+    }
 }
 
 impl Prepared {
@@ -1144,9 +1194,10 @@ impl Spawner {
             .unwrap_or((0, 0))
     }
 
-    /// Prepare and launch in one go, retrying another port when the chosen one
-    /// was taken and another host when one fails to answer. `env` builds the
-    /// environment for a given state (it contains the port).
+    /// Prepare and launch in one go (the CLI's and the tests' start): see
+    /// [`Spawner::start`]. `env` builds the environment for a given state (it
+    /// contains the port). An attempt abandoned on a host that did not answer
+    /// is cleaned up in memory ([`Spawner::clean_up_later`]).
     pub async fn spawn(
         &self,
         req: &SpawnRequest,
@@ -1154,36 +1205,124 @@ impl Spawner {
         command: &[String],
         progress: &Progress,
     ) -> Result<ServerState> {
+        let prepared = self.prepare(req, progress).await?;
+        let opts = StartOptions {
+            ready_until: None,
+            hub_api: None,
+            may_move: true,
+        };
+        self.start(prepared, req, env, command, progress, &opts, &CleanUpLater)
+            .await
+    }
+
+    /// Launch a prepared spawn, retrying as [`crate::plan::retry::next`]
+    /// decides: another port on the same host when the port was taken,
+    /// another host (prepared anew, the failed ones excluded) when the host
+    /// did not answer. The one start loop of the project: the hub class
+    /// awaits it once, the CLI through [`Spawner::spawn`].
+    ///
+    /// Before each launch `hooks.launching` gets the state about to be
+    /// launched (the hub journals it: a hub killed during the launch stops
+    /// it after a restart); an error there ends the start. Every attempt
+    /// abandoned on a host that did not answer (the launch may have reached
+    /// it) has its tunnels closed and goes to `hooks.abandoned`, which must
+    /// stop it once the host answers.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn start<H: StartHooks>(
+        &self,
+        mut prepared: Prepared,
+        req: &SpawnRequest,
+        env: impl Fn(&ServerState) -> Vec<(String, String)>,
+        command: &[String],
+        progress: &Progress,
+        opts: &StartOptions,
+        hooks: &H,
+    ) -> Result<ServerState> {
         let mut req = req.clone();
         loop {
-            let mut prepared = self.prepare(&req, progress).await?;
-            loop {
-                match self
-                    .launch(&prepared, &env(&prepared.state), command, progress)
+            let attempt = async {
+                if let Some(to) = &opts.hub_api {
+                    self.open_hub_forward(&mut prepared, to).await?;
+                }
+                hooks.launching(self, &prepared.state).await?;
+                let ready = match opts.ready_until {
+                    Some(until) => until.saturating_duration_since(Instant::now()),
+                    None => Config::duration(self.config.ready_timeout),
+                };
+                self.launch_within(&prepared, &env(&prepared.state), command, progress, ready)
                     .await
-                {
-                    Ok(state) => return Ok(state),
-                    Err(Error::PortTaken { port, .. }) => {
-                        let next = self.repick_port(&mut prepared)?;
-                        progress.emit(40, format!("Port {port} was taken meanwhile; using {next}"));
+            };
+            let e = match attempt.await {
+                Ok(state) => return Ok(state),
+                Err(e) => e,
+            };
+            let at = retry::Attempt {
+                ports_tried: prepared.tried_ports.len(),
+                port_retries: self.config.port_retries,
+                pinned: req.host.is_some(),
+                may_move: opts.may_move,
+            };
+            let host = prepared.state.host.clone();
+            match retry::next(retry::Failure::of(&e), &at) {
+                retry::Next::OtherPort => {
+                    let taken = prepared.state.port;
+                    let next = self.repick_port(&mut prepared)?;
+                    progress.emit(
+                        40,
+                        format!("Port {taken} was taken meanwhile; trying port {next}"),
+                    );
+                }
+                retry::Next::OtherHost => {
+                    progress.emit(
+                        15,
+                        format!(
+                            "{host} did not answer ({}); trying another host",
+                            short_reason(&e)
+                        ),
+                    );
+                    tracing::warn!(host = %host, "launch unanswered ({e}); trying another host");
+                    self.abandon(
+                        &prepared.state,
+                        format!("launch on {host} unanswered"),
+                        hooks,
+                    )
+                    .await;
+                    req.exclude.push(host);
+                    prepared = self.prepare(&req, progress).await?;
+                }
+                retry::Next::Fail { why, abandon } => {
+                    if abandon {
+                        self.abandon(
+                            &prepared.state,
+                            format!("launch on {host} unanswered"),
+                            hooks,
+                        )
+                        .await;
                     }
-                    Err(e) if e.is_unreachable() && req.host.is_none() => {
-                        progress.emit(
-                            15,
-                            format!(
-                                "{} did not answer ({}); trying another host",
-                                prepared.state.host,
-                                short_reason(&e)
+                    return Err(match why {
+                        retry::Stop::AsItIs | retry::Stop::CertificateNamesHost => e,
+                        retry::Stop::PortsExhausted => Error::NoHost {
+                            detail: format!(
+                                "{host}: {} ports in a row were taken before the server could start",
+                                prepared.tried_ports.len()
                             ),
-                        );
-                        self.clean_up_later(prepared.state.clone());
-                        req.exclude.push(prepared.state.host.clone());
-                        break;
-                    }
-                    Err(e) => return Err(e),
+                        },
+                        retry::Stop::PinnedUnreachable => Error::NoHost {
+                            detail: format!(
+                                "{host}, the host you chose, stopped answering ({e}); the server was not moved to another host: choose another host or let the spawner choose"
+                            ),
+                        },
+                    });
                 }
             }
         }
+    }
+
+    /// An attempt whose launch may have reached an unanswering host: its
+    /// tunnels close now, the hooks stop it once the host answers.
+    async fn abandon<H: StartHooks>(&self, state: &ServerState, why: String, hooks: &H) {
+        self.close_tunnel(&state.run_id, true, true);
+        hooks.abandoned(self, state.clone(), why).await;
     }
 
     /// A launch that failed because the host stopped answering may still have

@@ -15,7 +15,9 @@ use ssh_spawner::plan::hosts::{HostFacts, Requirements, Strategy};
 use ssh_spawner::plan::limits::Limits;
 use ssh_spawner::plan::script::{ExitReason, Stopped};
 use ssh_spawner::plan::state::{self, ServerState};
-use ssh_spawner::spawner::{PollOutcome, Progress, SpawnRequest, Spawner};
+use ssh_spawner::spawner::{
+    CleanUpLater, PollOutcome, Progress, SpawnRequest, Spawner, StartOptions,
+};
 use ssh_spawner::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -476,7 +478,7 @@ async fn a_taken_port_is_retried_with_another() {
     let sp = Spawner::new(c).unwrap();
     let user = tb.bob().name.clone();
     let progress = Progress::new();
-    let mut prepared = sp.prepare(&request(&user), &progress).await.unwrap();
+    let prepared = sp.prepare(&request(&user), &progress).await.unwrap();
     let port = prepared.state.port;
     // Someone takes the port between prepare and launch.
     let squat = format!(
@@ -485,24 +487,39 @@ async fn a_taken_port_is_retried_with_another() {
         tb.python.display()
     );
     remote(&sp, &tb, "node1", &user, &squat).await;
-    let env = env_for(&user, vec![]);
-    let err = sp
-        .launch(&prepared, &env(&prepared.state), &mocksu(&tb), &progress)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::PortTaken { port: p, .. } if p == port),
-        "{err}"
-    );
-    let next = sp.repick_port(&mut prepared).unwrap();
-    assert_ne!(next, port);
+    // The one start loop: the launch finds the port taken, the start moves
+    // to another port on the same host and the server answers there.
     let state = sp
-        .launch(&prepared, &env(&prepared.state), &mocksu(&tb), &progress)
+        .start(
+            prepared,
+            &request(&user),
+            env_for(&user, vec![]),
+            &mocksu(&tb),
+            &progress,
+            &StartOptions {
+                may_move: true,
+                ..Default::default()
+            },
+            &CleanUpLater,
+        )
         .await
         .unwrap();
     let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
-    assert_eq!(state.port, next);
-    http_get(&state.address, next, &format!("/user/{user}/")).await;
+    assert_eq!(state.host, "node1");
+    assert_ne!(state.port, port);
+    let said: Vec<String> = progress
+        .snapshot(0)
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        said.contains(&format!(
+            "Port {port} was taken meanwhile; trying port {}",
+            state.port
+        )),
+        "{said:?}"
+    );
+    http_get(&state.address, state.port, &format!("/user/{user}/")).await;
     sp.stop(&state).await.unwrap();
     remote(
         &sp,

@@ -86,12 +86,12 @@ class SSHSpawner(Spawner):
         ``address`` and optionally ``port`` (SSH, default 22), ``name`` (shown to
         users), ``max_servers`` and ``prologue`` (shell lines for that host only).
         Example: ``["node1.lab", {"address": "10.0.0.12", "name": "gpu1", "max_servers": 8}]``.""",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     remote_user = Unicode(
         "{username}",
         help="Remote user the server runs as. ``{username}`` is the hub user name.",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     key_path = Unicode(
         None,
@@ -100,50 +100,50 @@ class SSHSpawner(Spawner):
         user's ``authorized_keys`` trusts, or a key per user with ``{username}``
         in the path. An OpenSSH certificate next to it (``KEY-cert.pub``) is
         used when present. Unset: use the ssh-agent (``agent_socket``).""",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     agent_socket = Unicode(
         None,
         allow_none=True,
         help="ssh-agent socket used when ``key_path`` is unset (default: ``$SSH_AUTH_SOCK``).",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     known_hosts = Unicode(
         "/etc/ssh/ssh_known_hosts",
         help="""known_hosts file every host key is checked against. Unknown and
         changed keys are refused unless ``host_key_policy`` says otherwise.""",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     host_key_policy = Unicode(
         "strict",
         help="""``strict`` (only keys in ``known_hosts``) or ``accept-new``
         (record a host seen for the first time; a changed key is still refused).""",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     port_range = Tuple(
         Integer(),
         Integer(),
         default_value=(20000, 29999),
         help="Ports servers may listen on (inclusive), e.g. to match a firewall rule.",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     host_selection = Unicode(
         "random",
         help="""How a host is chosen among those that fit:
         ``random``, ``round-robin`` or ``least-loaded``.""",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     state_dir = Unicode(
         "~/.jupyterhub-ssh",
         help="""Directory on the host for per-server files (log, pid, exit status,
         certificates), one 0700 subdirectory per server.""",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     prologue = List(
         Unicode(),
         help="""Shell lines run before the server starts, e.g.
         ``["module load python/3.11", "source /opt/conda/bin/activate lab"]``.""",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     enforcement = Unicode(
         "auto",
@@ -151,24 +151,26 @@ class SSHSpawner(Spawner):
         user scope when the host has a user manager, else an address-space limit
         with prlimit), ``systemd``, ``prlimit`` or ``none``. The limits are always
         exported as MEM_LIMIT / CPU_LIMIT.""",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     stop_grace = Float(10.0, help="Seconds between SIGTERM and SIGKILL when a server stops.").tag(
-        config=True
+        config=True, rust=True
     )
 
     keep_log = Bool(
         True, help="Keep the server's log in its directory on the host after it stops."
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     connect_timeout = Float(10.0, help="Seconds to connect to a host (TCP and key exchange).").tag(
-        config=True
+        config=True, rust=True
     )
-    auth_timeout = Float(10.0, help="Seconds to authenticate.").tag(config=True)
-    command_timeout = Float(30.0, help="Seconds any one remote command may take.").tag(config=True)
+    auth_timeout = Float(10.0, help="Seconds to authenticate.").tag(config=True, rust=True)
+    command_timeout = Float(30.0, help="Seconds any one remote command may take.").tag(
+        config=True, rust=True
+    )
     facts_cache = Float(
         5.0, help="Seconds host facts (free memory, load, servers) are cached for host choice."
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
     launch_settle = Float(
         None,
         allow_none=True,
@@ -188,21 +190,21 @@ class SSHSpawner(Spawner):
 
     max_sessions_per_connection = Integer(
         10, help="Commands at once on one SSH connection (sshd's MaxSessions)."
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
     max_connections_per_host = Integer(4, help="SSH connections per host and remote user.").tag(
-        config=True
+        config=True, rust=True
     )
     idle_timeout = Float(300.0, help="Seconds before an unused SSH connection is closed.").tag(
-        config=True
+        config=True, rust=True
     )
     port_retries = Integer(5, help="Other ports tried when the chosen one is taken at launch.").tag(
-        config=True
+        config=True, rust=True
     )
     keepalive_interval = Float(
         15.0,
         help="""Seconds of silence from a host before the hub sends an SSH
         keepalive on its connection.""",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
     keepalive_count = Integer(
         3,
         help="""Unanswered keepalives after which a connection counts as dead.
@@ -212,7 +214,7 @@ class SSHSpawner(Spawner):
         new connection. Lower values bring tunnels back sooner; they also
         drop connections over links that merely stall that long, and cost a
         small packet per idle connection per interval.""",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     unreachable_grace = Float(
         300.0,
@@ -231,7 +233,7 @@ class SSHSpawner(Spawner):
         traffic to the servers then passes through the hub process and one SSH
         connection per host and user (more latency, less throughput); the local
         ports survive a hub restart (they are in the server state).""",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     hub_tunnel = Bool(
         False,
@@ -239,7 +241,7 @@ class SSHSpawner(Spawner):
         (a remote forward: sshd listens on a port of the host's loopback and the
         hub carries its connections to the API), for hosts that cannot route to
         the hub. JUPYTERHUB_API_URL and JUPYTERHUB_ACTIVITY_URL point at that port.""",
-    ).tag(config=True)
+    ).tag(config=True, rust=True)
 
     journal_dir = Unicode(
         "ssh-spawner-journal",
@@ -314,38 +316,26 @@ class SSHSpawner(Spawner):
 
     # ---- plumbing -------------------------------------------------------
 
+    # How a traitlet's value reaches the core where the shapes differ.
+    _TO_CORE = {
+        "hosts": lambda hosts: [{"address": h} if isinstance(h, str) else dict(h) for h in hosts],
+        "port_range": lambda r: {"start": r[0], "end": r[1]},
+    }
+
     def _config_json(self) -> str:
-        hosts = []
-        for h in self.hosts:
-            hosts.append({"address": h} if isinstance(h, str) else dict(h))
-        cfg = {
-            "hosts": hosts,
-            "remote_user": self.remote_user,
-            "key_path": self.key_path,
-            "agent_socket": self.agent_socket,
-            "known_hosts": self.known_hosts,
-            "host_key_policy": self.host_key_policy,
-            "port_range": {"start": self.port_range[0], "end": self.port_range[1]},
-            "host_selection": self.host_selection,
-            "state_dir": self.state_dir,
-            "prologue": list(self.prologue),
-            "enforcement": self.enforcement,
-            "stop_grace": self.stop_grace,
-            "keep_log": self.keep_log,
-            "connect_timeout": self.connect_timeout,
-            "auth_timeout": self.auth_timeout,
-            "command_timeout": self.command_timeout,
-            "facts_cache": self.facts_cache,
-            "max_sessions_per_connection": self.max_sessions_per_connection,
-            "max_connections_per_host": self.max_connections_per_host,
-            "idle_timeout": self.idle_timeout,
-            "port_retries": self.port_retries,
-            "keepalive_interval": self.keepalive_interval,
-            "keepalive_count": self.keepalive_count,
-            "tunnel": self.tunnel,
-            "hub_tunnel": self.hub_tunnel,
-        }
-        return json.dumps({k: v for k, v in cfg.items() if v is not None}, sort_keys=True)
+        """The core's configuration: every traitlet tagged ``rust=True``
+        under its own name (unset ones left to the core's default). The core
+        refuses unknown names, and a test compares the tagged traitlets with
+        the core's fields (``_core.config_fields``)."""
+        cfg = {}
+        for name in sorted(self.trait_names(rust=True)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, (list, tuple)) and name not in self._TO_CORE:
+                value = list(value)
+            cfg[name] = self._TO_CORE.get(name, lambda v: v)(value)
+        return json.dumps(cfg, sort_keys=True)
 
     @property
     def core(self) -> _core.Core:
@@ -382,7 +372,8 @@ class SSHSpawner(Spawner):
             raise self._spawn_error(
                 RuntimeError(f"cannot write the start journal in {journal.dir}: {e}")
             ) from None
-        self._journaled = (*self._journaled, run_id)
+        if run_id not in self._journaled:
+            self._journaled = (*self._journaled, run_id)
 
     def _journal_forget(self) -> None:
         """Remove this spawner's entries (in a thread when the loop runs:
@@ -736,6 +727,11 @@ class SSHSpawner(Spawner):
     # ---- lifecycle ------------------------------------------------------
 
     async def start(self):
+        """One await of the core's start loop (another port when the chosen
+        one was taken, another host when one does not answer: the rules are
+        in ``plan::retry``), with the hub's parts around it: progress, the
+        journal of each state before its launch, pending stops for attempts
+        abandoned on a host that did not answer."""
         began = time.monotonic()
         self._sweep_journal_once()
         self._ensure_stopper()
@@ -745,63 +741,66 @@ class SSHSpawner(Spawner):
             if self._prepared is None:
                 await self._prepare()
             cmd = list(self.cmd) + list(self.get_args())
-            tried = []
-            while True:
-                env = self.get_env()
-                try:
-                    if self.hub_tunnel:
-                        env = await self._through_hub_tunnel(env)
-                    # The launch returns once the server listens (the hub's
-                    # first check then succeeds) or fails if it exits first;
-                    # it waits at most what is left of start_timeout, less a
-                    # margin so the hub never cancels a start that is fine.
-                    left = self.start_timeout - (time.monotonic() - began) - 2.0
-                    self._state_json = await self.core.launch(
-                        self._prepared, sorted(env.items()), cmd, progress, max(0.0, left)
-                    )
-                    break
-                except _core.SpawnerError as e:
-                    if e.kind == "port_taken":
-                        taken = self.port
-                        self.port = self.core.repick_port(self._prepared)
-                        progress.emit(
-                            40, f"Port {taken} was taken meanwhile; trying port {self.port}"
-                        )
-                        continue
-                    if e.unreachable and self._choice.get("host"):
-                        # The user chose this host: say so rather than move.
-                        await self._stop_later(
-                            self._prepared.state, f"launch on {self._prepared.host} unanswered"
-                        )
-                        raise self._spawn_error(
-                            RuntimeError(
-                                f"{self._prepared.host}, the host you chose, stopped answering"
-                                f" ({self._redact(str(e))}); the server was not moved to"
-                                " another host: choose another host or let the spawner choose"
-                            )
-                        ) from None
-                    if e.unreachable and not self.internal_ssl:
-                        # The launch may have reached the host: clean it up
-                        # when it answers again, and try another host now.
-                        await self._stop_later(
-                            self._prepared.state, f"launch on {self._prepared.host} unanswered"
-                        )
-                        tried.append(self._prepared.host)
-                        progress.emit(
-                            15, f"{self._prepared.host} did not answer; trying another host"
-                        )
-                        self.log.warning("%s: %s; trying another host", self._log_name, e)
-                        await self._prepare(tried)
-                        continue
-                    raise self._spawn_error(e) from None
+            env = self.get_env()
+            hub_api = None
+            if self.hub_tunnel:
+                hub_api = self._hub_api_to(env["JUPYTERHUB_API_URL"])
+                self.core.set_hub_api(hub_api)
+            # The launch returns once the server listens (the hub's first
+            # check then succeeds) or fails if it exits first; it waits at
+            # most what is left of start_timeout, less a margin so the hub
+            # never cancels a start that is fine.
+            left = self.start_timeout - (time.monotonic() - began) - 2.0
+            steps = _core.StartSteps()
+            failed = []  # what the hub could not record
+            # Not cancelled with start(): steps already taken are still acted on.
+            recorder = asyncio.ensure_future(self._record_steps(steps, failed))
+            try:
+                self._state_json = await self.core.start(
+                    self._prepared,
+                    self._request(),
+                    sorted(env.items()),
+                    cmd,
+                    progress,
+                    steps,
+                    max(0.0, left),
+                    not self.internal_ssl,
+                    hub_api,
+                )
+            except _core.SpawnerError as e:
+                await recorder
+                if failed:
+                    raise failed[0] from None
+                raise self._spawn_error(e) from None
+            await recorder
+            state = json.loads(self._state_json)
+            self.port = state["port"]
             self._unreachable_since = None
-            tunnel_port = json.loads(self._state_json).get("tunnel_port")
-            if tunnel_port:
-                return ("127.0.0.1", tunnel_port)
-            return (self._prepared.address, self.port)
+            if state.get("tunnel_port"):
+                return ("127.0.0.1", state["tunnel_port"])
+            return (state["address"], self.port)
         finally:
             self._launching = False
             self._finish_progress()
+
+    async def _record_steps(self, steps, failed: list) -> None:
+        """The hub's side of each step of a start (until the start is over):
+        a state about to be launched is journaled first (a killed hub stops it
+        after a restart) and becomes the state stop() acts on; an attempt
+        abandoned on a host that did not answer becomes a pending stop."""
+        while (step := await steps.next()) is not None:
+            if step.kind == "abandoned":
+                self.log.warning("%s: %s; it is stopped once it answers", self._log_name, step.why)
+                await self._stop_later(step.state, step.why)
+                continue
+            self._state_json = step.state
+            try:
+                await self._journal_write(step.state)
+            except Exception as e:  # noqa: BLE001 -- handed to start()
+                failed.append(e)
+                step.done(str(e))
+            else:
+                step.done()
 
     def _hub_api_url(self) -> str:
         """The hub API URL the server is given (as in Spawner.get_env)."""
@@ -825,21 +824,6 @@ class SSHSpawner(Spawner):
         else (a forged state is refused, not followed)."""
         if self.hub_tunnel and self.hub is not None:
             self.core.set_hub_api(self._hub_api_to(self._hub_api_url()))
-
-    async def _through_hub_tunnel(self, env: dict) -> dict:
-        """Open the hub tunnel for this spawn and point the environment's hub
-        API URLs at its port on the host's loopback."""
-        api = urlsplit(env["JUPYTERHUB_API_URL"])
-        to = self._hub_api_to(env["JUPYTERHUB_API_URL"])
-        self.core.set_hub_api(to)
-        remote = await self.core.open_hub_forward(self._prepared, to)
-        self._state_json = self._prepared.state
-        origin = f"{api.scheme}://{api.netloc}"
-        tunneled = f"{api.scheme}://127.0.0.1:{remote}"
-        return {
-            k: (tunneled + v[len(origin) :] if isinstance(v, str) and v.startswith(origin) else v)
-            for k, v in env.items()
-        }
 
     async def poll(self):
         self._sweep_journal_once()

@@ -7,11 +7,13 @@
 //! - [`adopt`]: finding a server whose start was interrupted.
 //! - [`form`]: the spawn options form, rendered and validated.
 //! - [`state`]: the versioned server state kept by the hub.
+//! - [`retry`]: another port, another host, or give up after a failed launch.
 
 pub mod adopt;
 pub mod form;
 pub mod hosts;
 pub mod limits;
 pub mod ports;
+pub mod retry;
 pub mod script;
 pub mod state;
