@@ -292,6 +292,7 @@ where
         .map_err(|_| {
             PyRuntimeError::new_err("ssh-spawner core: call this from a running asyncio event loop")
         })?;
+    let rt = runtime()?;
     let dispatcher = dispatcher_for(py, &event_loop)?;
     let py_fut = event_loop.call_method0("create_future")?;
     let id = NEXT_ID.fetch_add(1, Ordering::SeqCst);
@@ -305,7 +306,7 @@ where
         id,
         sent: false,
     };
-    let handle = runtime()?.spawn(async move {
+    let handle = rt.spawn(async move {
         let result = fut.await;
         completion.send(Box::new(move |py| match result {
             Ok(value) => value.into_py_any(py),
