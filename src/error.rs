@@ -3,9 +3,54 @@
 //! Every variant that comes from a host names the host (`address:port`) and the
 //! remote user, so a message in the hub log or on the spawn page is enough to
 //! know where to look.
+//!
+//! The underlying error (an `io::Error`, a `russh::Error`, an SFTP or JSON
+//! error) is kept as the [`std::error::Error::source`] of the variants that
+//! come from one, so a caller can walk the chain and downcast; the message
+//! already says it in words.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// The underlying error of an [`Error`], shared so that `Error` stays `Clone`.
+/// `Error::source()` returns the error inside (downcast it to `io::Error`,
+/// `russh::Error`, `serde_json::Error`...), not this wrapper.
+#[derive(Clone)]
+pub struct Cause(Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl Cause {
+    /// Keep `e`.
+    pub fn new<E: std::error::Error + Send + Sync + 'static>(e: E) -> Self {
+        Cause(Arc::new(e))
+    }
+
+    /// `Some(Cause::new(e))`, for the `source` fields.
+    pub fn of<E: std::error::Error + Send + Sync + 'static>(e: E) -> Option<Self> {
+        Some(Cause::new(e))
+    }
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Debug for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+// Deliberately not `std::error::Error` itself: thiserror then reaches the
+// inner error through this deref, so `source()` can be downcast.
+impl std::ops::Deref for Cause {
+    type Target = dyn std::error::Error + Send + Sync + 'static;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
 
 /// Which bounded wait ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +95,9 @@ pub enum Error {
         user: String,
         /// What the operating system said.
         reason: String,
+        /// The underlying error, if there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// A bounded wait ran out. The host may be down, blackholed or overloaded.
@@ -116,6 +164,9 @@ pub enum Error {
         path: PathBuf,
         /// What went wrong.
         reason: String,
+        /// The underlying error, if there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// The server refused every credential offered.
@@ -136,6 +187,9 @@ pub enum Error {
         path: PathBuf,
         /// What went wrong (never the key material).
         reason: String,
+        /// The underlying error, if there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// The ssh-agent could not be used.
@@ -145,6 +199,9 @@ pub enum Error {
         socket: PathBuf,
         /// What went wrong.
         reason: String,
+        /// The underlying error, if there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// The SSH connection failed after it was established (disconnect, protocol error).
@@ -156,6 +213,9 @@ pub enum Error {
         user: String,
         /// What russh reported.
         reason: String,
+        /// The underlying error, if there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// A remote command ended with a non-zero status or a signal.
@@ -193,6 +253,9 @@ pub enum Error {
         path: String,
         /// What the server said.
         reason: String,
+        /// The underlying error, if there is one.
+        #[source]
+        source: Option<Cause>,
     },
 
     /// No configured host can take the server; `detail` lists every host and why.
@@ -229,6 +292,21 @@ pub enum Error {
         what: String,
         /// Why it failed.
         reason: String,
+        /// The underlying error, if there is one.
+        #[source]
+        source: Option<Cause>,
+    },
+
+    /// A value that does not parse (a saved state that is not valid JSON...):
+    /// names it; the parser's error is the `source()`. Its `kind` is
+    /// `invalid`, as for [`Error::Invalid`].
+    #[error("invalid {what}: {source}")]
+    Malformed {
+        /// Which value.
+        what: String,
+        /// What the parser said.
+        #[source]
+        source: Cause,
     },
 
     /// A value handed to this crate is not acceptable (names what and why).
@@ -271,7 +349,7 @@ impl Error {
             Error::ServerExited { .. } => "server_exited",
             Error::PortTaken { .. } => "port_taken",
             Error::Tunnel { .. } => "tunnel",
-            Error::Invalid { .. } => "invalid",
+            Error::Invalid { .. } | Error::Malformed { .. } => "invalid",
         }
     }
 
@@ -302,6 +380,7 @@ mod tests {
                 host: h(),
                 user: u(),
                 reason: "refused".into(),
+                source: None,
             },
             Error::Timeout {
                 host: h(),
@@ -329,6 +408,7 @@ mod tests {
             Error::KnownHosts {
                 path: "k".into(),
                 reason: "missing".into(),
+                source: None,
             },
             Error::AuthRefused {
                 host: h(),
@@ -338,15 +418,18 @@ mod tests {
             Error::Key {
                 path: "k".into(),
                 reason: "missing".into(),
+                source: None,
             },
             Error::Agent {
                 socket: "s".into(),
                 reason: "missing".into(),
+                source: None,
             },
             Error::Ssh {
                 host: h(),
                 user: u(),
                 reason: "eof".into(),
+                source: None,
             },
             Error::CommandFailed {
                 host: h(),
@@ -364,6 +447,7 @@ mod tests {
                 user: u(),
                 path: "p".into(),
                 reason: "denied".into(),
+                source: None,
             },
             Error::NoHost {
                 detail: "none".into(),
@@ -377,10 +461,15 @@ mod tests {
             Error::Tunnel {
                 what: "t".into(),
                 reason: "r".into(),
+                source: None,
             },
             Error::Invalid {
                 what: "w".into(),
                 reason: "r".into(),
+            },
+            Error::Malformed {
+                what: "w".into(),
+                source: Cause::new(std::io::Error::other("r")),
             },
         ];
         for e in &all {
@@ -402,10 +491,91 @@ mod tests {
                 | Error::ServerExited { .. }
                 | Error::PortTaken { .. }
                 | Error::Tunnel { .. }
-                | Error::Invalid { .. } => {}
+                | Error::Invalid { .. }
+                | Error::Malformed { .. } => {}
             }
         }
         all
+    }
+
+    /// The chain from `e` down: `e`, its source, that one's source...
+    fn chain(e: &Error) -> Vec<&(dyn std::error::Error + 'static)> {
+        std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |e| {
+            e.source()
+        })
+        .collect()
+    }
+
+    #[tokio::test]
+    async fn a_refused_connect_keeps_the_io_error() {
+        use crate::ssh::{Command, ConnectOptions, Identity, Pool, PoolOptions, Target};
+        // A port nobody listens on (bound, then let go).
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let pool = Pool::new(PoolOptions::new(ConnectOptions::new(
+            "/nonexistent/known_hosts",
+        )));
+        let target = Target::new(
+            "127.0.0.1",
+            "nobody",
+            Identity::KeyFile("/nonexistent/key".into()),
+        )
+        .port(port);
+        let err = pool.exec(&target, &Command::new("true")).await.unwrap_err();
+        assert_eq!(err.kind(), "unreachable", "{err}");
+        // The message is as before: where, as whom, what the system said.
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("127.0.0.1:{port}: cannot connect as nobody: ")),
+            "{msg}"
+        );
+        let source = std::error::Error::source(&err).expect("a source");
+        let io = source
+            .downcast_ref::<std::io::Error>()
+            .unwrap_or_else(|| panic!("source is not an io::Error: {source:?}"));
+        assert_eq!(io.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert!(msg.ends_with(&io.to_string()), "{msg}");
+    }
+
+    #[test]
+    fn a_state_that_is_not_json_keeps_the_parser_error() {
+        let err = crate::plan::state::decode("{\"run_id\": ").unwrap_err();
+        assert_eq!(err.kind(), "invalid");
+        let msg = err.to_string();
+        assert!(msg.starts_with("invalid server state: "), "{msg}");
+        let chain = chain(&err);
+        assert_eq!(chain.len(), 2, "{chain:?}");
+        let json = chain[1]
+            .downcast_ref::<serde_json::Error>()
+            .unwrap_or_else(|| panic!("source is not a serde_json::Error: {:?}", chain[1]));
+        assert!(json.is_eof());
+        assert_eq!(msg, format!("invalid server state: {json}"));
+    }
+
+    #[test]
+    fn an_unwritable_known_hosts_keeps_the_io_error() {
+        let path = PathBuf::from("/nonexistent-ssh-spawner-dir/known_hosts");
+        let err = crate::ssh::known_hosts::append(&path, "line").unwrap_err();
+        assert_eq!(err.kind(), "known_hosts");
+        assert!(
+            err.to_string()
+                .starts_with("known_hosts file /nonexistent-ssh-spawner-dir/known_hosts: "),
+            "{err}"
+        );
+        let io = std::error::Error::source(&err)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .expect("an io::Error source");
+        assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+    }
+
+    #[test]
+    fn errors_without_an_underlying_one_have_no_source() {
+        for e in one_of_each() {
+            let has = std::error::Error::source(&e).is_some();
+            assert_eq!(has, matches!(e, Error::Malformed { .. }), "{e}");
+        }
     }
 
     #[test]

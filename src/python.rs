@@ -3,9 +3,11 @@
 //!
 //! Everything crosses as JSON text, plain strings, bytes and tuples, so the
 //! Python side stays a thin traitlets class. Every method that touches a
-//! host returns an asyncio awaitable (pyo3-async-runtimes on a tokio
-//! runtime): the hub's event loop is never blocked. Cancelling the awaitable
-//! drops the Rust future, which closes its channel (see `ssh::exec`).
+//! host returns an asyncio future, run on a tokio runtime by [`bridge`]: the
+//! hub's event loop is never blocked, and no tokio worker ever takes the GIL
+//! (results are handed to the loop thread through a queue and a socket it
+//! watches). Cancelling the future aborts the Rust task, which drops the
+//! Rust future and so closes its channel (see `ssh::exec`).
 //!
 //! Log records from the core are queued here and drained by the Python side
 //! into the hub's logger ([`drain_logs`]): no tokio worker ever waits for the
@@ -30,6 +32,8 @@ use crate::plan::retry;
 use crate::plan::state;
 use crate::spawner::{self, PollOutcome, SpawnRequest, Spawner};
 
+mod bridge;
+
 create_exception!(
     _core,
     SpawnerError,
@@ -37,13 +41,49 @@ create_exception!(
     "An error from the ssh-spawner core; `.kind` names its variant."
 );
 
-fn py_err(e: Error) -> PyErr {
+/// `SpawnerError` for `e`, with `.kind` and `.unreachable` set.
+fn spawner_error(py: Python<'_>, e: &Error) -> PyErr {
     let err = SpawnerError::new_err(e.to_string());
-    Python::attach(|py| {
-        let _ = err.value(py).setattr("kind", e.kind());
-        let _ = err.value(py).setattr("unreachable", e.is_unreachable());
-    });
+    let _ = err.value(py).setattr("kind", e.kind());
+    let _ = err.value(py).setattr("unreachable", e.is_unreachable());
     err
+}
+
+/// For the synchronous methods only: they run on a Python thread that holds
+/// the GIL already. Never call it from a tokio task (return a [`Failure`]).
+fn py_err(e: Error) -> PyErr {
+    Python::attach(|py| spawner_error(py, &e))
+}
+
+/// Why an async call failed, as plain Rust data: a tokio task hands it
+/// over as is, and it becomes a `SpawnerError` on the event-loop thread.
+enum Failure {
+    /// An error of the core (`.kind` and `.unreachable` are set from it).
+    Core(Error),
+    /// Anything else, as its message.
+    Message(String),
+}
+
+impl From<Error> for Failure {
+    fn from(e: Error) -> Self {
+        Failure::Core(e)
+    }
+}
+
+impl Failure {
+    fn into_pyerr(self, py: Python<'_>) -> PyErr {
+        match self {
+            Failure::Core(e) => spawner_error(py, &e),
+            Failure::Message(m) => SpawnerError::new_err(m),
+        }
+    }
+}
+
+/// (calls spawned, results handed over by tokio tasks, results set on
+/// asyncio futures), counted since the module was loaded.
+#[pyfunction]
+fn bridge_stats() -> (u64, u64, u64) {
+    bridge::stats()
 }
 
 /// Queued log records: (level, target, message).
@@ -203,7 +243,7 @@ impl Progress {
     /// Events from `cursor` on, waiting for one; `[]` once finished.
     fn next<'py>(&self, py: Python<'py>, cursor: usize) -> PyResult<Bound<'py, PyAny>> {
         let p = self.0.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        bridge::spawn(py, async move {
             Ok(p.next_from(cursor)
                 .await
                 .into_iter()
@@ -234,7 +274,7 @@ impl Progress {
 
 /// A host and port chosen for one spawn.
 #[pyclass(frozen)]
-struct Prepared(Mutex<spawner::Prepared>);
+struct Prepared(Arc<Mutex<spawner::Prepared>>);
 
 impl Prepared {
     fn get(&self) -> PyResult<spawner::Prepared> {
@@ -336,10 +376,7 @@ impl StartSteps {
     /// The next step, waiting for one; `None` once the start is over.
     fn next<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let rx = self.rx.clone();
-        pyo3_async_runtimes::tokio::future_into_py(
-            py,
-            async move { Ok(rx.lock().await.recv().await) },
-        )
+        bridge::spawn(py, async move { Ok(rx.lock().await.recv().await) })
     }
 }
 
@@ -438,8 +475,7 @@ impl Core {
     #[new]
     fn new(config_json: &str) -> PyResult<Self> {
         let config = Config::from_json(config_json).map_err(py_err)?;
-        let rt = pyo3_async_runtimes::tokio::get_runtime();
-        let _guard = rt.enter();
+        let _guard = bridge::runtime()?.enter();
         Spawner::new(config).map(Core).map_err(py_err)
     }
 
@@ -453,9 +489,9 @@ impl Core {
     ) -> PyResult<Bound<'py, PyAny>> {
         let req = request_from(request_json)?;
         let (sp, p) = (self.0.clone(), progress.0.clone());
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let prepared = sp.prepare(&req, &p).await.map_err(py_err)?;
-            Ok(Prepared(Mutex::new(prepared)))
+        bridge::spawn(py, async move {
+            let prepared = sp.prepare(&req, &p).await?;
+            Ok(Prepared(Arc::new(Mutex::new(prepared))))
         })
     }
 
@@ -471,17 +507,14 @@ impl Core {
         progress: &Progress,
     ) -> PyResult<Bound<'py, PyAny>> {
         let (sp, p, prep) = (self.0.clone(), progress.0.clone(), prepared.get()?);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        bridge::spawn(py, async move {
             let read = |path: String| async move {
                 tokio::fs::read(&path).await.map_err(|e| {
-                    SpawnerError::new_err(format!("cannot read certificate file {path}: {e}"))
+                    Failure::Message(format!("cannot read certificate file {path}: {e}"))
                 })
             };
             let (key, cert, ca) = (read(key).await?, read(cert).await?, read(ca).await?);
-            let paths = sp
-                .upload_certs(&prep, key, cert, ca, &p)
-                .await
-                .map_err(py_err)?;
+            let paths = sp.upload_certs(&prep, key, cert, ca, &p).await?;
             Ok((paths.keyfile, paths.certfile, paths.cafile))
         })
     }
@@ -546,14 +579,13 @@ impl Core {
             hub_api,
             may_move,
         };
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        bridge::spawn(py, async move {
             let env_for =
                 |s: &state::ServerState| retry::attempt_env(&env, s.port, s.hub_forward_port);
             let st = sp
                 .start(prep, &req, env_for, &command, &p, &opts, &hooks)
-                .await
-                .map_err(py_err)?;
-            state::encode(&st).map_err(py_err)
+                .await?;
+            Ok(state::encode(&st)?)
         })
     }
 
@@ -565,7 +597,7 @@ impl Core {
         // A state the core refuses to act on (forged, corrupted): no waiting
         // for its host to answer, no exec at all.
         let refused = sp.check_state(&st).err();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        bridge::spawn(py, async move {
             if let Some(e) = refused {
                 return Ok(("invalid".to_string(), None, e.to_string()));
             }
@@ -587,8 +619,9 @@ impl Core {
     fn stop<'py>(&self, py: Python<'py>, state_json: &str) -> PyResult<Bound<'py, PyAny>> {
         let st = state::decode(state_json).map_err(py_err)?;
         let sp = self.0.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            sp.stop(&st).await.map(|s| s.to_string()).map_err(py_err)
+        bridge::spawn(py, async move {
+            let done = sp.stop(&st).await?;
+            Ok(done.to_string())
         })
     }
 
@@ -600,7 +633,7 @@ impl Core {
     /// Keep trying to stop an abandoned start in the background.
     fn clean_up_later(&self, state_json: &str) -> PyResult<()> {
         let st = state::decode(state_json).map_err(py_err)?;
-        let _guard = pyo3_async_runtimes::tokio::get_runtime().enter();
+        let _guard = bridge::runtime()?.enter();
         self.0.clean_up_later(st);
         Ok(())
     }
@@ -636,7 +669,7 @@ impl Core {
             .and_then(|f| form::parse(&f, &bounds).ok())
             .unwrap_or_default();
         let sp = self.0.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        bridge::spawn(py, async move {
             let rows = if bounds.hosts.is_empty() {
                 Vec::new()
             } else {
@@ -646,8 +679,7 @@ impl Core {
                     Config::duration(max_age),
                     Config::duration(wait),
                 )
-                .await
-                .map_err(py_err)?
+                .await?
             };
             let rows: Vec<form::HostRow> = rows
                 .into_iter()
@@ -668,9 +700,9 @@ impl Core {
     /// `ssh-spawner check` as JSON.
     fn check<'py>(&self, py: Python<'py>, username: String) -> PyResult<Bound<'py, PyAny>> {
         let sp = self.0.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            let rows = sp.check(&username).await.map_err(py_err)?;
-            serde_json::to_string(&rows).map_err(|e| SpawnerError::new_err(e.to_string()))
+        bridge::spawn(py, async move {
+            let rows = sp.check(&username).await?;
+            serde_json::to_string(&rows).map_err(|e| Failure::Message(e.to_string()))
         })
     }
 }
@@ -732,5 +764,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(validate_options, m)?)?;
     m.add_function(wrap_pyfunction!(metrics_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(config_fields, m)?)?;
+    m.add_function(wrap_pyfunction!(bridge_stats, m)?)?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::script::{Launched, Proc};
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 
 /// The version this build writes.
 pub const STATE_VERSION: u32 = 1;
@@ -255,9 +255,9 @@ pub fn check_host_port(text: &str) -> std::result::Result<(), String> {
 
 /// Read a state from the hub database (JSON text).
 pub fn decode(json: &str) -> Result<ServerState> {
-    let state: ServerState = serde_json::from_str(json).map_err(|e| Error::Invalid {
+    let state: ServerState = serde_json::from_str(json).map_err(|e| Error::Malformed {
         what: "server state".into(),
-        reason: e.to_string(),
+        source: Cause::new(e),
     })?;
     state.validate()?;
     Ok(state)
@@ -265,9 +265,9 @@ pub fn decode(json: &str) -> Result<ServerState> {
 
 /// The JSON text stored in the hub database.
 pub fn encode(state: &ServerState) -> Result<String> {
-    serde_json::to_string(state).map_err(|e| Error::Invalid {
+    serde_json::to_string(state).map_err(|e| Error::Malformed {
         what: "server state".into(),
-        reason: e.to_string(),
+        source: Cause::new(e),
     })
 }
 

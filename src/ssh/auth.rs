@@ -9,7 +9,7 @@ use russh::keys::agent::client::AgentClient;
 use russh::keys::agent::AgentIdentity;
 use russh::keys::{Algorithm, PrivateKeyWithHashAlg};
 
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 
 /// The credential used for a connection. Part of the pool key: two users whose
 /// keys differ never share a connection.
@@ -68,11 +68,12 @@ pub(crate) async fn authenticate<H: russh::client::Handler>(
     }
 }
 
-fn ssh_err(host: &str, user: &str, e: impl std::fmt::Display) -> Error {
+fn ssh_err<E: std::error::Error + Send + Sync + 'static>(host: &str, user: &str, e: E) -> Error {
     Error::Ssh {
         host: host.to_string(),
         user: user.to_string(),
         reason: e.to_string(),
+        source: Cause::of(e),
     }
 }
 
@@ -82,20 +83,25 @@ async fn with_key_file<H: russh::client::Handler>(
     user: &str,
     path: &Path,
 ) -> Result<bool> {
-    let key_err = |reason: String| Error::Key {
+    let key_err = |reason: String, source: Option<Cause>| Error::Key {
         path: path.to_path_buf(),
         reason,
+        source,
     };
     let text = tokio::fs::read_to_string(path)
         .await
-        .map_err(|e| key_err(e.to_string()))?;
+        .map_err(|e| key_err(e.to_string(), Cause::of(e)))?;
     // The decoder's message never contains key material.
     let key = russh::keys::decode_secret_key(&text, None).map_err(|e| match e {
         russh::keys::Error::KeyIsEncrypted => key_err(
             "is protected by a passphrase; load it into an ssh-agent and use agent authentication"
                 .into(),
+            Cause::of(e),
         ),
-        other => key_err(format!("cannot be read as a private key: {other}")),
+        other => key_err(
+            format!("cannot be read as a private key: {other}"),
+            Cause::of(other),
+        ),
     })?;
     let key = Arc::new(key);
 
@@ -108,10 +114,12 @@ async fn with_key_file<H: russh::client::Handler>(
             .map_err(|e| Error::Key {
                 path: cert_path.clone(),
                 reason: e.to_string(),
+                source: Cause::of(e),
             })?;
         let cert = russh::keys::Certificate::from_openssh(text.trim()).map_err(|e| Error::Key {
             path: cert_path.clone(),
             reason: format!("cannot be read as an OpenSSH certificate: {e}"),
+            source: Cause::of(e),
         })?;
         let result = handle
             .authenticate_openssh_cert(user, key.clone(), cert)
@@ -153,19 +161,20 @@ async fn with_agent<H: russh::client::Handler>(
     user: &str,
     socket: &Path,
 ) -> Result<bool> {
-    let agent_err = |reason: String| Error::Agent {
+    let agent_err = |reason: String, source: Option<Cause>| Error::Agent {
         socket: socket.to_path_buf(),
         reason,
+        source,
     };
     let mut agent = AgentClient::connect_uds(socket)
         .await
-        .map_err(|e| agent_err(format!("cannot connect: {e}")))?;
+        .map_err(|e| agent_err(format!("cannot connect: {e}"), Cause::of(e)))?;
     let identities = agent
         .request_identities()
         .await
-        .map_err(|e| agent_err(format!("cannot list keys: {e}")))?;
+        .map_err(|e| agent_err(format!("cannot list keys: {e}"), Cause::of(e)))?;
     if identities.is_empty() {
-        return Err(agent_err("holds no keys".into()));
+        return Err(agent_err("holds no keys".into(), None));
     }
     for identity in identities {
         let result = match identity {

@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use super::auth;
 use super::known_hosts::{self, HostKeyPolicy, Verdict};
 use super::Target;
-use crate::error::{Error, Phase, Result};
+use crate::error::{Cause, Error, Phase, Result};
 
 /// Settings for opening a connection.
 #[derive(Debug, Clone)]
@@ -246,11 +246,13 @@ pub(crate) async fn connect(
             host: label.clone(),
             user: target.user.clone(),
             reason: io.to_string(),
+            source: Cause::of(io),
         },
         HandlerError::Russh(e) => Error::Ssh {
             host: label.clone(),
             user: target.user.clone(),
             reason: e.to_string(),
+            source: Cause::of(e),
         },
     })?;
 

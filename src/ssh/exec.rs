@@ -14,7 +14,7 @@ use russh::{ChannelMsg, ChannelWriteHalf, Sig};
 
 use super::pool::Pool;
 use super::Target;
-use crate::error::{Error, Phase, Result};
+use crate::error::{Cause, Error, Phase, Result};
 
 /// One command to run.
 #[derive(Debug, Clone)]
@@ -167,6 +167,7 @@ impl Pool {
             host: target.host_label(),
             user: target.user.clone(),
             reason: e.to_string(),
+            source: Cause::of(e),
         };
         let (mut read, write) = lease.channel.split();
         let mut guard = CloseGuard {
@@ -219,6 +220,7 @@ impl Pool {
                             host: target.host_label(),
                             user: target.user.clone(),
                             reason: "the server refused to run the command".into(),
+                            source: None,
                         })
                     }
                     _ => {}
@@ -238,6 +240,7 @@ impl Pool {
                 host: target.host_label(),
                 user: target.user.clone(),
                 reason: "connection lost before the command reported its exit status".into(),
+                source: None,
             });
         }
         guard.finish();

@@ -20,7 +20,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use russh::keys::{HashAlg, PublicKey};
 use sha1::Sha1;
 
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 
 /// What the admin allows for hosts not yet in the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -263,6 +263,7 @@ pub fn load(path: &Path) -> Result<Vec<Entry>> {
         Err(e) => Err(Error::KnownHosts {
             path: path.to_path_buf(),
             reason: e.to_string(),
+            source: Cause::of(e),
         }),
     }
 }
@@ -297,6 +298,7 @@ fn stamp(path: &Path) -> Result<Option<Stamp>> {
         Err(e) => Err(Error::KnownHosts {
             path: path.to_path_buf(),
             reason: e.to_string(),
+            source: Cause::of(e),
         }),
     }
 }
@@ -354,6 +356,7 @@ pub fn append(path: &PathBuf, line: &str) -> Result<()> {
     let io = |e: std::io::Error| Error::KnownHosts {
         path: path.clone(),
         reason: e.to_string(),
+        source: Cause::of(e),
     };
     let mut file = std::fs::OpenOptions::new()
         .append(true)

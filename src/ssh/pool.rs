@@ -28,7 +28,7 @@ use super::tunnel::{
     BoxFut, CarryTo, ForwardLink, Hold, LocalForward, OpenChannel, RemoteForward, RequestForward,
 };
 use super::Target;
-use crate::error::{Error, Phase, Result};
+use crate::error::{Cause, Error, Phase, Result};
 
 /// Pool settings. `connect` holds the per-connection bounds and host-key policy.
 #[derive(Debug, Clone)]
@@ -340,6 +340,7 @@ impl Pool {
                         return Err(Error::Tunnel {
                             what: format!("to {host}:{port} on {}", target.host_label()),
                             reason: format!("sshd refused to connect ({reason:?}); is the server listening, and does sshd allow TCP forwarding?"),
+                            source: None,
                         })
                     }
                     (Open::Session, Held::Session(slot_guard)) => {
@@ -352,6 +353,7 @@ impl Pool {
                                 host: target.host_label(),
                                 user: target.user.clone(),
                                 reason: format!("the server refused to open a session: {reason:?}"),
+                                source: None,
                             });
                         }
                         slot_guard.forget();
@@ -369,6 +371,7 @@ impl Pool {
                             host: target.host_label(),
                             user: target.user.clone(),
                             reason: e.to_string(),
+                            source: Cause::of(e),
                         });
                     }
                     tracing::info!(host = %target.host_label(), user = %target.user,
@@ -433,35 +436,36 @@ impl Pool {
                 .tcpip_forward("127.0.0.1", u32::from(port)),
         )
         .await;
-        let fail = |reason: String| {
+        let fail = |reason: String, source: Option<Cause>| {
             if port != 0 {
                 self.set_forward_target(target, u32::from(port), None);
             }
             Err(Error::Tunnel {
                 what: what(),
                 reason,
+                source,
             })
         };
         let bound = match granted {
             Ok(Ok(p)) => p,
             Ok(Err(russh::Error::RequestDenied)) => {
-                return fail("sshd refused the forward (port taken on the host, or AllowTcpForwarding not `yes`/`remote`)".into())
+                return fail("sshd refused the forward (port taken on the host, or AllowTcpForwarding not `yes`/`remote`)".into(), None)
             }
-            Ok(Err(e)) => return fail(e.to_string()),
+            Ok(Err(e)) => return fail(e.to_string(), Cause::of(e)),
             Err(_) => {
                 return fail(format!(
                     "no answer within {:?}",
                     self.inner.opts.channel_timeout
-                ))
+                ), None)
             }
         };
         // OpenSSH answers 0 when the requested port was not 0.
         let bound = if bound == 0 { u32::from(port) } else { bound };
         let Ok(bound16) = u16::try_from(bound) else {
-            return fail(format!("sshd reported port {bound}"));
+            return fail(format!("sshd reported port {bound}"), None);
         };
         if bound16 == 0 {
-            return fail("sshd reported no port".into());
+            return fail("sshd reported no port".into(), None);
         }
         self.set_forward_target(target, bound, Some(sink));
         Ok((bound16, guard))

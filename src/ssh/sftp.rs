@@ -14,7 +14,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::pool::Pool;
 use super::Target;
-use crate::error::{Error, Phase, Result};
+use crate::error::{Cause, Error, Phase, Result};
 
 /// One file to write on the remote host.
 #[derive(Clone)]
@@ -180,12 +180,17 @@ impl Pool {
     }
 }
 
-fn sftp_err(target: &Target, path: &str, e: impl std::fmt::Display) -> Error {
+fn sftp_err<E: std::error::Error + Send + Sync + 'static>(
+    target: &Target,
+    path: &str,
+    e: E,
+) -> Error {
     Error::Sftp {
         host: target.host_label(),
         user: target.user.clone(),
         path: path.to_string(),
         reason: e.to_string(),
+        source: Cause::of(e),
     }
 }
 

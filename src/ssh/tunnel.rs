@@ -26,7 +26,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::error::{Error, Result};
+use crate::error::{Cause, Error, Result};
 
 /// A boxed future, as the pool hands its channel openers to the tunnels.
 pub(crate) type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -93,12 +93,14 @@ impl LocalForward {
             .map_err(|e| Error::Tunnel {
                 what: what.clone(),
                 reason: format!("cannot listen on the hub: {e}"),
+                source: Cause::of(e),
             })?;
         let port = listener
             .local_addr()
             .map_err(|e| Error::Tunnel {
                 what,
                 reason: e.to_string(),
+                source: Cause::of(e),
             })?
             .port();
         let live = Live::new(&tally);

@@ -1,0 +1,129 @@
+"""The bridge from the Rust core to asyncio (src/python/bridge.rs): no tokio
+worker takes the GIL, a cancelled call aborts its Rust task, every event loop
+of a process gets its own results.
+
+These run in the test process (no hub): the core's calls are awaited on
+loops made here. The first one does real SSH against the test bed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+
+import pytest
+from ssh_spawner import _core
+from ssh_spawner.spawner import SSHSpawner
+
+pytestmark = pytest.mark.any_hub  # see conftest.ANY_HUB
+
+
+def _handed_over() -> int:
+    return _core.bridge_stats()[1]
+
+
+def _delivered() -> int:
+    return _core.bridge_stats()[2]
+
+
+def test_results_are_handed_over_while_the_loop_thread_holds_the_gil(testbed):
+    """Several real `check` calls (SSH commands on node1) finish and hand
+    their results over while this thread, the loop's, keeps the GIL in a
+    pure-Python loop: with the switch interval raised, no other thread gets
+    the GIL during the spin, so a tokio worker that needed it (to set a
+    future, build an exception, drop a Python object) would stall and the
+    count would not move. The futures are set afterwards, by the loop."""
+    host = testbed["hosts"][0]
+    user = testbed["users"][0]["name"]
+    n = 8
+
+    async def run():
+        sp = SSHSpawner(
+            hosts=[{"address": host["address"], "name": host["name"]}],
+            key_path=testbed["hub_key"],
+            known_hosts=testbed["known_hosts"],
+        )
+        core = sp.core
+        # Connect once (the pool then carries the calls on one connection).
+        first = json.loads(await core.check(user))
+        assert first[0]["reachable"], first
+        handed0, delivered0 = _handed_over(), _delivered()
+        old = sys.getswitchinterval()
+        sys.setswitchinterval(120.0)
+        try:
+            futures = [core.check(user) for _ in range(n)]
+            t0 = time.monotonic()
+            deadline = t0 + 60.0
+            # No await, no sleep, no I/O: this thread keeps the GIL.
+            while _handed_over() - handed0 < n and time.monotonic() < deadline:
+                pass
+            spun = time.monotonic() - t0
+            handed = _handed_over() - handed0
+            delivered_meanwhile = _delivered() - delivered0
+        finally:
+            sys.setswitchinterval(old)
+        print(f"BRIDGE {handed}/{n} results handed over in {spun:.3f} s with the GIL held")
+        assert handed == n, (
+            f"only {handed} of {n} results were handed over in {spun:.1f} s while the"
+            " loop thread held the GIL: a tokio worker waits for the GIL"
+        )
+        assert delivered_meanwhile == 0, "a future was set off the loop thread"
+        rows = [json.loads(r) for r in await asyncio.gather(*futures)]
+        assert all(r[0]["reachable"] and r[0]["auth"] == "ok" for r in rows), rows
+        assert _delivered() - delivered0 == n
+
+    asyncio.run(run())
+
+
+def test_a_cancelled_call_aborts_its_rust_task_and_other_loops_still_get_results():
+    """`Progress.next` waits in Rust until an event comes. Cancelling the
+    asyncio future must drop that Rust future (its task ends, counted as
+    handed over without a result set); a call left pending on a loop that
+    closed does no harm; a new loop gets its results."""
+    progress = _core.Progress()
+
+    async def cancel_one():
+        handed0, delivered0 = _handed_over(), _delivered()
+        fut = progress.next(0)
+        await asyncio.sleep(0)
+        assert not fut.done()
+        fut.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await fut
+        # Bounded wait (10 s) for the aborted task to end.
+        for _ in range(1000):
+            if _handed_over() != handed0:
+                break
+            await asyncio.sleep(0.01)
+        assert _handed_over() == handed0 + 1, "the Rust task of a cancelled call still runs"
+        assert _delivered() == delivered0
+        # Left pending when this loop closes: its result comes after.
+        return progress.next(0)
+
+    orphan = asyncio.run(cancel_one())
+    assert not orphan.done()
+    handed0 = _handed_over()
+    progress.emit(10, "first")
+    deadline = time.monotonic() + 10
+    while _handed_over() == handed0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _handed_over() == handed0 + 1
+    assert not orphan.done(), "nothing runs a closed loop's futures"
+
+    async def on_new_loop():
+        other = _core.Progress()
+        waiting = other.next(0)
+        other.emit(20, "second")
+        assert await asyncio.wait_for(waiting, 10) == [(20, "second")]
+        assert await asyncio.wait_for(progress.next(0), 10) == [(10, "first")]
+        progress.finish()
+        assert await asyncio.wait_for(progress.next(1), 10) == []
+
+    async def third_loop():
+        done = _core.Progress()
+        done.finish()
+        assert await asyncio.wait_for(done.next(0), 10) == []
+
+    asyncio.run(on_new_loop())
+    asyncio.run(third_loop())
