@@ -248,6 +248,7 @@ mod tests {
             host: "node1:22".into(),
             user: "alice".into(),
             reason: "refused".into(),
+            source: None,
         };
         assert_eq!(Failure::of(&down), Failure::Unreachable);
         let exited = Error::ServerExited {
