@@ -532,7 +532,8 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
         Some(w) => quote(w, "working directory")?,
         None => "\"$HOME\"".to_string(),
     };
-    let port_hex = format!("{:04X}", spec.port);
+    let port = spec.port;
+    let port_hex = format!("{port:04X}");
     let ready_cs = spec.ready_cs;
     let setsid = format!("exec setsid -f /bin/sh -c {wrapper_q} {marker_q} {dir_q}");
     let redirects = format!("3>&4 4>&- </dev/null >>{log_q} 2>&1");
@@ -563,8 +564,8 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     // Every process the script starts is on the critical path of a start
     // (each costs a fork and an exec on the host; docs/benchmarks.md, "The
     // launch, step by step"). Before the pid is known the host runs: the
-    // command substitution's fork, `install`, `grep`, `setsid` and its fork,
-    // the wrapper's `sh` and its fork; nothing else.
+    // command substitution's fork, `install`, `ss` (in a fork of its own),
+    // `setsid` and its fork, the wrapper's `sh` and its fork; nothing else.
     // - The login's umask and uid are read from `/proc/self/status` with the
     //   `read` builtin, not with `$(umask)` (a fork each); the prologue's
     //   umask reaches the server by inheritance, and the wrapper takes 077
@@ -573,9 +574,13 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     // - The run directory is made and set to 0700 with one `install` (after
     //   a `mkdir -p` only the first time, so the parents keep the 077 umask);
     //   stale files are removed only if there are any.
-    // - The port check is one `grep` of `/proc/net/tcp*`: dash's `read` takes
-    //   one byte per system call, and those tables have a line per socket
-    //   (about 0.5 ms per line measured on a busy 2-core machine).
+    // - The port check (before the start, and each turn of the readiness
+    //   wait) asks `ss -l` for listeners on the port: a netlink dump of the
+    //   listening sockets only. Reading `/proc/net/tcp` and `tcp6` makes the
+    //   kernel walk the whole established-connections hash (262144 buckets
+    //   on the 2-core test machine: 6 to 13 ms per file, per read), and
+    //   dash's `read` takes one byte per system call; `grep` of those files
+    //   is the fallback on a host without a working `ss` (iproute2).
     // - The pid comes down a pipe instead of being polled for, the wrapper
     //   writes the pid file with a builtin (no `mv`), and the server's stat
     //   line alone proves that its parent leads its group.
@@ -595,8 +600,14 @@ um= me=
 done; }} 2>/dev/null </proc/self/status || :
 case $um in ''|*[!0-7]*) um=$(umask) ;; esac
 umask 077
+ss=
+if command -v ss >/dev/null 2>&1; then ss=ss; fi
 listening() {{
-  grep -qsE '^ *[0-9]+: [0-9A-F]+:{port_hex} [0-9A-F]+:[0-9A-F]+ 0A ' /proc/net/tcp /proc/net/tcp6
+  if [ -n "$ss" ] && l_out=$(ss -Hltn 'sport = :{port}' 2>/dev/null); then
+    [ -n "$l_out" ]
+  else
+    grep -qsE '^ *[0-9]+: [0-9A-F]+:{port_hex} [0-9A-F]+:[0-9A-F]+ 0A ' /proc/net/tcp /proc/net/tcp6
+  fi
 }}
 up() {{
   IFS=' .' read -r u_s u_c _ </proc/uptime
@@ -1468,6 +1479,23 @@ mod tests {
         sh(&launch_script(spec).unwrap())
     }
 
+    /// [`launch`] on a host whose `ss` fails (after printing a listener, so
+    /// its output is seen not to be trusted): the script falls back to
+    /// reading `/proc/net/tcp*`.
+    fn launch_with_broken_ss(spec: &LaunchSpec, tmp: &Tmp) -> Out {
+        let bin = tmp.join("broken-ss-bin");
+        fs::create_dir_all(&bin).unwrap();
+        let ss = format!("{bin}/ss");
+        fs::write(
+            &ss,
+            "#!/bin/sh\necho 'LISTEN 0 128 0.0.0.0:1 0.0.0.0:*'\nexit 1\n",
+        )
+        .unwrap();
+        fs::set_permissions(&ss, fs::Permissions::from_mode(0o755)).unwrap();
+        let script = launch_script(spec).unwrap();
+        sh(&format!("PATH={bin}:$PATH; export PATH\n{script}"))
+    }
+
     const NO_LIMITS: LimitPlan = LimitPlan::None;
 
     // ---------------------------------------------------------------- quote
@@ -2025,13 +2053,19 @@ mod tests {
         if let Ok(l6) = std::net::TcpListener::bind("[::1]:0") {
             listeners.push(l6);
         }
-        for (i, listener) in listeners.iter().enumerate() {
+        // With `ss` and, on a host whose `ss` fails, from /proc/net/tcp*.
+        let runs = listeners.iter().flat_map(|l| [(l, false), (l, true)]);
+        for (i, (listener, broken_ss)) in runs.enumerate() {
             let dir = tmp.join(&format!("home/run-{i}"));
             let r = run_id();
             let _reaper = Reaper::new(&r);
             let mut s = spec(&r, &dir, &e, &cmd);
             s.port = listener.local_addr().unwrap().port();
-            let out = launch(&s);
+            let out = if broken_ss {
+                launch_with_broken_ss(&s, &tmp)
+            } else {
+                launch(&s)
+            };
             assert_eq!(out.status, PORT_TAKEN as i32, "{out:?}");
             assert_eq!(out.stdout, "port-taken\n");
             assert!(parse_launch(&out.stdout).is_err());
@@ -2076,8 +2110,15 @@ mod tests {
     fn launch_returns_once_the_port_listens() {
         let tmp = Tmp::new();
         let no_env = Vec::new();
-        // A server that takes 0.4 s to listen, through each way of starting it.
-        for (i, default_signal) in [None, Some(true), Some(false)].into_iter().enumerate() {
+        // A server that takes 0.4 s to listen, through each way of starting
+        // it, and seen by a host whose `ss` fails (/proc/net/tcp* then).
+        let runs = [
+            (None, false),
+            (Some(true), false),
+            (Some(false), false),
+            (Some(true), true),
+        ];
+        for (i, (default_signal, broken_ss)) in runs.into_iter().enumerate() {
             let port = free_port();
             let code = format!(
                 "import socket,time\ntime.sleep(0.4)\ns=socket.socket()\n\
@@ -2092,7 +2133,11 @@ mod tests {
             s.port = port;
             s.ready_cs = 3000;
             s.default_signal = default_signal;
-            let out = launch(&s);
+            let out = if broken_ss {
+                launch_with_broken_ss(&s, &tmp)
+            } else {
+                launch(&s)
+            };
             assert_eq!(out.status, 0, "{out:?}");
             // Connected at the first try: no waiting after the launch.
             std::net::TcpStream::connect(("127.0.0.1", port))
