@@ -572,8 +572,10 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     //   for its own files after its fork. `server.log` is created (0600)
     //   before the prologue runs, so its umask never applies to it.
     // - The run directory is made and set to 0700 with one `install` (after
-    //   a `mkdir -p` only the first time, so the parents keep the 077 umask);
-    //   stale files are removed only if there are any.
+    //   a `mkdir -p` only the first time, so the parents keep the 077 umask),
+    //   run at the same time as the port check (two cores overlap them; its
+    //   failure still stops the script through `wait`); stale files are
+    //   removed only if there are any.
     // - The port check (before the start, and each turn of the readiness
     //   wait) asks `ss -l` for listeners on the port: a netlink dump of the
     //   listening sockets only. Reading `/proc/net/tcp` and `tcp6` makes the
@@ -614,8 +616,10 @@ up() {{
   now=$u_s$u_c
 }}
 [ -d {parent_q} ] || mkdir -p -- {parent_q}
-install -d -m 700 -- {parent_q} "$d"
-if listening; then echo port-taken; exit {PORT_TAKEN}; fi
+install -d -m 700 -- {parent_q} "$d" &
+mk=$!
+if listening; then wait "$mk" || :; echo port-taken; exit {PORT_TAKEN}; fi
+wait "$mk"
 for f in pid exit_status exit_status.tmp; do
   if [ -e "$d/$f" ]; then rm -f -- "$d/$f"; fi
 done
