@@ -670,6 +670,13 @@ of the readiness wait is one `ss` instead of a `grep` over `/proc/net/tcp*`
 (about 12 ms per turn here), then a `sleep`. Without a working
 `ss` (iproute2) the script falls back to `grep` over `/proc/net/tcp*`.
 
+Measured before and after these changes (commits 58535b1 and db038e4), part
+a alone (`BENCH_ONLY=start BENCH_START_N=40`), the two builds alternating
+five times in one hold of the testbed lock, load average 2.2-3.1 from other
+builds: warm start p50 32.5 ms against 14.4 ms (medians of the five runs),
+warm/floor 8.6x against 4.1x, fresh/warm 3.6x against 6.9x; both targets
+still missed.
+
 What is left: the warm start runs six programs (`bash`, `sh`, `install`,
 `ss`, `setsid`, the wrapper's `sh`) where the floor runs two (`bash`,
 `true`), so it cannot come down to 3 floors while every launch is its own
