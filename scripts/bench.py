@@ -623,14 +623,64 @@ a peer does that runs `ssh`/asyncssh per command. *Floor*: one exec of
 fresh-mode handshake costs about 70 ms here (ed25519 host key, curve25519
 key exchange, sshd forking its privilege-separated child); the warm start is
 the launch script itself, which is bound by process creation on the host.
-Before the pid is known it now runs `install` (the run directory, 0700),
-`setsid`, the wrapper's `sh`, `env --default-signal` and the server: the
-wrapper hands the pid to the launch down a pipe (no `sleep` loop polling for
-the pid file, no `mv` on the way), and whether the host's `env` has
-`--default-signal` is read once with the host's facts instead of being
-tested by every launch (an `env` exec). Earlier versions also waited a fixed
-`launch_settle` (0.3 s) after the pid; that option is gone (deprecated,
-ignored): the launch now waits for an event instead, see b.
+Before the pid is known it now runs `install` (the run directory, 0700)
+at the same time as `ss` (the port check), then `setsid` and the wrapper's
+`sh` (step by step, with what each costs, in "The launch, step by step"
+below): the wrapper hands the pid to the launch down a pipe (no `sleep`
+loop polling for the pid file, no `mv` on the way), and whether the host's
+`env` has `--default-signal` is read once with the host's facts instead of
+being tested by every launch (an `env` exec). Earlier versions also waited a
+fixed `launch_settle` (0.3 s) after the pid; that option is gone
+(deprecated, ignored): the launch now waits for an event instead, see b.
+
+### The launch, step by step
+
+One warm launch (`Spawner::launch`, the script of
+`plan::script::launch_script`) on a host, in order. Costs are from
+`strace -f -ttt --seccomp-bpf` of the script run in a testbed node's network
+namespace and from timing single commands there, with the load average at
+2-4 from other builds on the 2-core machine: read them as proportions.
+
+1. sshd opens the session channel, forks, and the login shell
+   (`bash -c '/bin/sh -s'`) execs `sh`: the floor (3-4 ms) and one exec.
+   Unchanged: sshd always starts the login shell, and the script must come
+   on stdin (it holds the token).
+2. `sh` parses the script and reads the login's umask and uid from
+   `/proc/self/status` with the `read` builtin: 1.5-2 ms. Was a `$(umask)`
+   fork here and another after the prologue.
+3. `install -d -m 700` makes the run directory in the background while
+   `ss -Hltn 'sport = :PORT'` checks the port; `server.log` is created
+   0600: 3-5 ms (`ss` loads 16 shared libraries). Was `install`, then a
+   `read` loop over `/proc/net/tcp` and `tcp6`: each read makes the kernel
+   walk the whole established-connection hash (262144 buckets here; 6-13 ms
+   per file for one `cat`), and dash's `read` reads one byte per call, about
+   20 ms on a testbed node with three sockets.
+4. The command substitution (a fork), exports, prologue, `cd` and
+   `exec setsid -f`: about 2.5 ms.
+5. `setsid`'s fork, the wrapper's `sh` and its fork; the wrapper writes the
+   pid file (a builtin) and then the pid down the pipe: 2-6 ms. The pid file
+   was written after the pid, through `mv` (an exec).
+6. The script reads the server's `/proc/PID/stat` (start time, parent,
+   group) and prints: under 1 ms. Was two stat reads and a status read.
+7. `env --default-signal` and the server's exec: after the pid, off this
+   path.
+
+With `ready_timeout` above 0 (spawns through the hub; not part a), each turn
+of the readiness wait is one `ss` instead of a `grep` over `/proc/net/tcp*`
+(about 12 ms per turn here), then a `sleep`. Without a working
+`ss` (iproute2) the script falls back to `grep` over `/proc/net/tcp*`.
+
+Measured before and after these changes (commits 58535b1 and db038e4), part
+a alone (`BENCH_ONLY=start BENCH_START_N=40`), the two builds alternating
+five times in one hold of the testbed lock, load average 2.2-3.1 from other
+builds: warm start p50 32.5 ms against 14.4 ms (medians of the five runs),
+warm/floor 8.6x against 4.1x, fresh/warm 3.6x against 6.9x; both targets
+still missed.
+
+What is left: the warm start runs six programs (`bash`, `sh`, `install`,
+`ss`, `setsid`, the wrapper's `sh`) where the floor runs two (`bash`,
+`true`), so it cannot come down to 3 floors while every launch is its own
+exec; that would take a process kept running on the host per connection.
 
 **b. Spawn-to-ready and stop through JupyterHub** (`scripts/bench.py
 compare`, run alone by `scripts/bench compare`). Two hubs (JupyterHub and

@@ -342,30 +342,32 @@ boot=
 IFS= read -r boot 2>/dev/null </proc/sys/kernel/random/boot_id || boot=
 "#;
 
-/// The wrapper that owns the server: `/bin/sh -c WRAPPER MARKER DIR UMASK ARGV...`,
+/// The wrapper that owns the server: `/bin/sh -c WRAPPER MARKER DIR ARGV...`,
 /// started with fd 3 open on the pipe the launch script reads the pid from.
 ///
 /// It leads its own session (setsid), so its pid is the group of everything
 /// the server starts without calling setsid. It ignores TERM/INT/HUP only
 /// after the fork, so the server does not inherit ignored signals, and so
 /// that a TERM to the group stops the server while the wrapper lives on to
-/// record the exit status. Both files are written to a temporary name and
-/// renamed, so a reader never sees half a number. The wrapper keeps umask
-/// 077 for its files while the server gets the umask the login and the
-/// prologue left (the subshell forks once and execs, so `$!` is the server).
-/// The pid goes down fd 3 first, which the launch script is blocked reading
-/// (no polling for the pid file, no `sleep`); the pid file, written with a
-/// rename for `adopt`, follows off the start's critical path. The server
-/// does not inherit fd 3, so the launch sees end-of-file at once.
+/// record the exit status. It starts with the umask the login and the
+/// prologue left, which the server inherits at the fork (the subshell forks
+/// once and execs, so `$!` is the server); then it takes umask 077 for its
+/// own files. The pid file is written first (one `echo`, a builtin: a reader
+/// sees no file, an empty one or the whole number, and `adopt` takes only a
+/// number), so it exists by the time the launch returns; then the pid goes
+/// down fd 3, which the launch script is blocked reading (no polling, no
+/// `sleep`). The server does not inherit fd 3, so the launch sees
+/// end-of-file at once. The exit status is written to a temporary name and
+/// renamed (off the start's path), since poll reads its presence as "exited".
 const WRAPPER: &str = r#"d=$1
-m=$2
-shift 2
-(exec 3>&-; umask "$m" && exec "$@") &
+shift
+(exec 3>&-; exec "$@") &
 c=$!
+umask 077
 trap '' TERM INT HUP
+echo "$c" >"$d/pid"
 echo "$c" >&3
 exec 3>&-
-echo "$c" >"$d/pid.tmp" && mv -f -- "$d/pid.tmp" "$d/pid"
 wait "$c"
 s=$?
 echo "$s" >"$d/exit_status.tmp" && mv -f -- "$d/exit_status.tmp" "$d/exit_status"
@@ -471,6 +473,8 @@ fn limit_words(limits: &LimitPlan) -> Result<Vec<String>> {
 /// scripts that use unset variables or let commands fail. Only the
 /// script's own files get umask 077; the prologue and the server run with
 /// the login's umask, and the server with whatever the prologue set.
+/// The `uid=` reported is the launching login's real uid (the server's, as
+/// nothing between them can change it without privileges).
 pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     check_run_id(spec.run_id)?;
     let parent = check_dir(spec.dir)?;
@@ -528,9 +532,10 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
         Some(w) => quote(w, "working directory")?,
         None => "\"$HOME\"".to_string(),
     };
-    let port_hex = format!("{:04X}", spec.port);
+    let port = spec.port;
+    let port_hex = format!("{port:04X}");
     let ready_cs = spec.ready_cs;
-    let setsid = format!("exec setsid -f /bin/sh -c {wrapper_q} {marker_q} {dir_q} \"$um\"");
+    let setsid = format!("exec setsid -f /bin/sh -c {wrapper_q} {marker_q} {dir_q}");
     let redirects = format!("3>&4 4>&- </dev/null >>{log_q} 2>&1");
     let with_env = format!("{setsid} env --default-signal=INT,QUIT --{argv} {redirects}");
     let without_env = format!("{setsid}{argv} {redirects}");
@@ -557,12 +562,30 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     // fact read with the host's other facts; tested here when unknown).
     //
     // Every process the script starts is on the critical path of a start
-    // (each costs a fork and an exec on the host): the run directory is made
-    // and set to 0700 with one `install` (after a `mkdir -p` only the first
-    // time, so the parents keep the 077 umask), stale files are removed only
-    // if there are any, and the pid comes down a pipe instead of being
-    // polled for: `install`, `setsid`, the wrapper's `sh`, `env` and the
-    // server are all that run before the pid is known.
+    // (each costs a fork and an exec on the host; docs/benchmarks.md, "The
+    // launch, step by step"). Before the pid is known the host runs: the
+    // command substitution's fork, `install`, `ss` (in a fork of its own),
+    // `setsid` and its fork, the wrapper's `sh` and its fork; nothing else.
+    // - The login's umask and uid are read from `/proc/self/status` with the
+    //   `read` builtin, not with `$(umask)` (a fork each); the prologue's
+    //   umask reaches the server by inheritance, and the wrapper takes 077
+    //   for its own files after its fork. `server.log` is created (0600)
+    //   before the prologue runs, so its umask never applies to it.
+    // - The run directory is made and set to 0700 with one `install` (after
+    //   a `mkdir -p` only the first time, so the parents keep the 077 umask),
+    //   run at the same time as the port check (two cores overlap them; its
+    //   failure still stops the script through `wait`); stale files are
+    //   removed only if there are any.
+    // - The port check (before the start, and each turn of the readiness
+    //   wait) asks `ss -l` for listeners on the port: a netlink dump of the
+    //   listening sockets only. Reading `/proc/net/tcp` and `tcp6` makes the
+    //   kernel walk the whole established-connections hash (262144 buckets
+    //   on the 2-core test machine: 6 to 13 ms per file, per read), and
+    //   dash's `read` takes one byte per system call; `grep` of those files
+    //   is the fallback on a host without a working `ss` (iproute2).
+    // - The pid comes down a pipe instead of being polled for, the wrapper
+    //   writes the pid file with a builtin (no `mv`), and the server's stat
+    //   line alone proves that its parent leads its group.
     //
     // Then, for up to `ready_cs`, the script waits for the port to listen
     // (the hub's first check then succeeds) or for the server to exit (the
@@ -572,31 +595,35 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     Ok(format!(
         r#"main() {{
 set -eu
-um=$(umask)
-umask 077
 {HELPERS}{LAUNCH_FAILED_FN}d={dir_q}
+um= me=
+{{ while read -r s_k s_v s_r; do
+  case $s_k in Umask:) um=$s_v ;; Uid:) me=$s_v; break ;; esac
+done; }} 2>/dev/null </proc/self/status || :
+case $um in ''|*[!0-7]*) um=$(umask) ;; esac
+umask 077
+ss=
+if command -v ss >/dev/null 2>&1; then ss=ss; fi
 listening() {{
-  grep -qsE '^ *[0-9]+: [0-9A-F]+:{port_hex} [0-9A-F]+:[0-9A-F]+ 0A ' /proc/net/tcp /proc/net/tcp6
+  if [ -n "$ss" ] && l_out=$(ss -Hltn 'sport = :{port}' 2>/dev/null); then
+    [ -n "$l_out" ]
+  else
+    grep -qsE '^ *[0-9]+: [0-9A-F]+:{port_hex} [0-9A-F]+:[0-9A-F]+ 0A ' /proc/net/tcp /proc/net/tcp6
+  fi
 }}
 up() {{
   IFS=' .' read -r u_s u_c _ </proc/uptime
   now=$u_s$u_c
 }}
 [ -d {parent_q} ] || mkdir -p -- {parent_q}
-install -d -m 700 -- {parent_q} "$d"
-for f in /proc/net/tcp /proc/net/tcp6; do
-  [ -r "$f" ] || continue
-  while read -r _ l _ st _; do
-    if [ "$st" = 0A ]; then
-      case $l in
-        *:{port_hex}) echo port-taken; exit {PORT_TAKEN} ;;
-      esac
-    fi
-  done <"$f"
-done
-for f in pid pid.tmp exit_status exit_status.tmp; do
+install -d -m 700 -- {parent_q} "$d" &
+mk=$!
+if listening; then wait "$mk" || :; echo port-taken; exit {PORT_TAKEN}; fi
+wait "$mk"
+for f in pid exit_status exit_status.tmp; do
   if [ -e "$d/$f" ]; then rm -f -- "$d/$f"; fi
 done
+: >>{log_q}
 pid=$(
   exec 4>&1 >&2
   umask "$um"
@@ -606,8 +633,6 @@ pid=$(
   }} 4>&-
   set -eu
   cd -- {cd}
-  um=$(umask)
-  umask 077
 {start})
 case $pid in
   ''|*[!0-9]*) failed ;;
@@ -626,10 +651,11 @@ if [ {ready_cs} -gt 0 ]; then
     if [ "$n" -le 20 ]; then sleep 0.01; elif [ "$n" -le 50 ]; then sleep 0.02; else sleep 0.05; fi
   done
 fi
-if [ ! -e "$d/exit_status" ] && rs "$pid" && live && ru "$pid"; then
-  start=$s_start uid=$s_uid w=$s_ppid
-  if [ "$w" -gt 1 ] && rs "$w" && [ "$s_pgrp" = "$w" ]; then
-    printf 'pid=%s\npgid=%s\nstart_time=%s\nuid=%s\nboot_id=%s\nlistening=%s\n' "$pid" "$w" "$start" "$uid" "$boot" "$ready"
+if [ ! -e "$d/exit_status" ] && rs "$pid" && live; then
+  start=$s_start w=$s_ppid
+  if [ -z "$me" ]; then ru "$pid" || failed; me=$s_uid; fi
+  if [ "$w" -gt 1 ] && [ "$s_pgrp" = "$w" ]; then
+    printf 'pid=%s\npgid=%s\nstart_time=%s\nuid=%s\nboot_id=%s\nlistening=%s\n' "$pid" "$w" "$start" "$me" "$boot" "$ready"
     exit 0
   fi
   echo "ssh-spawner launch: server pid $pid is no longer a child of its wrapper" >&2
@@ -1457,6 +1483,23 @@ mod tests {
         sh(&launch_script(spec).unwrap())
     }
 
+    /// [`launch`] on a host whose `ss` fails (after printing a listener, so
+    /// its output is seen not to be trusted): the script falls back to
+    /// reading `/proc/net/tcp*`.
+    fn launch_with_broken_ss(spec: &LaunchSpec, tmp: &Tmp) -> Out {
+        let bin = tmp.join("broken-ss-bin");
+        fs::create_dir_all(&bin).unwrap();
+        let ss = format!("{bin}/ss");
+        fs::write(
+            &ss,
+            "#!/bin/sh\necho 'LISTEN 0 128 0.0.0.0:1 0.0.0.0:*'\nexit 1\n",
+        )
+        .unwrap();
+        fs::set_permissions(&ss, fs::Permissions::from_mode(0o755)).unwrap();
+        let script = launch_script(spec).unwrap();
+        sh(&format!("PATH={bin}:$PATH; export PATH\n{script}"))
+    }
+
     const NO_LIMITS: LimitPlan = LimitPlan::None;
 
     // ---------------------------------------------------------------- quote
@@ -2014,13 +2057,19 @@ mod tests {
         if let Ok(l6) = std::net::TcpListener::bind("[::1]:0") {
             listeners.push(l6);
         }
-        for (i, listener) in listeners.iter().enumerate() {
+        // With `ss` and, on a host whose `ss` fails, from /proc/net/tcp*.
+        let runs = listeners.iter().flat_map(|l| [(l, false), (l, true)]);
+        for (i, (listener, broken_ss)) in runs.enumerate() {
             let dir = tmp.join(&format!("home/run-{i}"));
             let r = run_id();
             let _reaper = Reaper::new(&r);
             let mut s = spec(&r, &dir, &e, &cmd);
             s.port = listener.local_addr().unwrap().port();
-            let out = launch(&s);
+            let out = if broken_ss {
+                launch_with_broken_ss(&s, &tmp)
+            } else {
+                launch(&s)
+            };
             assert_eq!(out.status, PORT_TAKEN as i32, "{out:?}");
             assert_eq!(out.stdout, "port-taken\n");
             assert!(parse_launch(&out.stdout).is_err());
@@ -2065,8 +2114,15 @@ mod tests {
     fn launch_returns_once_the_port_listens() {
         let tmp = Tmp::new();
         let no_env = Vec::new();
-        // A server that takes 0.4 s to listen, through each way of starting it.
-        for (i, default_signal) in [None, Some(true), Some(false)].into_iter().enumerate() {
+        // A server that takes 0.4 s to listen, through each way of starting
+        // it, and seen by a host whose `ss` fails (/proc/net/tcp* then).
+        let runs = [
+            (None, false),
+            (Some(true), false),
+            (Some(false), false),
+            (Some(true), true),
+        ];
+        for (i, (default_signal, broken_ss)) in runs.into_iter().enumerate() {
             let port = free_port();
             let code = format!(
                 "import socket,time\ntime.sleep(0.4)\ns=socket.socket()\n\
@@ -2081,7 +2137,11 @@ mod tests {
             s.port = port;
             s.ready_cs = 3000;
             s.default_signal = default_signal;
-            let out = launch(&s);
+            let out = if broken_ss {
+                launch_with_broken_ss(&s, &tmp)
+            } else {
+                launch(&s)
+            };
             assert_eq!(out.status, 0, "{out:?}");
             // Connected at the first try: no waiting after the launch.
             std::net::TcpStream::connect(("127.0.0.1", port))
