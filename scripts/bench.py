@@ -670,12 +670,15 @@ of the readiness wait is one `ss` instead of a `grep` over `/proc/net/tcp*`
 (about 12 ms per turn here), then a `sleep`. Without a working
 `ss` (iproute2) the script falls back to `grep` over `/proc/net/tcp*`.
 
-Measured before and after these changes (commits 58535b1 and db038e4), part
-a alone (`BENCH_ONLY=start BENCH_START_N=40`), the two builds alternating
-five times in one hold of the testbed lock, load average 2.2-3.1 from other
-builds: warm start p50 32.5 ms against 14.4 ms (medians of the five runs),
-warm/floor 8.6x against 4.1x, fresh/warm 3.6x against 6.9x; both targets
-still missed.
+Measured before and after these changes with one command,
+`scripts/bench-ab 58535b1 3b0b546` (it builds part a of both commits and
+runs them alternately, five rounds of 40 starts each, in one hold of the
+testbed lock), on the 2-core machine with nothing else running (load average
+1.1-1.8, the benchmark's own): warm start p50 27.1 ms before against 13.6 ms
+after (medians of the five rounds), warm/floor 7.3x against 4.1x,
+fresh/warm 4.1x against 7.2x; both targets (at most 3x, at least 10x) still
+missed. An earlier run of the same two builds during other builds (load
+2.2-3.1) gave 32.5 ms against 14.4 ms.
 
 What is left: the warm start runs six programs (`bash`, `sh`, `install`,
 `ss`, `setsid`, the wrapper's `sh`) where the floor runs two (`bash`,
