@@ -76,7 +76,8 @@ async fn a_cut_link_gives_a_timeout_within_the_bound() {
     let took = started.elapsed();
     assert!(matches!(err, Error::Timeout { .. }), "{err}");
     assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(3),
+        // The 2 s bound, not TCP's minutes (a wide margin for a loaded machine).
+        took >= Duration::from_secs(2) && took < Duration::from_secs(15),
         "{took:?}"
     );
 
@@ -97,7 +98,8 @@ async fn a_cut_link_gives_a_timeout_within_the_bound() {
         }
         other => panic!("expected a connect timeout, got {other}"),
     }
-    assert!(took < Duration::from_secs(3), "{took:?}");
+    // The 2 s connect bound, not the 30 s command bound.
+    assert!(took < Duration::from_secs(15), "{took:?}");
     assert!(err.to_string().contains(&tb.hosts[1].address), "{err}");
 
     // Healed: both pools work again without the caller doing anything.

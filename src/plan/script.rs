@@ -2025,9 +2025,12 @@ mod tests {
         let p = proc_of(&r, &dir, &l);
         assert_eq!(poll_one(&p), ProcStatus::Running);
 
-        let (stopped, sout) = stop(&p, 5, true);
+        // A server that obeys TERM is gone long before a 30 s grace: the
+        // stop returns when it is, not at the grace (the margin is wide so a
+        // loaded machine cannot make this fail).
+        let (stopped, sout) = stop(&p, 30, true);
         assert_eq!(stopped, Stopped::Killed { escalated: false }, "{sout:?}");
-        assert!(sout.elapsed < Duration::from_secs(3), "{sout:?}");
+        assert!(sout.elapsed < Duration::from_secs(15), "{sout:?}");
         assert!(!alive(l.pid, Some(l.start_time)));
         assert!(!all_procs()
             .iter()
@@ -2106,7 +2109,8 @@ mod tests {
             let (st, tail) = parse_launch_failure(&out.stdout).unwrap();
             assert_eq!(st, Some(status), "{out:?}");
             assert!(tail.contains(log), "{tail:?}");
-            assert!(out.elapsed < Duration::from_secs(3), "{out:?}");
+            // The exit ended the 30 s wait (half of it is a wide margin).
+            assert!(out.elapsed < Duration::from_secs(15), "{out:?}");
         }
     }
 
@@ -2433,11 +2437,11 @@ mod tests {
             assert!(got.iter().all(|(_, s)| *s == ProcStatus::Running));
             best = best.min(out.elapsed);
         }
+        // A figure, not a check: speed is the benchmarks' (docs/benchmarks.md).
         eprintln!(
             "poll of 500 running servers: {best:?} ({} bytes of script)",
             script.len()
         );
-        assert!(best < Duration::from_secs(1), "{best:?}");
 
         let gone: Vec<Proc> = procs
             .iter()
@@ -2533,8 +2537,9 @@ mod tests {
         fs::create_dir_all(format!("{dir}/certs")).unwrap();
         fs::write(format!("{dir}/certs/server.key"), "key").unwrap();
         let (stopped, out) = stop(&proc_of(&r, &dir, &l), 1, false);
+        // TERM ignored: KILL after the 1 s grace (how long the script takes
+        // on a loaded machine is not this test's business).
         assert_eq!(stopped, Stopped::Killed { escalated: true }, "{out:?}");
-        assert!(out.elapsed < Duration::from_secs(3), "{out:?}");
         assert!(!alive(l.pid, Some(l.start_time)));
         assert!(!Path::new(&dir).exists());
     }
