@@ -21,7 +21,20 @@ from urllib.parse import urlsplit
 from jupyterhub.spawner import Spawner
 from jupyterhub.traitlets import ByteSpecification
 from tornado import web
-from traitlets import Bool, Dict, Float, Integer, List, Tuple, Unicode, Union, default, observe
+from traitlets import (
+    Bool,
+    Dict,
+    Float,
+    Integer,
+    List,
+    TraitError,
+    Tuple,
+    Unicode,
+    Union,
+    default,
+    observe,
+    validate,
+)
 
 from . import _core, metrics
 from .journal import Journal, is_alive, stops_to_retry, this_process, to_sweep
@@ -42,9 +55,6 @@ _SWEPT: dict[str, asyncio.Task] = {}
 # The task retrying the pending stops of a journal directory (one per hub
 # process), and the event that wakes it when a stop is added.
 _STOPPERS: dict[str, tuple[asyncio.Task, asyncio.Event]] = {}
-# Seconds between two tries of the pending stops (a host that answers again is
-# noticed within this, plus connect_timeout).
-STOP_RETRY = 15.0
 # The hub's /hub/metrics shows the spawner's metrics from the moment the hub
 # loads this class (docs/metrics.md).
 metrics.register(lambda: list(_CORES.values()))
@@ -223,6 +233,24 @@ class SSHSpawner(Spawner):
         says the host is unreachable; right after a hub restart, the first poll
         waits for the host up to this long, so servers survive a switch reboot.""",
     ).tag(config=True)
+
+    pending_stop_retry = Float(
+        15.0,
+        help="""Seconds between two tries of the pending stops: servers the hub
+        had to forget while their host did not answer (a stop during an
+        outage, a start abandoned on a host that stopped answering). They are
+        kept in `journal_dir/stops/` across hub restarts, and a host that
+        answers again has them stopped within this plus `connect_timeout`.
+        Shorter cleans up sooner and tries a dead host more often (one
+        connection attempt per pending stop per try). 0.5 to 3600.""",
+    ).tag(config=True)
+
+    @validate("pending_stop_retry")
+    def _pending_stop_retry_in_range(self, proposal):
+        value = proposal["value"]
+        if not 0.5 <= value <= 3600:
+            raise TraitError(f"SSHSpawner.pending_stop_retry = {value!r}: seconds from 0.5 to 3600")
+        return value
 
     tunnel = Bool(
         False,
@@ -469,7 +497,7 @@ class SSHSpawner(Spawner):
             run_id,
             why,
             journal.dir,
-            STOP_RETRY,
+            self.pending_stop_retry,
         )
         self._ensure_stopper(wake=True)
         return True
@@ -495,7 +523,7 @@ class SSHSpawner(Spawner):
             except Exception:  # a background task: its failure must be seen
                 self.log.exception("SSHSpawner: retrying the pending stops in %s", journal.dir)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), STOP_RETRY)
+                await asyncio.wait_for(wake.wait(), self.pending_stop_retry)
 
     async def _retry_stops_once(self, journal: Journal, failing: set[str]) -> None:
         entries, bad = await _blocking(journal.read_all)

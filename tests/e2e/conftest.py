@@ -53,7 +53,8 @@ SECRET_HITS: list[str] = []
 # Tests marked any_hub run under JupyterHub 6 only in scripts/test (not again
 # under JupyterHub 5): they are slow, and what they check lives in the core,
 # the hosts and the test bed (scale, tunnels, host faults, pending stops,
-# state checks), not in what differs between the hub versions (spawn errors
+# state checks, the start's retries, systemd limits, the metrics and the
+# culler service), not in what differs between the hub versions (spawn errors
 # and the spawn page, progress, the options form, internal_ssl certificates,
 # routing of odd names, the plain lifecycle), which run under both.
 ANY_HUB = (
@@ -831,14 +832,17 @@ def proc_start_time(pid: int) -> int | None:
     return p.start if p else None
 
 
-def assert_server_process(tb: dict, state: dict, user: str) -> tuple[Proc, dict[str, str]]:
-    """The pid in the state is the user's jupyterhub-singleuser, started by the
-    wrapper that leads its process group; returns it and its environment."""
+def assert_server_process(
+    tb: dict, state: dict, user: str, program: str = "jupyterhub-singleuser"
+) -> tuple[Proc, dict[str, str]]:
+    """The pid in the state is the user's `program` (jupyterhub-singleuser
+    unless said), started by the wrapper that leads its process group;
+    returns it and its environment."""
     p = read_proc(state["pid"])
     assert p is not None, f"server pid {state['pid']} is not running"
     assert p.uid == tb["uids"][user], f"pid {p.pid} runs as uid {p.uid}, not {user}"
     assert state["uid"] == tb["uids"][user]
-    assert any(a.endswith("jupyterhub-singleuser") for a in p.argv), p.argv
+    assert any(a.endswith(program) for a in p.argv), p.argv
     assert p.start == state["start_time"], "pid was reused: start time differs"
     assert p.pgrp == state["pgid"], (p.pgrp, state["pgid"])
     wrapper = read_proc(state["pgid"])

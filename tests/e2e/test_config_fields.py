@@ -59,3 +59,20 @@ def test_config_json_sends_every_tagged_option_and_the_core_takes_it():
         assert "no_such_option" in str(e), e
     else:
         raise AssertionError("the core took an option it does not know")
+
+
+def test_pending_stop_retry_is_bounded():
+    """The hub-only retry interval of pending stops refuses what would spin
+    (0, negative) or never retry (inf), naming the option."""
+    import math
+
+    import pytest
+    from traitlets import TraitError
+
+    s = SSHSpawner()
+    assert s.pending_stop_retry == 15.0
+    for bad in (0.0, -1.0, 0.1, 3601.0, math.inf, math.nan):
+        with pytest.raises(TraitError, match="pending_stop_retry"):
+            s.pending_stop_retry = bad
+    s.pending_stop_retry = 2.0
+    assert s.pending_stop_retry == 2.0

@@ -22,6 +22,10 @@ from .conftest import (
     wait_until,
 )
 
+# The culler is a hub service speaking the REST API both versions share; the
+# spawner's part (a stop that leaves nothing on the host) is the core's.
+pytestmark = pytest.mark.any_hub  # see conftest.ANY_HUB
+
 ALICE = "tb-alice"  # left idle
 BOB = "tb.bob-2"  # in use
 CULL_TIMEOUT = 12

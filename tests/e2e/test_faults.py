@@ -74,7 +74,7 @@ def test_host_cut_while_hub_down_keeps_server(testbed, hub_factory):
 
 
 def test_stop_while_host_cut_cleans_up_once_it_heals(testbed, hub_factory):
-    hub = hub_factory({"SSHSpawner.connect_timeout": 3.0})
+    hub = hub_factory({"SSHSpawner.connect_timeout": 3.0, "SSHSpawner.pending_stop_retry": 2.0})
     hub.spawn(ALICE)
     state = hub.ssh_state(ALICE)
     assert_server_process(testbed, state, ALICE)
@@ -89,7 +89,8 @@ def test_stop_while_host_cut_cleans_up_once_it_heals(testbed, hub_factory):
         # The host never heard of the stop: the server still runs.
         assert proc_start_time(state["pid"]) == state["start_time"]
     t_heal = time.monotonic()
-    # The spawner keeps trying in the background (every 15 s) and stops it.
+    # The spawner keeps trying in the background (every pending_stop_retry:
+    # 2 s here) and stops it.
     wait_until(
         lambda: proc_start_time(state["pid"]) != state["start_time"] and not hub.my_procs(),
         45,
@@ -115,7 +116,7 @@ def test_stop_while_host_cut_is_finished_after_a_hub_restart(testbed, hub_factor
     """A stop that cannot reach the host is a pending stop in the journal: a
     hub restarted before the host heals still finishes it (no user acts, no
     server runs that would make the hub call the spawner)."""
-    hub = hub_factory({"SSHSpawner.connect_timeout": 3.0})
+    hub = hub_factory({"SSHSpawner.connect_timeout": 3.0, "SSHSpawner.pending_stop_retry": 2.0})
     hub.spawn(ALICE)
     state = hub.ssh_state(ALICE)
     assert_server_process(testbed, state, ALICE)
@@ -162,6 +163,7 @@ def test_server_reported_stopped_after_a_long_outage_is_stopped_when_host_return
         {
             "SSHSpawner.connect_timeout": 2.0,
             "SSHSpawner.unreachable_grace": 4.0,
+            "SSHSpawner.pending_stop_retry": 2.0,
             "Spawner.poll_interval": 1,
         }
     )

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import E2E_SCOPES, host_cut, wait_until
+
+# The metrics are the core's, on prometheus_client's registry, which both hub
+# versions serve at /hub/metrics; the log lines are the core's too.
+pytestmark = pytest.mark.any_hub  # see conftest.ANY_HUB
 
 ALICE = "tb-alice"
 BOB = "tb.bob-2"

@@ -126,6 +126,7 @@ def test_a_host_cut_during_the_launch_moves_the_server_and_leaves_a_pending_stop
             "SSHSpawner.facts_cache": 600.0,
             "SSHSpawner.connect_timeout": 3.0,
             "SSHSpawner.command_timeout": 5.0,
+            "SSHSpawner.pending_stop_retry": 2.0,
         }
     )
     hub.create_user(BOB)
