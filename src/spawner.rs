@@ -22,7 +22,7 @@ use crate::metrics;
 use crate::plan::adopt;
 use crate::plan::hosts::{self, Candidate, HostFacts, Requirements, Strategy};
 use crate::plan::limits::{self, Limits};
-use crate::plan::ports::choose_port;
+use crate::plan::ports::{self, choose_port, PortProbe};
 use crate::plan::retry;
 use crate::plan::script::{self, LaunchSpec, Proc, ProcStatus};
 use crate::plan::state::{check_host_port, ServerState, STATE_VERSION};
@@ -946,7 +946,19 @@ impl Spawner {
         // even after the server itself died and they were re-parented.
         let mut env = env.to_vec();
         env.push((RUN_ENV.to_string(), state.run_id.clone()));
-        let script = script::launch_script(&LaunchSpec {
+        let check_port = match self.probe_port(&target, state).await {
+            PortProbe::Taken(at) => {
+                tracing::debug!(host = %state.host, port = state.port, at = %at,
+                    "the port answers on the host; another port");
+                return Err(Error::PortTaken {
+                    host: state.host.clone(),
+                    port: state.port,
+                });
+            }
+            PortProbe::Free => false,
+            PortProbe::Unknown => true,
+        };
+        let spec = LaunchSpec {
             run_id: &state.run_id,
             dir: &state.dir,
             port: state.port,
@@ -957,7 +969,10 @@ impl Spawner {
             limits: &plan,
             ready_cs,
             default_signal: prepared.facts.default_signal,
-        })?;
+            check_port,
+        };
+        let script = script::launch_script(&spec)?;
+        let launch_command = script::launch_command(&spec)?;
         progress.emit(
             45,
             format!(
@@ -971,7 +986,7 @@ impl Spawner {
             .exec(
                 &target,
                 &self
-                    .command("/bin/sh -s")
+                    .command(&launch_command)
                     .stdin(script)
                     .timeout(Config::duration(self.config.command_timeout) + ready),
             )
@@ -1040,6 +1055,39 @@ impl Spawner {
             },
         );
         Ok(state)
+    }
+
+    /// Is the server's port free on its host, just before the launch? sshd
+    /// is asked to connect to it at each of [`ports::probe_addresses`], all
+    /// at once over the pooled connection (no program runs on the host for
+    /// it). A probe that fails counts as no answer: the launch script then
+    /// checks the port itself with `ss`.
+    async fn probe_port(&self, target: &Target, state: &ServerState) -> PortProbe {
+        let addrs = ports::probe_addresses(&state.address, self.config.tunnel);
+        let mut probes = tokio::task::JoinSet::new();
+        for a in addrs {
+            let (pool, target, port) = (self.pool.clone(), target.clone(), state.port);
+            probes.spawn(async move {
+                let answer = pool.accepts(&target, &a, port).await;
+                (a, answer)
+            });
+        }
+        let mut answers = Vec::new();
+        while let Some(joined) = probes.join_next().await {
+            match joined {
+                Ok((a, Ok(x))) => answers.push((a, x)),
+                Ok((a, Err(e))) => {
+                    tracing::debug!(host = %state.host, address = %a, port = state.port,
+                        "port probe failed ({e}); the launch checks the port");
+                    answers.push((a, None));
+                }
+                Err(e) => {
+                    tracing::debug!(host = %state.host, "port probe task failed ({e})");
+                    answers.push((String::new(), None));
+                }
+            }
+        }
+        ports::probe_verdict(&answers)
     }
 
     /// Hub tunnel: ask sshd on the prepared host to listen on its loopback and

@@ -189,7 +189,7 @@ pub fn parse_facts(stdout: &str) -> Result<HostFacts> {
 /// One server found running on a host by [`list_script`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Listed {
-    /// The wrapper's pid (the process group).
+    /// The server's process group (the wrapper's).
     pub pgid: u32,
     /// Remote user it runs as.
     pub user: String,
@@ -201,7 +201,7 @@ pub struct Listed {
 
 /// Lists every user's servers on a host: argv (and so the marker) is public.
 pub fn list_script() -> String {
-    "ps -eo pid=,user:32=,etime=,args= | grep -e 'ssh-spawner-ru[n]:' || true\n".to_string()
+    "ps -eo pgid=,user:32=,etime=,args= | grep -e 'ssh-spawner-ru[n]:' || true\n".to_string()
 }
 
 /// Parse what [`list_script`] printed; lines that do not match are skipped.

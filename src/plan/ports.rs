@@ -1,6 +1,7 @@
 //! Choosing a port on a host: read its listening sockets from
 //! `/proc/net/tcp` and `/proc/net/tcp6` (no Python needed on the host) and
-//! pick a random free one in the configured range.
+//! pick a random free one in the configured range; then, just before the
+//! launch, what sshd's connects to it say.
 
 use std::collections::BTreeSet;
 
@@ -88,6 +89,53 @@ pub fn choose_port(
     }
 }
 
+/// What the probes of a port just before the launch say: sshd on the host
+/// was asked to connect to it at each of [`probe_addresses`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortProbe {
+    /// Something accepted a connection at this address: do not start there.
+    Taken(String),
+    /// Every address refused the connection: nothing listens where the
+    /// server's bind or the hub's connection could meet it.
+    Free,
+    /// Some address gave no answer (sshd does not forward, or the probe
+    /// failed): the launch script checks the port itself.
+    Unknown,
+}
+
+/// Where to probe a port: the loopbacks (a server binds `0.0.0.0` or
+/// `127.0.0.1`, and a listener on either, or on `::`, refuses that bind),
+/// and the address the hub connects to (a listener bound to that address
+/// alone would answer the hub in the server's place), unless the server is
+/// reached through a tunnel (it binds the loopback) or that address is a
+/// loopback already.
+pub fn probe_addresses(hub_address: &str, tunnel: bool) -> Vec<String> {
+    let mut v = vec!["127.0.0.1".to_string(), "::1".to_string()];
+    let a = hub_address.trim_start_matches('[').trim_end_matches(']');
+    let loopback = a
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_loopback())
+        || a.eq_ignore_ascii_case("localhost");
+    if !tunnel && !a.is_empty() && !loopback {
+        v.push(a.to_string());
+    }
+    v
+}
+
+/// One verdict from each address's answer: `Some(true)` something
+/// accepted, `Some(false)` the connect was refused, `None` no answer.
+/// A single acceptance is enough to call the port taken; it is free only
+/// when every address answered and all of them refused.
+pub fn probe_verdict(answers: &[(String, Option<bool>)]) -> PortProbe {
+    if let Some((a, _)) = answers.iter().find(|(_, x)| *x == Some(true)) {
+        return PortProbe::Taken(a.clone());
+    }
+    if !answers.is_empty() && answers.iter().all(|(_, x)| *x == Some(false)) {
+        return PortProbe::Free;
+    }
+    PortProbe::Unknown
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +191,43 @@ mod tests {
         .is_err());
         assert!(PortRange { start: 80, end: 90 }.validate().is_err());
         assert!(PortRange::default().validate().is_ok());
+    }
+
+    #[test]
+    fn probes_go_to_the_loopbacks_and_the_hubs_address_unless_tunnelled() {
+        assert_eq!(
+            probe_addresses("198.18.0.11", false),
+            ["127.0.0.1", "::1", "198.18.0.11"]
+        );
+        assert_eq!(probe_addresses("node1.lab", false)[2], "node1.lab");
+        assert_eq!(probe_addresses("[fd00::5]", false)[2], "fd00::5");
+        assert_eq!(probe_addresses("198.18.0.11", true), ["127.0.0.1", "::1"]);
+        for lo in ["127.0.0.1", "::1", "[::1]", "localhost", "127.0.0.2", ""] {
+            assert_eq!(probe_addresses(lo, false).len(), 2, "{lo}");
+        }
+    }
+
+    #[test]
+    fn one_acceptance_is_taken_and_only_all_refusals_are_free() {
+        let a = |v: &[(&str, Option<bool>)]| -> Vec<(String, Option<bool>)> {
+            v.iter().map(|(s, x)| (s.to_string(), *x)).collect()
+        };
+        assert_eq!(
+            probe_verdict(&a(&[("127.0.0.1", Some(false)), ("::1", Some(true))])),
+            PortProbe::Taken("::1".into())
+        );
+        assert_eq!(
+            probe_verdict(&a(&[("127.0.0.1", None), ("h", Some(true))])),
+            PortProbe::Taken("h".into())
+        );
+        assert_eq!(
+            probe_verdict(&a(&[("127.0.0.1", Some(false)), ("::1", Some(false))])),
+            PortProbe::Free
+        );
+        assert_eq!(
+            probe_verdict(&a(&[("127.0.0.1", Some(false)), ("::1", None)])),
+            PortProbe::Unknown
+        );
+        assert_eq!(probe_verdict(&[]), PortProbe::Unknown);
     }
 }

@@ -85,6 +85,12 @@ pub struct LaunchSpec<'a> {
     /// Whether the host's `env` has `--default-signal` (from its facts);
     /// `None` tests it in the script.
     pub default_signal: Option<bool>,
+    /// Whether the script checks that nothing listens on `port` before the
+    /// start (`ss`, in a process of its own). `false` when the spawner has
+    /// already asked sshd to connect to the port and every address was
+    /// refused ([`crate::spawner`]'s port probe): nothing runs for it on
+    /// the host.
+    pub check_port: bool,
 }
 
 impl std::fmt::Debug for LaunchSpec<'_> {
@@ -101,6 +107,7 @@ impl std::fmt::Debug for LaunchSpec<'_> {
             .field("limits", &self.limits)
             .field("ready_cs", &self.ready_cs)
             .field("default_signal", &self.default_signal)
+            .field("check_port", &self.check_port)
             .finish()
     }
 }
@@ -110,7 +117,10 @@ impl std::fmt::Debug for LaunchSpec<'_> {
 pub struct Launched {
     /// The server process (the wrapper's child).
     pub pid: u32,
-    /// The wrapper: session leader and process group of the server.
+    /// The server's process group: the launch's login process (a session
+    /// leader made by sshd, gone once the launch returns; the group lives
+    /// on with the wrapper and the server), or the wrapper itself when the
+    /// launch did not lead its group and had to `setsid`.
     pub pgid: u32,
     /// Field 22 of `/proc/PID/stat` (clock ticks since boot).
     pub start_time: u64,
@@ -342,11 +352,14 @@ boot=
 IFS= read -r boot 2>/dev/null </proc/sys/kernel/random/boot_id || boot=
 "#;
 
-/// The wrapper that owns the server: `/bin/sh -c WRAPPER MARKER DIR ARGV...`,
-/// started with fd 3 open on the pipe the launch script reads the pid from.
-///
-/// It leads its own session (setsid), so its pid is the group of everything
-/// the server starts without calling setsid. It ignores TERM/INT/HUP only
+/// The wrapper that owns the server, with `DIR ARGV...` as its arguments and
+/// fd 3 open on the pipe the launch script reads the pid from. It runs as a
+/// subshell of the launch when the launch leads its process group (the
+/// login sshd started for the session, whose argv carries the marker
+/// `ssh-spawner-run:RUN_ID`, see [`launch_command`]), and otherwise as
+/// `setsid -f /bin/sh -c WRAPPER MARKER DIR ARGV...`, leading a session of
+/// its own. Either way the group is that of everything the server starts
+/// without calling setsid, and it outlives the launch. It ignores TERM/INT/HUP only
 /// after the fork, so the server does not inherit ignored signals, and so
 /// that a TERM to the group stops the server while the wrapper lives on to
 /// record the exit status. It starts with the umask the login and the
@@ -450,10 +463,12 @@ fn limit_words(limits: &LimitPlan) -> Result<Vec<String>> {
 /// The launch script.
 ///
 /// It creates `dir` (0700, and its parent), refuses to start when `port` is
-/// listening (prints `port-taken`, exits [`PORT_TAKEN`]), exports `env`,
-/// runs the prologue, changes to the working directory and starts `command`
-/// detached in its own session under a wrapper whose argv carries the marker
-/// `ssh-spawner-run:RUN_ID` (find it with `pgrep -f`). The wrapper writes the
+/// listening (when `check_port`; prints `port-taken`, exits [`PORT_TAKEN`]),
+/// exports `env`, runs the prologue, changes to the working directory and
+/// starts `command` detached, in a process group of its own that outlives
+/// the SSH session, under a wrapper whose argv carries the marker
+/// `ssh-spawner-run:RUN_ID` (find it with `pgrep -f`; run the script with
+/// [`launch_command`]). The wrapper writes the
 /// server's pid to `DIR/pid` and its exit status to `DIR/exit_status`; server
 /// output is appended to `DIR/server.log`. The script returns once the port
 /// listens (or after `ready_cs`, or at once when that is 0); the server
@@ -535,16 +550,31 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     let port = spec.port;
     let port_hex = format!("{port:04X}");
     let ready_cs = spec.ready_cs;
-    let setsid = format!("exec setsid -f /bin/sh -c {wrapper_q} {marker_q} {dir_q}");
-    let redirects = format!("3>&4 4>&- </dev/null >>{log_q} 2>&1");
-    let with_env = format!("{setsid} env --default-signal=INT,QUIT --{argv} {redirects}");
-    let without_env = format!("{setsid}{argv} {redirects}");
-    let start = match spec.default_signal {
-        Some(true) => format!("  {with_env}\n"),
-        Some(false) => format!("  {without_env}\n"),
+    let with_env = format!("  set -- {dir_q} env --default-signal=INT,QUIT --{argv}\n");
+    let without_env = format!("  set -- {dir_q}{argv}\n");
+    let args = match spec.default_signal {
+        Some(true) => with_env,
+        Some(false) => without_env,
         None => format!(
-            "  if env --default-signal=INT,QUIT true >/dev/null 2>&1; then\n    {with_env}\n  fi\n  {without_env}\n"
+            "  if env --default-signal=INT,QUIT true >/dev/null 2>&1; then\n  {with_env}  else\n  {without_env}  fi\n"
         ),
+    };
+    let redirects = format!("3>&4 4>&- </dev/null >>{log_q} 2>&1");
+    // The start, chosen before the exports and the prologue run (neither
+    // can change a function: dash exports none). When the launch leads its
+    // process group (sshd makes each session's login a session leader),
+    // the wrapper is a subshell of it: no program runs before the pid is
+    // known. Otherwise (a login shell that forks its command) `setsid`
+    // and a wrapper `sh` make the group.
+    let start_fns = format!(
+        "if rs \"$$\" && [ \"$s_pgrp\" = \"$$\" ]; then\nssp_start() {{\n{args}  (\n  set +eu\n{WRAPPER}  ) {redirects} &\n}}\nelse\nssp_start() {{\n{args}  exec setsid -f /bin/sh -c {wrapper_q} {marker_q} \"$@\" {redirects}\n}}\nfi\n"
+    );
+    let port_check = if spec.check_port {
+        format!(
+            "install -d -m 700 -- {parent_q} \"$d\" &\nmk=$!\nif listening; then wait \"$mk\" || :; echo port-taken; exit {PORT_TAKEN}; fi\nwait \"$mk\"\n"
+        )
+    } else {
+        format!("install -d -m 700 -- {parent_q} \"$d\"\n")
     };
 
     // The exports, prologue and start run in a command substitution (a
@@ -563,9 +593,12 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     //
     // Every process the script starts is on the critical path of a start
     // (each costs a fork and an exec on the host; docs/benchmarks.md, "The
-    // launch, step by step"). Before the pid is known the host runs: the
-    // command substitution's fork, `install`, `ss` (in a fork of its own),
-    // `setsid` and its fork, the wrapper's `sh` and its fork; nothing else.
+    // launch, step by step"). Before the pid is known the host runs, when
+    // the launch leads its group (sshd's sessions): the command
+    // substitution's fork, `install`, the wrapper subshell's fork and its
+    // fork; the port check's `ss` only when the spawner could not ask sshd.
+    // A launch that does not lead its group adds `setsid`, its fork and the
+    // wrapper's `sh`.
     // - The login's umask and uid are read from `/proc/self/status` with the
     //   `read` builtin, not with `$(umask)` (a fork each); the prologue's
     //   umask reaches the server by inheritance, and the wrapper takes 077
@@ -573,19 +606,23 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     //   before the prologue runs, so its umask never applies to it.
     // - The run directory is made and set to 0700 with one `install` (after
     //   a `mkdir -p` only the first time, so the parents keep the 077 umask),
-    //   run at the same time as the port check (two cores overlap them; its
-    //   failure still stops the script through `wait`); stale files are
-    //   removed only if there are any.
-    // - The port check (before the start, and each turn of the readiness
-    //   wait) asks `ss -l` for listeners on the port: a netlink dump of the
-    //   listening sockets only. Reading `/proc/net/tcp` and `tcp6` makes the
-    //   kernel walk the whole established-connections hash (262144 buckets
-    //   on the 2-core test machine: 6 to 13 ms per file, per read), and
-    //   dash's `read` takes one byte per system call; `grep` of those files
-    //   is the fallback on a host without a working `ss` (iproute2).
+    //   run at the same time as the port check when there is one (two cores
+    //   overlap them; its failure still stops the script through `wait`);
+    //   stale files are removed only if there are any.
+    // - The port check (before the start when `check_port`, and each turn of
+    //   the readiness wait) asks `ss -l` for listeners on the port: a netlink
+    //   dump of the listening sockets only. Reading `/proc/net/tcp` and
+    //   `tcp6` makes the kernel walk the whole established-connections hash
+    //   (262144 buckets on the 2-core test machine: 6 to 13 ms per file, per
+    //   read), and dash's `read` takes one byte per system call; `grep` of
+    //   those files is the fallback on a host without a working `ss`
+    //   (iproute2). The readiness wait counts only a listener with the
+    //   login's uid, so another user's socket on the port (on an address the
+    //   spawner's probe did not reach) is never taken for the server.
     // - The pid comes down a pipe instead of being polled for, the wrapper
     //   writes the pid file with a builtin (no `mv`), and the server's stat
-    //   line alone proves that its parent leads its group.
+    //   line (and its parent's, when the wrapper does not lead the group)
+    //   proves that the wrapper is its parent and the group is theirs.
     //
     // Then, for up to `ready_cs`, the script waits for the port to listen
     // (the hub's first check then succeeds) or for the server to exit (the
@@ -605,10 +642,16 @@ umask 077
 ss=
 if command -v ss >/dev/null 2>&1; then ss=ss; fi
 listening() {{
-  if [ -n "$ss" ] && l_out=$(ss -Hltn 'sport = :{port}' 2>/dev/null); then
-    [ -n "$l_out" ]
+  if [ -n "$ss" ] && l_out=$(ss -Hltne 'sport = :{port}' 2>/dev/null); then
+    case ${{1:-0}} in
+      0) [ -n "$l_out" ] ;;
+      *) case $l_out in *" uid:$1 "*) ;; *) false ;; esac ;;
+    esac
   else
-    grep -qsE '^ *[0-9]+: [0-9A-F]+:{port_hex} [0-9A-F]+:[0-9A-F]+ 0A ' /proc/net/tcp /proc/net/tcp6
+    case ${{1:-0}} in
+      0) grep -qsE '^ *[0-9]+: [0-9A-F]+:{port_hex} [0-9A-F]+:[0-9A-F]+ 0A ' /proc/net/tcp /proc/net/tcp6 ;;
+      *) grep -qsE "^ *[0-9]+: [0-9A-F]+:{port_hex} [0-9A-F]+:[0-9A-F]+ 0A [0-9A-F]+:[0-9A-F]+ [0-9A-F]+:[0-9A-F]+ [0-9A-F]+ +$1 " /proc/net/tcp /proc/net/tcp6 ;;
+    esac
   fi
 }}
 up() {{
@@ -616,11 +659,7 @@ up() {{
   now=$u_s$u_c
 }}
 [ -d {parent_q} ] || mkdir -p -- {parent_q}
-install -d -m 700 -- {parent_q} "$d" &
-mk=$!
-if listening; then wait "$mk" || :; echo port-taken; exit {PORT_TAKEN}; fi
-wait "$mk"
-for f in pid exit_status exit_status.tmp; do
+{start_fns}{port_check}for f in pid exit_status exit_status.tmp; do
   if [ -e "$d/$f" ]; then rm -f -- "$d/$f"; fi
 done
 : >>{log_q}
@@ -633,7 +672,8 @@ pid=$(
   }} 4>&-
   set -eu
   cd -- {cd}
-{start})
+  ssp_start
+)
 case $pid in
   ''|*[!0-9]*) failed ;;
 esac
@@ -644,7 +684,7 @@ if [ {ready_cs} -gt 0 ]; then
   n=0
   while :; do
     if [ -e "$d/exit_status" ] || ! rs "$pid" || ! live; then failed; fi
-    if listening; then ready=yes; break; fi
+    if listening "$me"; then ready=yes; break; fi
     up
     [ "$now" -lt "$end" ] || break
     n=$((n + 1))
@@ -652,10 +692,10 @@ if [ {ready_cs} -gt 0 ]; then
   done
 fi
 if [ ! -e "$d/exit_status" ] && rs "$pid" && live; then
-  start=$s_start w=$s_ppid
+  start=$s_start w=$s_ppid g=$s_pgrp
   if [ -z "$me" ]; then ru "$pid" || failed; me=$s_uid; fi
-  if [ "$w" -gt 1 ] && [ "$s_pgrp" = "$w" ]; then
-    printf 'pid=%s\npgid=%s\nstart_time=%s\nuid=%s\nboot_id=%s\nlistening=%s\n' "$pid" "$w" "$start" "$me" "$boot" "$ready"
+  if [ "$w" -gt 1 ] && {{ [ "$g" = "$w" ] || {{ [ "$g" = "$$" ] && [ "$w" != "$$" ] && rs "$w" && [ "$s_pgrp" = "$$" ]; }}; }}; then
+    printf 'pid=%s\npgid=%s\nstart_time=%s\nuid=%s\nboot_id=%s\nlistening=%s\n' "$pid" "$g" "$start" "$me" "$boot" "$ready"
     exit 0
   fi
   echo "ssh-spawner launch: server pid $pid is no longer a child of its wrapper" >&2
@@ -666,6 +706,28 @@ failed
 main </dev/null
 "#
     ))
+}
+
+/// The command the launch script is fed to on stdin (by the login shell,
+/// whatever it is): `/bin/sh -s` with the run's marker and, when it needs
+/// no quoting in any shell, the server directory as arguments the script
+/// ignores. They put the marker (and the directory) in the argv of the
+/// wrapper, which is a fork of this `sh`, for `pgrep -f`, [`list_script`]
+/// and the facts' server count.
+///
+/// [`list_script`]: super::hosts::list_script
+pub fn launch_command(spec: &LaunchSpec) -> Result<String> {
+    check_run_id(spec.run_id)?;
+    let mut cmd = format!("/bin/sh -s ssh-spawner-run:{}", spec.run_id);
+    if spec
+        .dir
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"/._-+,:@=".contains(&b))
+    {
+        cmd.push(' ');
+        cmd.push_str(spec.dir);
+    }
+    Ok(cmd)
 }
 
 /// Whether the server was listening on its port when a successful launch
@@ -913,9 +975,10 @@ pub fn parse_poll(stdout: &str, asked: &[Proc]) -> Result<Vec<(String, ProcStatu
 /// The stop script for one server.
 ///
 /// It signals nothing unless the recorded pid is verified to be ours: same
-/// boot, same start time, same real uid, not a zombie. The wrapper (pgid)
-/// counts as ours when it is alive, has our uid, leads its own group and is
-/// the server's parent or group. Then it collects every descendant (walking
+/// boot, same start time, same real uid, not a zombie. The wrapper counts
+/// as ours when it is the server's parent, alive, has our uid and is in the
+/// recorded group (which it leads, or which the launch's login led), or when
+/// it is the recorded group's leader and the server's parent or group. Then it collects every descendant (walking
 /// ppid links, since kernels and other children may have called setsid and
 /// left the group) and every member of the group, sends TERM to the group
 /// and to each of them, waits up to `grace_secs` for all to be gone, then
@@ -1041,6 +1104,14 @@ if [ "$boot" = "$want" ] && rs "$pid" && live && [ "$s_start" = "$start" ] && ru
   if [ "$c_ppid" = "$pgid" ] || [ "$c_pgrp" = "$pgid" ]; then
     if rs "$pgid" && live && [ "$s_pgrp" = "$pgid" ] && ru "$pgid" && [ "$s_uid" = "$uid" ]; then
       tree="$tree$pgid:$s_start "
+    fi
+  fi
+  # The wrapper, when it is a member of the group rather than its leader
+  # (the launch's login led the group and is gone): the server's parent,
+  # in the server's group, ours.
+  if [ "$c_pgrp" = "$pgid" ] && [ "$c_ppid" -gt 1 ] && [ "$c_ppid" != "$pgid" ]; then
+    if rs "$c_ppid" && live && [ "$s_pgrp" = "$pgid" ] && ru "$c_ppid" && [ "$s_uid" = "$uid" ]; then
+      tree="$tree$c_ppid:$s_start "
     fi
   fi
 fi
@@ -1231,9 +1302,16 @@ mod tests {
     /// Runs `script` as `/bin/sh -s` with the script on stdin, like the
     /// remote side does; `timeout` keeps a broken script from hanging the suite.
     fn sh(script: &str) -> Out {
+        sh_argv(&["/bin/sh", "-s"], script)
+    }
+
+    /// Runs `argv` (a `/bin/sh -s` of some form) with `script` on stdin,
+    /// under `timeout 60`.
+    fn sh_argv(argv: &[&str], script: &str) -> Out {
         let t0 = Instant::now();
         let mut child = Command::new("timeout")
-            .args(["60", "/bin/sh", "-s"])
+            .arg("60")
+            .args(argv)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -1479,7 +1557,19 @@ mod tests {
         v
     }
 
+    /// Runs the launch script as sshd does: [`launch_command`], by a
+    /// session leader (sshd's session child calls setsid).
     fn launch(spec: &LaunchSpec) -> Out {
+        let cmd = launch_command(spec).unwrap();
+        let mut argv = vec!["setsid"];
+        argv.extend(cmd.split(' '));
+        sh_argv(&argv, &launch_script(spec).unwrap())
+    }
+
+    /// Runs the launch script from a process that does not lead its group
+    /// (a login shell that forks its command): the script makes the group
+    /// with `setsid`.
+    fn launch_in_callers_group(spec: &LaunchSpec) -> Out {
         sh(&launch_script(spec).unwrap())
     }
 
@@ -1658,6 +1748,7 @@ mod tests {
             limits: &NO_LIMITS,
             ready_cs: 0,
             default_signal: None,
+            check_port: true,
         }
     }
 
@@ -1869,7 +1960,7 @@ mod tests {
         }
         // The limit prefixes, word by word.
         assert!(scripts[6].contains(
-            " 'systemd-run' '--user' '--scope' '--quiet' '--unit=jupyter-u-1.scope' '-p' 'MemoryMax=1073741824' '-p' 'CPUQuota=150%' '--' 'jupyterhub-singleuser' '--ip=127.0.0.1' 'it'\\''s' 3>&4 4>&- <"
+            " 'systemd-run' '--user' '--scope' '--quiet' '--unit=jupyter-u-1.scope' '-p' 'MemoryMax=1073741824' '-p' 'CPUQuota=150%' '--' 'jupyterhub-singleuser' '--ip=127.0.0.1' 'it'\\''s'\n"
         ));
         assert!(scripts[8].contains(
             " 'systemd-run' '--user' '--scope' '--quiet' '--unit=j' '--' 'jupyterhub-singleuser'"
@@ -1877,7 +1968,12 @@ mod tests {
         assert!(scripts[4].contains(" 'prlimit' '--as=1073741824' '--' 'jupyterhub-singleuser'"));
         assert!(!scripts[2].contains("prlimit"));
         assert!(scripts[3].contains("cd -- '/srv/work dir'\n"));
-        assert!(scripts[2].contains("cd -- \"$HOME\"\n"));
+        assert!(scripts[2].contains("cd -- \"$HOME\"\n  ssp_start\n"));
+        // Both ways to start the wrapper, chosen by whether the launch leads
+        // its group, and the port checked in the script (by default).
+        assert!(scripts[2].contains("\n  ) 3>&4 4>&- </dev/null >>"));
+        assert!(scripts[2].contains("exec setsid -f /bin/sh -c "));
+        assert!(scripts[2].contains("if listening; then"));
         assert!(scripts[2].contains("  export B='it'\\''s \"q\"\n$x'\n"));
     }
 
@@ -1917,6 +2013,18 @@ mod tests {
 
     #[test]
     fn launch_poll_stop_end_to_end() {
+        launch_poll_stop(true);
+    }
+
+    #[test]
+    fn launch_poll_stop_end_to_end_from_a_process_that_does_not_lead_its_group() {
+        launch_poll_stop(false);
+    }
+
+    /// `leader`: run as sshd does (the wrapper is a subshell and the group is
+    /// the launch's); else from inside the caller's group (`setsid`, and the
+    /// wrapper leads its own session).
+    fn launch_poll_stop(leader: bool) {
         let tmp = Tmp::new();
         let dir = tmp.join("home/.jupyterhub-ssh/run-e2e");
         let parent = tmp.join("home/.jupyterhub-ssh");
@@ -1940,26 +2048,31 @@ mod tests {
         let _reaper = Reaper::new(&r);
         let mut s = spec(&r, &dir, &e, &cmd);
         s.port = free_port();
-        let out = launch(&s);
+        let out = if leader {
+            launch(&s)
+        } else {
+            launch_in_callers_group(&s)
+        };
         assert_eq!(out.status, 0, "{out:?}");
-        assert!(
-            out.elapsed < Duration::from_secs(2),
-            "launch took {:?}",
-            out.elapsed
-        );
         let l = launched(&out, &dir);
 
-        // What it printed is what /proc says.
+        // What it printed is what /proc says: the server's parent is the
+        // wrapper, both are in the recorded group, in a session that is not
+        // the caller's.
         let st = stat(l.pid).unwrap();
         assert_eq!(st.start, l.start_time);
         assert_eq!(st.pgrp, l.pgid);
-        assert_eq!(st.ppid, l.pgid);
-        let wst = stat(l.pgid).unwrap();
-        assert_eq!(
-            (wst.pgrp, wst.session),
-            (l.pgid, l.pgid),
-            "wrapper leads its session"
-        );
+        let wst = stat(st.ppid).unwrap();
+        assert_eq!(wst.pgrp, l.pgid);
+        assert_eq!(wst.session, l.pgid);
+        if leader {
+            // The group's leader was the launch itself, gone now; the wrapper
+            // is a fork of it (no program ran to make it).
+            assert_ne!(st.ppid, l.pgid);
+            assert!(stat(l.pgid).is_none(), "the launch's login is still there");
+        } else {
+            assert_eq!(st.ppid, l.pgid, "the wrapper leads its session");
+        }
         assert_ne!(st.session, stat(std::process::id()).unwrap().session);
         assert_eq!(l.uid, real_uid(l.pid));
         assert_eq!(l.uid, my_uid());
@@ -1969,9 +2082,11 @@ mod tests {
             format!("{dir}/pid")
         )
         .is_ok_and(|p| p.trim() == l.pid.to_string())));
-        let wcmd = fs::read(format!("/proc/{}/cmdline", l.pgid)).unwrap();
+        let wcmd = fs::read(format!("/proc/{}/cmdline", st.ppid)).unwrap();
         let marker = format!("\0ssh-spawner-run:{r}\0");
         assert!(wcmd.windows(marker.len()).any(|w| w == marker.as_bytes()));
+        let dir_arg = format!("\0{dir}");
+        assert!(wcmd.windows(dir_arg.len()).any(|w| w == dir_arg.as_bytes()));
 
         // The server did not inherit ignored HUP/INT/QUIT/TERM (looked at
         // once `env` and the shell have exec'd sleep).
@@ -2304,7 +2419,7 @@ mod tests {
             assert_eq!(out.status, 0, "{out:?}");
             let l = launched(&out, &dir);
             assert_eq!(umask_of(l.pid), want);
-            assert_eq!(umask_of(l.pgid), "0077");
+            assert_eq!(umask_of(stat(l.pid).unwrap().ppid), "0077", "the wrapper's");
             assert_eq!(mode(&format!("{dir}/server.log")), 0o600);
             assert_eq!(mode(&format!("{dir}/pid")), 0o600);
             let (stopped, _) = stop(&proc_of(&r, &dir, &l), 5, true);

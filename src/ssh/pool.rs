@@ -303,6 +303,60 @@ impl Pool {
         }
     }
 
+    /// Whether something on `target` accepts TCP connections at `host:port`
+    /// (as the host sees it), asked of sshd with a direct-tcpip open that is
+    /// closed at once: sshd connects itself, nothing runs on the host.
+    /// `Some(true)`: something accepted; `Some(false)`: sshd's connect
+    /// failed (nothing listens there); `None`: sshd would not try
+    /// (forwarding prohibited, or another refusal). Like a tunnel it takes a
+    /// live pooled connection and no session slot; a connection that fails
+    /// is dropped from the pool.
+    pub(crate) async fn accepts(
+        &self,
+        target: &Target,
+        host: &str,
+        port: u16,
+    ) -> Result<Option<bool>> {
+        let guard = self.forward_conn(target).await?;
+        let conn = guard.conn.clone();
+        let opened = tokio::time::timeout(
+            self.inner.opts.channel_timeout,
+            conn.handle
+                .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0),
+        )
+        .await;
+        match opened {
+            Ok(Ok(channel)) => {
+                let _ = channel.close().await;
+                Ok(Some(true))
+            }
+            Ok(Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))) => {
+                Ok(Some(false))
+            }
+            Ok(Err(russh::Error::ChannelOpenFailure(_))) => Ok(None),
+            Ok(Err(e)) => {
+                drop(guard);
+                remove(&self.slot(target), &conn).await;
+                Err(Error::Ssh {
+                    host: target.host_label(),
+                    user: target.user.clone(),
+                    reason: e.to_string(),
+                    source: Cause::of(e),
+                })
+            }
+            Err(_) => {
+                drop(guard);
+                remove(&self.slot(target), &conn).await;
+                Err(Error::Timeout {
+                    host: target.host_label(),
+                    user: target.user.clone(),
+                    phase: Phase::Channel,
+                    after: self.inner.opts.channel_timeout,
+                })
+            }
+        }
+    }
+
     /// The one path that opens a channel: a session takes a session slot
     /// (queueing when every connection is full), a forward only a live
     /// connection. A channel the server refuses for lack of sessions lowers

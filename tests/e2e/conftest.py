@@ -836,7 +836,7 @@ def assert_server_process(
     tb: dict, state: dict, user: str, program: str = "jupyterhub-singleuser"
 ) -> tuple[Proc, dict[str, str]]:
     """The pid in the state is the user's `program` (jupyterhub-singleuser
-    unless said), started by the wrapper that leads its process group;
+    unless said), started by the wrapper in its recorded process group;
     returns it and its environment."""
     p = read_proc(state["pid"])
     assert p is not None, f"server pid {state['pid']} is not running"
@@ -845,8 +845,11 @@ def assert_server_process(
     assert any(a.endswith(program) for a in p.argv), p.argv
     assert p.start == state["start_time"], "pid was reused: start time differs"
     assert p.pgrp == state["pgid"], (p.pgrp, state["pgid"])
-    wrapper = read_proc(state["pgid"])
+    # The wrapper is the server's parent, in its group (which it leads, or
+    # which the launch's login led), and carries the run's marker.
+    wrapper = read_proc(p.ppid)
     assert wrapper is not None and wrapper.uid == p.uid
+    assert wrapper.pgrp == state["pgid"], (wrapper.pgrp, state["pgid"])
     assert f"ssh-spawner-run:{state['run_id']}".encode() in wrapper.cmdline
     return p, proc_environ(p.pid)
 

@@ -200,7 +200,7 @@ def test_private_modes_exact_env_and_other_users_locked_out(testbed, hub_factory
         ["cat", str(d / "pid")],
         ["ls", str(d)],
         ["kill", "-TERM", str(state["pid"])],
-        ["kill", "-KILL", str(state["pgid"])],
+        ["kill", "-KILL", "--", f"-{state['pgid']}"],
         ["cat", f"/proc/{state['pid']}/environ"],
     ):
         r = run_as(BOB, *argv)
