@@ -532,6 +532,88 @@ async fn a_taken_port_is_retried_with_another() {
     std::fs::remove_dir_all(&state.dir).unwrap();
 }
 
+/// The launch does not run `ss` when sshd answered the port probe (on the
+/// loopbacks and the host's address), so a listener elsewhere is not seen
+/// before the start. It must still never be taken for the server: the
+/// readiness wait counts only the user's own listener, and a server whose
+/// bind it refuses fails with its log.
+#[tokio::test]
+async fn another_users_listener_the_probe_does_not_reach_is_never_the_server() {
+    let Some(tb) = testbed("another_users_listener_the_probe_does_not_reach_is_never_the_server")
+    else {
+        return;
+    };
+    let (alice, bob) = (tb.alice().name.clone(), tb.bob().name.clone());
+    let spawner = |ready: f64| {
+        let mut c = config(&tb);
+        c.hosts.truncate(1);
+        c.ready_timeout = ready;
+        Spawner::new(c).unwrap()
+    };
+    let sp = spawner(2.0);
+    let progress = Progress::new();
+    let prepared = sp.prepare(&request(&alice), &progress).await.unwrap();
+    let port = prepared.state.port;
+    // Bob listens on the port at 127.0.0.2, a loopback address the probe
+    // does not ask about.
+    let squat = format!(
+        "nohup {} -c 'import socket,time; s=socket.socket(); s.bind((\"127.0.0.2\",{port})); s.listen(); time.sleep(120)' >/dev/null 2>&1 &\n\
+         for i in $(seq 100); do grep -q ':{port:04X} 00000000:0000 0A' /proc/net/tcp && break; sleep 0.1; done",
+        tb.python.display()
+    );
+    remote(&sp, &tb, "node1", &bob, &squat).await;
+    let unsquat = format!("pkill -f 's.bind..\"127.0.0.2\",{port}' || true");
+
+    // A server that never listens: the wait runs out and the start says it
+    // is not listening yet (bob's socket is not alice's server).
+    let state = sp
+        .launch(
+            &prepared,
+            &[],
+            &["sleep".to_string(), "300".to_string()],
+            &progress,
+        )
+        .await
+        .unwrap();
+    let guard = common::StopOnPanic::new(&sp, &state);
+    let said: Vec<String> = progress
+        .snapshot(0)
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        said.iter()
+            .any(|m| m.contains(&format!("not listening on port {port} yet"))),
+        "{said:?}"
+    );
+    assert!(
+        !said
+            .iter()
+            .any(|m| m.contains(&format!(", listening on port {port}"))),
+        "bob's socket was taken for alice's server: {said:?}"
+    );
+    sp.stop(&state).await.unwrap();
+    drop(guard);
+
+    // A server that binds 0.0.0.0 on that port is refused by the kernel:
+    // the start fails with the server's own words, nothing is left.
+    let sp = spawner(30.0);
+    let prepared = sp.prepare(&request(&alice), &progress).await.unwrap();
+    let mut prepared = prepared;
+    prepared.state.port = port;
+    let env = env_for(&alice, vec![])(&prepared.state);
+    match sp.launch(&prepared, &env, &mocksu(&tb), &progress).await {
+        Err(Error::ServerExited { log_tail, .. }) => {
+            assert!(log_tail.contains("Address already in use"), "{log_tail:?}")
+        }
+        other => {
+            remote(&sp, &tb, "node1", &bob, &unsquat).await;
+            panic!("expected the server's bind to fail: {other:?}");
+        }
+    }
+    remote(&sp, &tb, "node1", &bob, &unsquat).await;
+}
+
 #[tokio::test]
 async fn a_server_that_exits_during_start_reports_its_status_and_log() {
     let Some(tb) = testbed("a_server_that_exits_during_start_reports_its_status_and_log") else {

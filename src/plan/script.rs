@@ -562,12 +562,17 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     let redirects = format!("3>&4 4>&- </dev/null >>{log_q} 2>&1");
     // The start, chosen before the exports and the prologue run (neither
     // can change a function: dash exports none). When the launch leads its
-    // process group (sshd makes each session's login a session leader),
-    // the wrapper is a subshell of it: no program runs before the pid is
-    // known. Otherwise (a login shell that forks its command) `setsid`
-    // and a wrapper `sh` make the group.
+    // process group (sshd makes each session's login a session leader; a
+    // group whose id is the script's pid exists only then, which `kill -s
+    // 0` tells without reading a file), the wrapper is a subshell of it: no
+    // program runs before the pid is known, and the subshell's pid (`$!`)
+    // comes down the pipe next to the server's, so that the server's stat
+    // line alone proves its parent is that wrapper. Otherwise (a login
+    // shell that forks its command) `setsid` and a wrapper `sh` make the
+    // group. (dash's `read` takes a byte per system call: every file read
+    // on this path costs hundreds of them.)
     let start_fns = format!(
-        "if rs \"$$\" && [ \"$s_pgrp\" = \"$$\" ]; then\nssp_start() {{\n{args}  (\n  set +eu\n{WRAPPER}  ) {redirects} &\n}}\nelse\nssp_start() {{\n{args}  exec setsid -f /bin/sh -c {wrapper_q} {marker_q} \"$@\" {redirects}\n}}\nfi\n"
+        "if kill -s 0 -- \"-$$\" 2>/dev/null; then\nssp_start() {{\n{args}  (\n  set +eu\n{WRAPPER}  ) {redirects} &\n  echo \"w$!\" >&4\n}}\nelse\nssp_start() {{\n{args}  exec setsid -f /bin/sh -c {wrapper_q} {marker_q} \"$@\" {redirects}\n}}\nfi\n"
     );
     let port_check = if spec.check_port {
         format!(
@@ -674,6 +679,10 @@ pid=$(
   cd -- {cd}
   ssp_start
 )
+out=$pid pid= wp=
+for x in $out; do
+  case $x in w*) wp=${{x#w}} ;; *) pid=$x ;; esac
+done
 case $pid in
   ''|*[!0-9]*) failed ;;
 esac
@@ -694,7 +703,7 @@ fi
 if [ ! -e "$d/exit_status" ] && rs "$pid" && live; then
   start=$s_start w=$s_ppid g=$s_pgrp
   if [ -z "$me" ]; then ru "$pid" || failed; me=$s_uid; fi
-  if [ "$w" -gt 1 ] && {{ [ "$g" = "$w" ] || {{ [ "$g" = "$$" ] && [ "$w" != "$$" ] && rs "$w" && [ "$s_pgrp" = "$$" ]; }}; }}; then
+  if [ "$w" -gt 1 ] && {{ [ "$g" = "$w" ] || {{ [ "$g" = "$$" ] && [ "$w" = "$wp" ]; }}; }}; then
     printf 'pid=%s\npgid=%s\nstart_time=%s\nuid=%s\nboot_id=%s\nlistening=%s\n' "$pid" "$g" "$start" "$me" "$boot" "$ready"
     exit 0
   fi
