@@ -575,11 +575,9 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
         "if kill -s 0 -- \"-$$\" 2>/dev/null; then\nssp_start() {{\n{args}  (\n  set +eu\n{WRAPPER}  ) {redirects} &\n  echo \"w$!\" >&4\n}}\nelse\nssp_start() {{\n{args}  exec setsid -f /bin/sh -c {wrapper_q} {marker_q} \"$@\" {redirects}\n}}\nfi\n"
     );
     let port_check = if spec.check_port {
-        format!(
-            "install -d -m 700 -- {parent_q} \"$d\" &\nmk=$!\nif listening; then wait \"$mk\" || :; echo port-taken; exit {PORT_TAKEN}; fi\nwait \"$mk\"\n"
-        )
+        format!("if listening; then wait \"$mk\" || :; echo port-taken; exit {PORT_TAKEN}; fi\n")
     } else {
-        format!("install -d -m 700 -- {parent_q} \"$d\"\n")
+        String::new()
     };
 
     // The exports, prologue and start run in a command substitution (a
@@ -599,9 +597,10 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     // Every process the script starts is on the critical path of a start
     // (each costs a fork and an exec on the host; docs/benchmarks.md, "The
     // launch, step by step"). Before the pid is known the host runs, when
-    // the launch leads its group (sshd's sessions): the command
-    // substitution's fork, `install`, the wrapper subshell's fork and its
-    // fork; the port check's `ss` only when the spawner could not ask sshd.
+    // the launch leads its group (sshd's sessions): `mkdir` (while the
+    // script is read), the command substitution's fork, the wrapper
+    // subshell's fork and its fork; the port check's `ss` only when the
+    // spawner could not ask sshd.
     // A launch that does not lead its group adds `setsid`, its fork and the
     // wrapper's `sh`.
     // - The login's umask and uid are read from `/proc/self/status` with the
@@ -609,11 +608,13 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     //   umask reaches the server by inheritance, and the wrapper takes 077
     //   for its own files after its fork. `server.log` is created (0600)
     //   before the prologue runs, so its umask never applies to it.
-    // - The run directory is made and set to 0700 with one `install` (after
-    //   a `mkdir -p` only the first time, so the parents keep the 077 umask),
-    //   run at the same time as the port check when there is one (two cores
-    //   overlap them; its failure still stops the script through `wait`);
-    //   stale files are removed only if there are any.
+    // - The run directory is made 0700 by a `mkdir` started first thing, in
+    //   the background, so that it runs while `sh` reads the rest of the
+    //   script, its own status and the boot id (and while the port check
+    //   runs, when there is one); only when it failed (the parent is missing:
+    //   the first launch as this login; or a directory of an earlier attempt
+    //   is there) the parent is made with umask 077 and `install -d -m 700`
+    //   makes both 0700. Stale files are removed only if there are any.
     // - The port check (before the start when `check_port`, and each turn of
     //   the readiness wait) asks `ss -l` for listeners on the port: a netlink
     //   dump of the listening sockets only. Reading `/proc/net/tcp` and
@@ -637,6 +638,8 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     Ok(format!(
         r#"main() {{
 set -eu
+mkdir -m 700 -- {dir_q} 2>/dev/null &
+mk=$!
 {HELPERS}{LAUNCH_FAILED_FN}d={dir_q}
 um= me=
 {{ while read -r s_k s_v s_r; do
@@ -663,8 +666,11 @@ up() {{
   IFS=' .' read -r u_s u_c _ </proc/uptime
   now=$u_s$u_c
 }}
-[ -d {parent_q} ] || mkdir -p -- {parent_q}
-{start_fns}{port_check}for f in pid exit_status exit_status.tmp; do
+{start_fns}{port_check}if ! wait "$mk"; then
+  [ -d {parent_q} ] || mkdir -p -- {parent_q}
+  install -d -m 700 -- {parent_q} "$d"
+fi
+for f in pid exit_status exit_status.tmp; do
   if [ -e "$d/$f" ]; then rm -f -- "$d/$f"; fi
 done
 : >>{log_q}
@@ -2429,6 +2435,10 @@ mod tests {
             let l = launched(&out, &dir);
             assert_eq!(umask_of(l.pid), want);
             assert_eq!(umask_of(stat(l.pid).unwrap().ppid), "0077", "the wrapper's");
+            // The first run makes the parent (the fallback after the early
+            // mkdir failed), the second only its own directory: 0700 either way.
+            assert_eq!(mode(&dir), 0o700);
+            assert_eq!(mode(&tmp.join("home")), 0o700);
             assert_eq!(mode(&format!("{dir}/server.log")), 0o600);
             assert_eq!(mode(&format!("{dir}/pid")), 0o600);
             let (stopped, _) = stop(&proc_of(&r, &dir, &l), 5, true);
