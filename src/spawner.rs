@@ -946,7 +946,7 @@ impl Spawner {
         // even after the server itself died and they were re-parented.
         let mut env = env.to_vec();
         env.push((RUN_ENV.to_string(), state.run_id.clone()));
-        let check_port = match self.probe_port(&target, state).await {
+        let check_port = match self.probe_port(&target, state).await? {
             PortProbe::Taken(at) => {
                 tracing::debug!(host = %state.host, port = state.port, at = %at,
                     "the port answers on the host; another port");
@@ -1060,9 +1060,10 @@ impl Spawner {
     /// Is the server's port free on its host, just before the launch? sshd
     /// is asked to connect to it at each of [`ports::probe_addresses`], all
     /// at once over the pooled connection (no program runs on the host for
-    /// it). A probe that fails counts as no answer: the launch script then
-    /// checks the port itself with `ss`.
-    async fn probe_port(&self, target: &Target, state: &ServerState) -> PortProbe {
+    /// it). When sshd cannot be reached the launch fails with that error
+    /// right away (a host cut since the choice is moved away from like any
+    /// unanswered launch), instead of waiting a second time in the exec.
+    async fn probe_port(&self, target: &Target, state: &ServerState) -> Result<PortProbe> {
         let addrs = ports::probe_addresses(&state.address, self.config.tunnel);
         let mut probes = tokio::task::JoinSet::new();
         for a in addrs {
@@ -1076,18 +1077,14 @@ impl Spawner {
         while let Some(joined) = probes.join_next().await {
             match joined {
                 Ok((a, Ok(x))) => answers.push((a, x)),
-                Ok((a, Err(e))) => {
-                    tracing::debug!(host = %state.host, address = %a, port = state.port,
-                        "port probe failed ({e}); the launch checks the port");
-                    answers.push((a, None));
-                }
+                Ok((_, Err(e))) => return Err(e),
                 Err(e) => {
                     tracing::debug!(host = %state.host, "port probe task failed ({e})");
                     answers.push((String::new(), None));
                 }
             }
         }
-        ports::probe_verdict(&answers)
+        Ok(ports::probe_verdict(&answers))
     }
 
     /// Hub tunnel: ask sshd on the prepared host to listen on its loopback and

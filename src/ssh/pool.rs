@@ -309,50 +309,60 @@ impl Pool {
     /// `Some(true)`: something accepted; `Some(false)`: sshd's connect
     /// failed (nothing listens there); `None`: sshd would not try
     /// (forwarding prohibited, or another refusal). Like a tunnel it takes a
-    /// live pooled connection and no session slot; a connection that fails
-    /// is dropped from the pool.
+    /// live pooled connection and no session slot; a dead one is replaced
+    /// once, and an error means the host could not be asked at all (the
+    /// same error a command would get).
     pub(crate) async fn accepts(
         &self,
         target: &Target,
         host: &str,
         port: u16,
     ) -> Result<Option<bool>> {
-        let guard = self.forward_conn(target).await?;
-        let conn = guard.conn.clone();
-        let opened = tokio::time::timeout(
-            self.inner.opts.channel_timeout,
-            conn.handle
-                .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0),
-        )
-        .await;
-        match opened {
-            Ok(Ok(channel)) => {
-                let _ = channel.close().await;
-                Ok(Some(true))
-            }
-            Ok(Err(russh::Error::ChannelOpenFailure(russh::ChannelOpenFailure::ConnectFailed))) => {
-                Ok(Some(false))
-            }
-            Ok(Err(russh::Error::ChannelOpenFailure(_))) => Ok(None),
-            Ok(Err(e)) => {
-                drop(guard);
-                remove(&self.slot(target), &conn).await;
-                Err(Error::Ssh {
-                    host: target.host_label(),
-                    user: target.user.clone(),
-                    reason: e.to_string(),
-                    source: Cause::of(e),
-                })
-            }
-            Err(_) => {
-                drop(guard);
-                remove(&self.slot(target), &conn).await;
-                Err(Error::Timeout {
-                    host: target.host_label(),
-                    user: target.user.clone(),
-                    phase: Phase::Channel,
-                    after: self.inner.opts.channel_timeout,
-                })
+        let slot = self.slot(target);
+        let mut replaced_dead = false;
+        loop {
+            let guard = self.forward_conn(target).await?;
+            let conn = guard.conn.clone();
+            let opened = tokio::time::timeout(
+                self.inner.opts.channel_timeout,
+                conn.handle
+                    .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0),
+            )
+            .await;
+            match opened {
+                Ok(Ok(channel)) => {
+                    let _ = channel.close().await;
+                    return Ok(Some(true));
+                }
+                Ok(Err(russh::Error::ChannelOpenFailure(
+                    russh::ChannelOpenFailure::ConnectFailed,
+                ))) => return Ok(Some(false)),
+                Ok(Err(russh::Error::ChannelOpenFailure(_))) => return Ok(None),
+                Ok(Err(e)) => {
+                    // A dead pooled connection (sshd restarted, say) is
+                    // replaced once, as for any other channel.
+                    drop(guard);
+                    remove(&slot, &conn).await;
+                    if replaced_dead {
+                        return Err(Error::Ssh {
+                            host: target.host_label(),
+                            user: target.user.clone(),
+                            reason: e.to_string(),
+                            source: Cause::of(e),
+                        });
+                    }
+                    replaced_dead = true;
+                }
+                Err(_) => {
+                    drop(guard);
+                    remove(&slot, &conn).await;
+                    return Err(Error::Timeout {
+                        host: target.host_label(),
+                        user: target.user.clone(),
+                        phase: Phase::Channel,
+                        after: self.inner.opts.channel_timeout,
+                    });
+                }
             }
         }
     }
