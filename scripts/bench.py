@@ -622,68 +622,96 @@ a peer does that runs `ssh`/asyncssh per command. *Floor*: one exec of
 `true` on a pooled connection, the least any remote action costs. The
 fresh-mode handshake costs about 70 ms here (ed25519 host key, curve25519
 key exchange, sshd forking its privilege-separated child); the warm start is
-the launch script itself, which is bound by process creation on the host.
-Before the pid is known it now runs `install` (the run directory, 0700)
-at the same time as `ss` (the port check), then `setsid` and the wrapper's
-`sh` (step by step, with what each costs, in "The launch, step by step"
-below): the wrapper hands the pid to the launch down a pipe (no `sleep`
-loop polling for the pid file, no `mv` on the way), and whether the host's
-`env` has `--default-signal` is read once with the host's facts instead of
-being tested by every launch (an `env` exec). Earlier versions also waited a
-fixed `launch_settle` (0.3 s) after the pid; that option is gone
+the launch script itself, which is bound by process creation on the host
+(an exec costs 1-2 ms on the test VM: `true` 1.0 ms, `mkdir` 1.7 ms, `ss`
+about 4 ms of shared-library loading). Before the pid is known it now runs
+one program besides the login's `sh`: the run directory's `mkdir`, started
+first and overlapped with the rest of the script; the port was already
+asked of sshd, and the wrapper is a fork of the launch (step by step, with
+what each costs, in "The launch, step by step" below). Earlier versions also
+waited a fixed `launch_settle` (0.3 s) after the pid; that option is gone
 (deprecated, ignored): the launch now waits for an event instead, see b.
 
 ### The launch, step by step
 
 One warm launch (`Spawner::launch`, the script of
-`plan::script::launch_script`) on a host, in order. Costs are from
-`strace -f -ttt --seccomp-bpf` of the script run in a testbed node's network
-namespace and from timing single commands there, with the load average at
-2-4 from other builds on the 2-core machine: read them as proportions.
+`plan::script::launch_script`) on a host, in order. Costs are from timing
+the script run locally by a session leader (as sshd runs it) with parts cut
+off (`exit 0` inserted), 150-300 runs each, and from `strace -f -ttt` of
+sshd on a testbed node: read them as proportions.
 
-1. sshd opens the session channel, forks, and the login shell
-   (`bash -c '/bin/sh -s'`) execs `sh`: the floor (3-4 ms) and one exec.
-   Unchanged: sshd always starts the login shell, and the script must come
-   on stdin (it holds the token).
-2. `sh` parses the script and reads the login's umask and uid from
-   `/proc/self/status` with the `read` builtin: 1.5-2 ms. Was a `$(umask)`
-   fork here and another after the prologue.
-3. `install -d -m 700` makes the run directory in the background while
-   `ss -Hltn 'sport = :PORT'` checks the port; `server.log` is created
-   0600: 3-5 ms (`ss` loads 16 shared libraries). Was `install`, then a
-   `read` loop over `/proc/net/tcp` and `tcp6`: each read makes the kernel
-   walk the whole established-connection hash (262144 buckets here; 6-13 ms
-   per file for one `cat`), and dash's `read` reads one byte per call, about
-   20 ms on a testbed node with three sockets.
-4. The command substitution (a fork), exports, prologue, `cd` and
-   `exec setsid -f`: about 2.5 ms.
-5. `setsid`'s fork, the wrapper's `sh` and its fork; the wrapper writes the
-   pid file (a builtin) and then the pid down the pipe: 2-6 ms. The pid file
-   was written after the pid, through `mv` (an exec).
-6. The script reads the server's `/proc/PID/stat` (start time, parent,
-   group) and prints: under 1 ms. Was two stat reads and a status read.
-7. `env --default-signal` and the server's exec: after the pid, off this
+1. The spawner asks sshd on the host to connect to the chosen port on
+   `127.0.0.1`, `::1` and the host's address (direct-tcpip channels on the
+   pooled connection, all at once, closed at once). Anything that accepts
+   means the port is taken (another port is tried); all refused means it
+   is free, and the script skips its own check; a host whose sshd does not
+   forward (`AllowTcpForwarding no`) makes the script check with `ss` as
+   before. Indistinguishable from noise in an A/B of the same build with
+   and without it (six rounds each). Was `ss` in the script: about 4 ms.
+2. sshd opens the session channel, forks, and the login shell (`bash -c
+   '/bin/sh -s ssh-spawner-run:RUN DIR'`) execs `sh`: the floor and one
+   exec. The marker and the directory are arguments only so that the
+   wrapper, a fork of this `sh`, carries them in its argv (`pgrep -f`,
+   `ssh-spawner list`); the script still comes on stdin (it holds the
+   token).
+3. `sh` parses the script (0.2 ms) and starts `mkdir -m 700` of the run
+   directory in the background first thing; meanwhile it reads the
+   login's umask and uid from `/proc/self/status` with the `read` builtin
+   and asks whether it leads its process group with `kill -s 0 -- -$$` (no
+   file read: dash's `read` takes one byte per system call), then waits
+   for the `mkdir`: about 1.7 ms in all. Only when that failed (the first
+   launch as this login, or a directory left by an earlier attempt) does
+   `install -d -m 700` make it and its parent. Was `install` and `ss` in
+   parallel, 3-5 ms.
+4. The command substitution (a fork), exports, prologue and `cd`, then the
+   wrapper: a fork of the launch when the launch leads its group (sshd
+   makes each session's login a session leader, so the group outlives the
+   session with the wrapper and the server in it); its fork is the server.
+   The wrapper writes the pid file (a builtin) and the server's pid down
+   the pipe, and the command substitution adds the wrapper's own pid
+   (`$!`): about 1.4 ms. Was `exec setsid -f`, setsid's fork and the
+   wrapper's own `sh` exec: 2-6 ms more. A login shell that forks its
+   command (the launch does not lead its group) still gets `setsid`.
+5. The script reads the server's `/proc/PID/stat` (start time, parent,
+   group; the parent must be the wrapper whose pid came down the pipe) and
+   prints: under 0.5 ms. Was that and the parent's stat line.
+6. `env --default-signal` and the server's exec: after the pid, off this
    path.
 
 With `ready_timeout` above 0 (spawns through the hub; not part a), each turn
-of the readiness wait is one `ss` instead of a `grep` over `/proc/net/tcp*`
-(about 12 ms per turn here), then a `sleep`. Without a working
-`ss` (iproute2) the script falls back to `grep` over `/proc/net/tcp*`.
+of the readiness wait is one `ss -e`, and only a listener owned by the
+login's uid counts as the server, so another user's socket on the port (on
+an address the probe does not ask about, say `127.0.0.2`) is never taken
+for it; a server whose bind that socket refuses fails with its log. Without
+a working `ss` (iproute2) the script falls back to `grep` over
+`/proc/net/tcp*`, with the uid column.
 
-Measured before and after these changes with one command,
-`scripts/bench-ab 58535b1 3b0b546` (it builds part a of both commits and
-runs them alternately, five rounds of 40 starts each, in one hold of the
-testbed lock), on the 2-core machine with nothing else running (load average
-1.1-1.8, the benchmark's own): warm start p50 27.1 ms before against 13.6 ms
-after (medians of the five rounds), warm/floor 7.3x against 4.1x,
-fresh/warm 4.1x against 7.2x; both targets (at most 3x, at least 10x) still
-missed. An earlier run of the same two builds during other builds (load
-2.2-3.1) gave 32.5 ms against 14.4 ms.
+Measured before and after with one command, `scripts/bench-ab 681f345
+f9a44ce` (it builds part a of both commits and runs them alternately, five
+rounds of 40 starts each, in one hold of the testbed lock), on the 2-core
+machine with nothing else running (load average 1.2-1.8, the benchmark's
+own), medians of the five rounds:
 
-What is left: the warm start runs six programs (`bash`, `sh`, `install`,
-`ss`, `setsid`, the wrapper's `sh`) where the floor runs two (`bash`,
-`true`), so it cannot come down to 3 floors while every launch is its own
-exec; that would take a process kept running on the host per connection.
+| | before (681f345) | after (f9a44ce) | target |
+|---|---:|---:|---:|
+| bare pooled exec (floor) | 4.36 ms | 4.08 ms | |
+| warm start | 14.3 ms | 10.4 ms | |
+| warm / floor (per round) | 3.4x (3.1-3.8) | 2.7x (2.3-3.0) | <= 3x |
+| fresh start | 97.7 ms | 96.1 ms | |
+| fresh / warm (per round) | 6.8x (5.8-7.4) | 9.6x (8.5-10.4) | >= 10x |
+
+The floor itself moves by up to 1.5 ms from round to round on this VM,
+which is why the ratios are taken per round. An earlier interleaved run
+(681f345 against 7477ed8, the same launch without the early `mkdir`) gave
+warm 13.6 against 9.7 ms, warm/floor 2.8x and fresh/warm 9.8x.
+
+What is left for fresh/warm: the fresh start is the warm one plus one SSH
+handshake (about 86 ms), so 10x needs the warm start under about 9.5 ms.
+The run directory's `mkdir` (about 1.7 ms, partly overlapped) is the one
+exec left on the path; taking it off would mean making the directory
+without a program (over a persistent SFTP session per pooled connection,
+which holds one of sshd's `MaxSessions` per connection) or writing the
+first files elsewhere.
 
 **b. Spawn-to-ready and stop through JupyterHub** (`scripts/bench.py
 compare`, run alone by `scripts/bench compare`). Two hubs (JupyterHub and
