@@ -620,7 +620,7 @@ pooled connection is closed (untimed) before each SSH operation, so every
 operation pays a TCP connect, key exchange and public-key authentication, as
 a peer does that runs `ssh`/asyncssh per command. *Floor*: one exec of
 `true` on a pooled connection, the least any remote action costs. The
-fresh-mode handshake costs about 70 ms here (ed25519 host key, curve25519
+fresh-mode handshake costs about 85 ms here (ed25519 host key, curve25519
 key exchange, sshd forking its privilege-separated child); the warm start is
 the launch script itself, which is bound by process creation on the host
 (an exec costs 1-2 ms on the test VM: `true` 1.0 ms, `mkdir` 1.7 ms, `ss`
