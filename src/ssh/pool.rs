@@ -318,52 +318,16 @@ impl Pool {
         host: &str,
         port: u16,
     ) -> Result<Option<bool>> {
-        let slot = self.slot(target);
-        let mut replaced_dead = false;
-        loop {
-            let guard = self.forward_conn(target).await?;
-            let conn = guard.conn.clone();
-            let opened = tokio::time::timeout(
-                self.inner.opts.channel_timeout,
-                conn.handle
-                    .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0),
-            )
-            .await;
-            match opened {
-                Ok(Ok(channel)) => {
-                    let _ = channel.close().await;
-                    return Ok(Some(true));
-                }
-                Ok(Err(russh::Error::ChannelOpenFailure(
-                    russh::ChannelOpenFailure::ConnectFailed,
-                ))) => return Ok(Some(false)),
-                Ok(Err(russh::Error::ChannelOpenFailure(_))) => return Ok(None),
-                Ok(Err(e)) => {
-                    // A dead pooled connection (sshd restarted, say) is
-                    // replaced once, as for any other channel.
-                    drop(guard);
-                    remove(&slot, &conn).await;
-                    if replaced_dead {
-                        return Err(Error::Ssh {
-                            host: target.host_label(),
-                            user: target.user.clone(),
-                            reason: e.to_string(),
-                            source: Cause::of(e),
-                        });
-                    }
-                    replaced_dead = true;
-                }
-                Err(_) => {
-                    drop(guard);
-                    remove(&slot, &conn).await;
-                    return Err(Error::Timeout {
-                        host: target.host_label(),
-                        user: target.user.clone(),
-                        phase: Phase::Channel,
-                        after: self.inner.opts.channel_timeout,
-                    });
-                }
+        match self
+            .open_or_refusal(target, Open::DirectTcpip { host, port })
+            .await?
+        {
+            Ok((channel, _held)) => {
+                let _ = channel.close().await;
+                Ok(Some(true))
             }
+            Err(russh::ChannelOpenFailure::ConnectFailed) => Ok(Some(false)),
+            Err(_) => Ok(None),
         }
     }
 
@@ -372,6 +336,29 @@ impl Pool {
     /// connection. A channel the server refuses for lack of sessions lowers
     /// that connection's capacity; a dead pooled connection is replaced once.
     async fn open_channel(&self, target: &Target, what: Open<'_>) -> Result<(Channel<Msg>, Held)> {
+        match self.open_or_refusal(target, what).await? {
+            Ok(opened) => Ok(opened),
+            Err(reason) => {
+                let (host, port) = match what {
+                    Open::DirectTcpip { host, port } => (host, port),
+                    Open::Session => ("session", 0),
+                };
+                Err(Error::Tunnel {
+                    what: format!("to {host}:{port} on {}", target.host_label()),
+                    reason: format!("sshd refused to connect ({reason:?}); is the server listening, and does sshd allow TCP forwarding?"),
+                    source: None,
+                })
+            }
+        }
+    }
+
+    /// [`Pool::open_channel`], with sshd's refusal of a direct-tcpip channel
+    /// given back as its reason (a session refused is handled here).
+    async fn open_or_refusal(
+        &self,
+        target: &Target,
+        what: Open<'_>,
+    ) -> Result<std::result::Result<(Channel<Msg>, Held), russh::ChannelOpenFailure>> {
         let slot = self.slot(target);
         let mut replaced_dead = false;
         loop {
@@ -398,15 +385,9 @@ impl Pool {
             })
             .await;
             match opened {
-                Ok(Ok(channel)) => return Ok((channel, held)),
+                Ok(Ok(channel)) => return Ok(Ok((channel, held))),
                 Ok(Err(russh::Error::ChannelOpenFailure(reason))) => match (what, held) {
-                    (Open::DirectTcpip { host, port }, _) => {
-                        return Err(Error::Tunnel {
-                            what: format!("to {host}:{port} on {}", target.host_label()),
-                            reason: format!("sshd refused to connect ({reason:?}); is the server listening, and does sshd allow TCP forwarding?"),
-                            source: None,
-                        })
-                    }
+                    (Open::DirectTcpip { .. }, _) => return Ok(Err(reason)),
                     (Open::Session, Held::Session(slot_guard)) => {
                         // The server's MaxSessions is below ours: this
                         // connection holds fewer channels than we assumed.
