@@ -946,7 +946,17 @@ impl Spawner {
         // even after the server itself died and they were re-parented.
         let mut env = env.to_vec();
         env.push((RUN_ENV.to_string(), state.run_id.clone()));
-        let check_port = match self.probe_port(&target, state).await? {
+        // The port is asked of sshd while the run directory is made over the
+        // connection's kept SFTP session: no program runs on the host for
+        // either.
+        let (probed, dir_made) = tokio::join!(
+            self.probe_port(&target, state),
+            self.pool.make_dir(&target, &state.dir)
+        );
+        if dir_made && !matches!(probed, Ok(PortProbe::Free | PortProbe::Unknown)) {
+            self.pool.remove_empty_dir(&target, &state.dir).await;
+        }
+        let check_port = match probed? {
             PortProbe::Taken(at) => {
                 tracing::debug!(host = %state.host, port = state.port, at = %at,
                     "the port answers on the host; another port");
@@ -970,6 +980,7 @@ impl Spawner {
             ready_cs,
             default_signal: prepared.facts.default_signal,
             check_port,
+            dir_made,
         };
         let script = script::launch_script(&spec)?;
         let launch_command = script::launch_command(&spec)?;

@@ -649,3 +649,217 @@ async fn first_uploads_into_one_new_directory_at_once_all_succeed() {
     assert!(failed.is_empty(), "{failed:?}");
     assert_eq!(made, 8);
 }
+
+/// Wait up to `limit` for `f` to hold, asking every 20 ms.
+async fn until(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn run_directories_are_made_over_a_kept_sftp_session() {
+    let Some(tb) = testbed("run_directories_are_made_over_a_kept_sftp_session") else {
+        return;
+    };
+    let pool = tb.pool();
+    let alice = tb.alice();
+    let target = tb.target("node3", &alice.name);
+    let base = format!(".ssh-spawner-test-{}", rand_suffix());
+    let local = |p: &str| alice.home.join(&base).join(p);
+    let (a, b) = (format!("{base}/a"), format!("~/{base}/b"));
+
+    // No connection yet: nothing is made, and none is opened for it.
+    assert!(!pool.make_dir(&target, &a).await);
+    assert_eq!(pool.stats().connections, 0);
+    pool.exec(&target, &Command::new(format!("mkdir -m 700 {base}")))
+        .await
+        .unwrap();
+    // Asked for now, the session is opened with the next command's.
+    assert!(!pool.make_dir(&target, &a).await);
+    assert_eq!(pool.stats().kept_sftp, 0);
+    let out = pool.exec(&target, &Command::new("true")).await.unwrap();
+    assert!(out.success());
+    assert!(
+        until(Duration::from_secs(10), async || pool
+            .make_dir(&target, &a)
+            .await)
+        .await,
+        "the kept SFTP session never made the directory"
+    );
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(mode_of(&local("a")), 0o700);
+    assert_eq!(std::fs::metadata(local("a")).unwrap().uid(), alice.uid);
+    let stats = pool.stats();
+    assert_eq!((stats.connections, stats.kept_sftp), (1, 1));
+    assert_eq!(
+        stats.channels, 0,
+        "the kept session is not a channel in use"
+    );
+
+    // An existing directory is not made again; the session stays usable.
+    assert!(!pool.make_dir(&target, &a).await);
+    assert!(pool.make_dir(&target, &b).await);
+    assert_eq!(mode_of(&local("b")), 0o700);
+    assert_eq!(pool.stats().kept_sftp, 1);
+
+    // The session holds one of sshd's ten: nine commands at once on the
+    // one connection, the tenth and on queue or go to another one; all
+    // of them run.
+    let runs = (0..25).map(|i| {
+        let (pool, target) = (pool.clone(), target.clone());
+        tokio::spawn(async move {
+            pool.exec(&target, &Command::new(format!("sleep 0.2; echo {i}")))
+                .await
+        })
+    });
+    for (i, r) in runs.collect::<Vec<_>>().into_iter().enumerate() {
+        let out = r.await.unwrap().unwrap();
+        assert_eq!(out.stdout, format!("{i}\n").into_bytes());
+    }
+    assert!(pool.stats().kept_sftp >= 1);
+
+    // Directories made for a start that did not happen are removed.
+    assert!(pool.remove_empty_dir(&target, &a).await);
+    assert!(pool.remove_empty_dir(&target, &b).await);
+    assert!(!local("a").exists() && !local("b").exists());
+    std::fs::remove_dir_all(alice.home.join(&base)).unwrap();
+    pool.close_all().await;
+}
+
+/// An sshd of its own in node1's namespace with `MaxSessions max`, on a
+/// port of its own; killed when dropped.
+struct LimitedSshd {
+    child: std::process::Child,
+    port: u16,
+    _scratch: Scratch,
+    known_hosts: std::path::PathBuf,
+}
+
+impl LimitedSshd {
+    fn start(tb: &common::Testbed, max: usize) -> LimitedSshd {
+        let host = tb.host("node1");
+        let scratch = Scratch::new("sshd");
+        let port = 2300 + (rand::random::<u16>() % 2000);
+        let config = std::fs::read_to_string(format!(
+            "/var/lib/ssh-spawner-testbed/hosts/{}/sshd_config",
+            host.name
+        ))
+        .unwrap();
+        let config: String = config
+            .lines()
+            .map(|l| {
+                if l.starts_with("ListenAddress ") {
+                    format!("ListenAddress {}:{port}", host.address)
+                } else if l.starts_with("PidFile ") {
+                    format!("PidFile {}", scratch.path("sshd.pid").display())
+                } else if l.starts_with("MaxSessions ") {
+                    format!("MaxSessions {max}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .map(|l| l + "\n")
+            .collect();
+        let cfg = scratch.path("sshd_config");
+        std::fs::write(&cfg, config).unwrap();
+        let known_hosts = scratch.path("known_hosts");
+        std::fs::write(
+            &known_hosts,
+            format!("[{}]:{port} {}\n", host.address, host.host_key_pub_line),
+        )
+        .unwrap();
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &host.netns, "/usr/sbin/sshd", "-D", "-f"])
+            .arg(&cfg)
+            .args(["-E"])
+            .arg(scratch.path("sshd.log"))
+            .spawn()
+            .unwrap();
+        let sshd = LimitedSshd {
+            child,
+            port,
+            _scratch: scratch,
+            known_hosts,
+        };
+        let addr = format!("{}:{port}", host.address);
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < end, "sshd on {addr} never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sshd
+    }
+}
+
+impl Drop for LimitedSshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A host whose sshd holds fewer sessions than the pool assumes never
+/// loses one to the kept SFTP session: with one, SFTP is refused beside a
+/// command and never kept; with two it is kept, and given up as soon as
+/// sshd refuses a command's session. Every command runs either way.
+#[tokio::test]
+async fn a_host_with_few_sessions_never_loses_one_to_the_kept_sftp_session() {
+    let Some(tb) = testbed("a_host_with_few_sessions_never_loses_one_to_the_kept_sftp_session")
+    else {
+        return;
+    };
+    let alice = tb.alice();
+    for max in [1, 2] {
+        let sshd = LimitedSshd::start(&tb, max);
+        let mut opts = tb.pool_options();
+        opts.connect.known_hosts = sshd.known_hosts.clone();
+        opts.max_connections_per_target = 1;
+        let pool = Pool::new(opts);
+        let target = tb.target("node1", &alice.name).port(sshd.port);
+        let base = format!(".ssh-spawner-test-{}", rand_suffix());
+        pool.exec(&target, &Command::new(format!("mkdir -m 700 {base}")))
+            .await
+            .unwrap();
+        assert!(!pool.make_dir(&target, &format!("{base}/a")).await);
+        // The session is asked for beside this command's.
+        let out = pool
+            .exec(&target, &Command::new("sleep 0.3; echo ok"))
+            .await
+            .unwrap();
+        assert_eq!(out.stdout, b"ok\n");
+        // (Refused, it is never tried again: a short wait tells.)
+        let wait = Duration::from_secs(if max >= 2 { 10 } else { 2 });
+        let kept = until(wait, async || {
+            pool.make_dir(&target, &format!("{base}/a")).await
+        })
+        .await;
+        assert_eq!(kept, max >= 2, "MaxSessions {max}");
+        // More commands at once than sshd holds: all of them run.
+        let runs = (0..4).map(|i| {
+            let (pool, target) = (pool.clone(), target.clone());
+            tokio::spawn(async move {
+                pool.exec(&target, &Command::new(format!("sleep 0.1; echo {i}")))
+                    .await
+            })
+        });
+        for (i, r) in runs.collect::<Vec<_>>().into_iter().enumerate() {
+            let out = r
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("MaxSessions {max}: {e}"));
+            assert_eq!(out.stdout, format!("{i}\n").into_bytes());
+        }
+        assert_eq!(pool.stats().kept_sftp, 0, "MaxSessions {max}");
+        assert_eq!(pool.stats().handshakes, 1, "MaxSessions {max}");
+        pool.close_all().await;
+        std::fs::remove_dir_all(alice.home.join(&base)).unwrap();
+    }
+}

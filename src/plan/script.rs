@@ -91,6 +91,11 @@ pub struct LaunchSpec<'a> {
     /// refused ([`crate::spawner`]'s port probe): nothing runs for it on
     /// the host.
     pub check_port: bool,
+    /// Whether the spawner has just made `dir` (mode 0700, empty) without
+    /// starting a program on the host (over the SFTP session a pooled
+    /// connection keeps, [`crate::ssh::Pool::make_dir`]). The script then
+    /// starts no `mkdir`; it still makes the directory when it is missing.
+    pub dir_made: bool,
 }
 
 impl std::fmt::Debug for LaunchSpec<'_> {
@@ -108,6 +113,7 @@ impl std::fmt::Debug for LaunchSpec<'_> {
             .field("ready_cs", &self.ready_cs)
             .field("default_signal", &self.default_signal)
             .field("check_port", &self.check_port)
+            .field("dir_made", &self.dir_made)
             .finish()
     }
 }
@@ -574,10 +580,22 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     let start_fns = format!(
         "if kill -s 0 -- \"-$$\" 2>/dev/null; then\nssp_start() {{\n{args}  (\n  set +eu\n{WRAPPER}  ) {redirects} &\n  echo \"w$!\" >&4\n}}\nelse\nssp_start() {{\n{args}  exec setsid -f /bin/sh -c {wrapper_q} {marker_q} \"$@\" {redirects}\n}}\nfi\n"
     );
-    let port_check = if spec.check_port {
-        format!("if listening; then wait \"$mk\" || :; echo port-taken; exit {PORT_TAKEN}; fi\n")
+    // The run directory: made by the spawner already (checked with a
+    // builtin), or by a `mkdir` started first thing, in the background.
+    let (mkdir_bg, mkdir_wait) = if spec.dir_made {
+        (String::new(), "[ -d \"$d\" ]")
     } else {
-        String::new()
+        (
+            format!("mkdir -m 700 -- {dir_q} 2>/dev/null &\nmk=$!\n"),
+            "wait \"$mk\"",
+        )
+    };
+    let port_check = match (spec.check_port, spec.dir_made) {
+        (false, _) => String::new(),
+        (true, true) => format!("if listening; then echo port-taken; exit {PORT_TAKEN}; fi\n"),
+        (true, false) => format!(
+            "if listening; then wait \"$mk\" || :; echo port-taken; exit {PORT_TAKEN}; fi\n"
+        ),
     };
 
     // The exports, prologue and start run in a command substitution (a
@@ -608,13 +626,17 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     //   umask reaches the server by inheritance, and the wrapper takes 077
     //   for its own files after its fork. `server.log` is created (0600)
     //   before the prologue runs, so its umask never applies to it.
-    // - The run directory is made 0700 by a `mkdir` started first thing, in
-    //   the background, so that it runs while `sh` reads the rest of the
-    //   script, its own status and the boot id (and while the port check
-    //   runs, when there is one); only when it failed (the parent is missing:
-    //   the first launch as this login; or a directory of an earlier attempt
-    //   is there) the parent is made with umask 077 and `install -d -m 700`
-    //   makes both 0700. Stale files are removed only if there are any.
+    // - The spawner makes the run directory itself when it can (`dir_made`:
+    //   one SFTP request on a session its pooled connection keeps open, no
+    //   program on the host; the script only tests that it is there).
+    //   Otherwise it is made 0700 by a `mkdir` started first thing, in the
+    //   background, so that it runs while `sh` reads the rest of the script,
+    //   its own status and the boot id (and while the port check runs, when
+    //   there is one). Only when that failed (the parent is missing: the
+    //   first launch as this login; or a directory of an earlier attempt is
+    //   there), or the spawner's directory is gone, the parent is made with
+    //   umask 077 and `install -d -m 700` makes both 0700. Stale files are
+    //   removed only if there are any.
     // - The port check (before the start when `check_port`, and each turn of
     //   the readiness wait) asks `ss -l` for listeners on the port: a netlink
     //   dump of the listening sockets only. Reading `/proc/net/tcp` and
@@ -638,9 +660,7 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
     Ok(format!(
         r#"main() {{
 set -eu
-mkdir -m 700 -- {dir_q} 2>/dev/null &
-mk=$!
-{HELPERS}{LAUNCH_FAILED_FN}d={dir_q}
+{mkdir_bg}{HELPERS}{LAUNCH_FAILED_FN}d={dir_q}
 um= me=
 {{ while read -r s_k s_v s_r; do
   case $s_k in Umask:) um=$s_v ;; Uid:) me=$s_v; break ;; esac
@@ -666,7 +686,7 @@ up() {{
   IFS=' .' read -r u_s u_c _ </proc/uptime
   now=$u_s$u_c
 }}
-{start_fns}{port_check}if ! wait "$mk"; then
+{start_fns}{port_check}if ! {mkdir_wait}; then
   [ -d {parent_q} ] || mkdir -p -- {parent_q}
   install -d -m 700 -- {parent_q} "$d"
 fi
@@ -1764,6 +1784,7 @@ mod tests {
             ready_cs: 0,
             default_signal: None,
             check_port: true,
+            dir_made: false,
         }
     }
 
@@ -1953,6 +1974,13 @@ mod tests {
         scripts.push(poll_script(&[p.clone(), proc_fixture("b", 200)]).unwrap());
         scripts.push(stop_script(&p, 0, false).unwrap());
         scripts.push(stop_script(&p, 10, true).unwrap());
+        let made_from = scripts.len();
+        for (check_port, dir_made) in [(false, false), (false, true), (true, true)] {
+            let mut s = spec("r", "/tmp/a b/c", &e, &cmd);
+            s.check_port = check_port;
+            s.dir_made = dir_made;
+            scripts.push(launch_script(&s).unwrap());
+        }
         for s in &scripts {
             let out = Command::new("/bin/sh")
                 .arg("-n")
@@ -1990,6 +2018,20 @@ mod tests {
         assert!(scripts[2].contains("exec setsid -f /bin/sh -c "));
         assert!(scripts[2].contains("if listening; then"));
         assert!(scripts[2].contains("  export B='it'\\''s \"q\"\n$x'\n"));
+        // The run directory: a `mkdir` started first thing, or only a test
+        // when the spawner made it; no port check when sshd was asked.
+        let early_mkdir = "set -eu\nmkdir -m 700 -- '/tmp/a b/c' 2>/dev/null &\nmk=$!\n";
+        assert!(scripts[2].contains(early_mkdir));
+        assert!(scripts[made_from].contains(early_mkdir));
+        assert!(scripts[made_from].contains("if ! wait \"$mk\"; then\n"));
+        assert!(!scripts[made_from].contains("if listening; then"));
+        for s in &scripts[made_from + 1..] {
+            assert!(!s.contains("mkdir -m 700"), "{s}");
+            assert!(!s.contains("$mk"), "{s}");
+            assert!(s.contains("if ! [ -d \"$d\" ]; then\n"), "{s}");
+        }
+        assert!(!scripts[made_from + 1].contains("if listening; then"));
+        assert!(scripts[made_from + 2].contains("if listening; then echo port-taken;"));
     }
 
     #[test]
@@ -2444,6 +2486,49 @@ mod tests {
             let (stopped, _) = stop(&proc_of(&r, &dir, &l), 5, true);
             assert_eq!(stopped, Stopped::Killed { escalated: false });
             assert_eq!(mode(&format!("{dir}/exit_status")), 0o600);
+        }
+    }
+
+    /// The spawner made the run directory (`dir_made`): the script uses it
+    /// as it is (the same directory, not made again); when it vanished in
+    /// between, the script makes it and its parent, 0700.
+    #[test]
+    fn a_run_directory_the_spawner_made_is_used_or_made_again_when_gone() {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        let tmp = Tmp::new();
+        let no_env = Vec::new();
+        let cmd = strings(&["/bin/sleep", "30"]);
+        for made in [true, false] {
+            let dir = tmp.join(&format!("home-{made}/run"));
+            let before = made.then(|| {
+                fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(&dir)
+                    .unwrap();
+                fs::metadata(&dir).unwrap().ino()
+            });
+            let r = run_id();
+            let _reaper = Reaper::new(&r);
+            let mut s = spec(&r, &dir, &no_env, &cmd);
+            s.port = free_port();
+            s.check_port = false;
+            s.dir_made = true;
+            let out = launch(&s);
+            assert_eq!(out.status, 0, "{out:?}");
+            let l = launched(&out, &dir);
+            if let Some(ino) = before {
+                assert_eq!(fs::metadata(&dir).unwrap().ino(), ino, "made again");
+            }
+            assert_eq!(mode(&dir), 0o700);
+            assert_eq!(mode(&tmp.join(&format!("home-{made}"))), 0o700);
+            assert_eq!(mode(&format!("{dir}/server.log")), 0o600);
+            assert_eq!(
+                fs::read_to_string(format!("{dir}/pid")).unwrap(),
+                format!("{}\n", l.pid)
+            );
+            let (stopped, _) = stop(&proc_of(&r, &dir, &l), 5, false);
+            assert_eq!(stopped, Stopped::Killed { escalated: false });
         }
     }
 

@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 
 use russh::client::Msg;
 use russh::Channel;
+use russh_sftp::client::RawSftpSession;
+use russh_sftp::protocol::FileAttributes;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::connect::{self, ConnectOptions, Connection, ForwardSink, ForwardTargets};
@@ -70,6 +72,9 @@ pub struct PoolStats {
     /// Tunnel tasks alive: listeners, remote-forward keepers and the
     /// connections they carry. 0 once every tunnel is closed.
     pub tunnel_tasks: usize,
+    /// Connections keeping an SFTP session open ([`Pool::make_dir`]). Not
+    /// counted in `channels`.
+    pub kept_sftp: usize,
 }
 
 /// A cheaply clonable handle to the pool.
@@ -107,6 +112,98 @@ struct Conn {
     /// no session slot (sshd's MaxSessions counts sessions only) but keep the
     /// connection from being closed as idle.
     forwards: AtomicUsize,
+    /// The SFTP session this connection keeps open ([`Pool::make_dir`]).
+    keep: Mutex<Keep>,
+    /// Session slots the kept SFTP session holds (0 or 1). They are not
+    /// counted as in use: the kept session neither keeps the connection
+    /// from closing as idle nor shows in the counters.
+    kept: AtomicUsize,
+}
+
+/// The SFTP session a connection keeps open, so that a run directory is
+/// made with one request and no program started on the host. It holds a
+/// session slot from the moment it is tried until it is given up.
+enum Keep {
+    /// Not tried on this connection yet.
+    Untried,
+    /// Asked for ([`Pool::make_dir`]): opened next time a session is open on
+    /// the connection, so that sshd granting it proves it holds at least two
+    /// sessions and SFTP never takes a host's only one.
+    Wanted,
+    /// Being opened in the background.
+    Opening(OwnedSemaphorePermit),
+    /// Open: requests go to this sftp-server.
+    Open {
+        sftp: Arc<RawSftpSession>,
+        _slot: OwnedSemaphorePermit,
+    },
+    /// Not on this connection: sshd refused or failed it, a request failed
+    /// other than with a status, or sshd refused a session while it was
+    /// open (it holds fewer sessions than assumed).
+    Off,
+}
+
+/// Open a kept SFTP session on `conn` in the background (bounded by
+/// `timeout`) when one is wanted, unless the connection lacks a spare session
+/// slot. Called with a session open on the connection. Never waits.
+fn open_keep(conn: &Arc<Conn>, timeout: Duration) {
+    let Ok(mut keep) = conn.keep.lock() else {
+        return;
+    };
+    if !matches!(*keep, Keep::Wanted) {
+        return;
+    }
+    // Leave room for commands: only a connection with at least three slots
+    // and two of them free gives one to SFTP.
+    if conn.capacity.load(Ordering::Relaxed) < 3 || conn.sessions.available_permits() < 2 {
+        return;
+    }
+    let Ok(permit) = conn.sessions.clone().try_acquire_owned() else {
+        return;
+    };
+    *keep = Keep::Opening(permit);
+    conn.kept.store(1, Ordering::Relaxed);
+    drop(keep);
+    let conn = conn.clone();
+    tokio::spawn(async move {
+        let opened = tokio::time::timeout(timeout, async {
+            let channel = conn
+                .handle
+                .channel_open_session()
+                .await
+                .map_err(|e| e.to_string())?;
+            channel
+                .request_subsystem(true, "sftp")
+                .await
+                .map_err(|e| e.to_string())?;
+            let sftp = RawSftpSession::new(channel.into_stream());
+            sftp.set_timeout(timeout.as_secs().max(1));
+            sftp.init().await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(sftp)
+        })
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
+        let Ok(mut keep) = conn.keep.lock() else {
+            return;
+        };
+        // Given up while it opened (a session refused meanwhile): stay off.
+        let Keep::Opening(_) = &*keep else {
+            return;
+        };
+        match (opened, std::mem::replace(&mut *keep, Keep::Off)) {
+            (Ok(sftp), Keep::Opening(permit)) => {
+                *keep = Keep::Open {
+                    sftp: Arc::new(sftp),
+                    _slot: permit,
+                }
+            }
+            (Err(e), _) => {
+                conn.kept.store(0, Ordering::Relaxed);
+                tracing::debug!("no kept SFTP session on this connection ({e}); run directories are made by the launch script");
+            }
+            (Ok(_), _) => conn.kept.store(0, Ordering::Relaxed),
+        }
+    });
 }
 
 impl Conn {
@@ -114,6 +211,36 @@ impl Conn {
         self.capacity
             .load(Ordering::Relaxed)
             .saturating_sub(self.sessions.available_permits())
+            .saturating_sub(self.kept.load(Ordering::Relaxed))
+    }
+
+    /// The kept SFTP session, when it is open.
+    fn kept_sftp(&self) -> Option<Arc<RawSftpSession>> {
+        match &*self.keep.lock().ok()? {
+            Keep::Open { sftp, .. } => Some(sftp.clone()),
+            _ => None,
+        }
+    }
+
+    /// Ask for a kept SFTP session, opened with the next session.
+    fn want_keep(&self) {
+        if let Ok(mut keep) = self.keep.lock() {
+            if matches!(*keep, Keep::Untried) {
+                *keep = Keep::Wanted;
+            }
+        }
+    }
+
+    /// Give up the kept SFTP session for good (its slot comes back; sshd
+    /// frees its session once sftp-server has exited). Whether one was open
+    /// or opening.
+    fn drop_keep(&self) -> bool {
+        let Ok(mut keep) = self.keep.lock() else {
+            return false;
+        };
+        let was = std::mem::replace(&mut *keep, Keep::Off);
+        self.kept.store(0, Ordering::Relaxed);
+        matches!(was, Keep::Opening(_) | Keep::Open { .. })
     }
 
     fn touch(&self) {
@@ -219,6 +346,7 @@ impl Pool {
             if let Ok(conns) = slot.conns.try_lock() {
                 stats.connections += conns.len();
                 stats.channels += conns.iter().map(|c| c.in_use()).sum::<usize>();
+                stats.kept_sftp += conns.iter().filter(|c| c.kept_sftp().is_some()).count();
             }
         }
         stats
@@ -331,6 +459,77 @@ impl Pool {
         }
     }
 
+    /// Make the directory `path` (mode 0700; `~/`-less paths are relative to
+    /// the home directory) on `target` with one request to the SFTP session
+    /// a live pooled connection keeps open: no program starts on the host.
+    /// `false` when it was not made that way, and the caller makes it
+    /// another way: no live connection (this never connects or waits for a
+    /// handshake), no kept session yet (one is then opened in the
+    /// background, for the next time), the directory exists or its parent
+    /// does not, or any failure.
+    pub async fn make_dir(&self, target: &Target, path: &str) -> bool {
+        let timeout = self.inner.opts.channel_timeout;
+        let Some(conn) = self.live_conn(target) else {
+            return false;
+        };
+        let Some(sftp) = conn.kept_sftp() else {
+            conn.want_keep();
+            return false;
+        };
+        let attrs = FileAttributes {
+            permissions: Some(0o700),
+            ..FileAttributes::empty()
+        };
+        let path = path.strip_prefix("~/").unwrap_or(path);
+        match tokio::time::timeout(timeout, sftp.mkdir(path, attrs)).await {
+            Ok(Ok(_)) => true,
+            // The server's answer (it exists, the parent is missing): the
+            // session is fine.
+            Ok(Err(russh_sftp::client::error::Error::Status(status))) => {
+                tracing::debug!(host = %target.host_label(), user = %target.user, path,
+                    "SFTP mkdir: {}", status.error_message);
+                false
+            }
+            failed => {
+                let reason = match failed {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => format!("no answer within {timeout:?}"),
+                };
+                tracing::debug!(host = %target.host_label(), user = %target.user,
+                    "kept SFTP session failed ({reason}); giving it up on this connection");
+                conn.drop_keep();
+                false
+            }
+        }
+    }
+
+    /// Remove the empty directory `path` on `target` through the kept SFTP
+    /// session, when there is one (a directory [`Pool::make_dir`] made for a
+    /// start that did not happen). Whether it was removed.
+    pub async fn remove_empty_dir(&self, target: &Target, path: &str) -> bool {
+        let Some(sftp) = self.live_conn(target).and_then(|c| c.kept_sftp()) else {
+            return false;
+        };
+        let path = path.strip_prefix("~/").unwrap_or(path);
+        matches!(
+            tokio::time::timeout(self.inner.opts.channel_timeout, sftp.rmdir(path)).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// A live connection to `target` that keeps an SFTP session open, or
+    /// else the least busy one; `None` when there is none or a handshake
+    /// holds the list.
+    fn live_conn(&self, target: &Target) -> Option<Arc<Conn>> {
+        let slot = self.slot(target);
+        let conns = slot.conns.try_lock().ok()?;
+        let live = || conns.iter().filter(|c| !c.handle.is_closed());
+        live()
+            .find(|c| c.kept_sftp().is_some())
+            .or_else(|| live().min_by_key(|c| c.in_use()))
+            .cloned()
+    }
+
     /// The one path that opens a channel: a session takes a session slot
     /// (queueing when every connection is full), a forward only a live
     /// connection. A channel the server refuses for lack of sessions lowers
@@ -361,6 +560,8 @@ impl Pool {
     ) -> Result<std::result::Result<(Channel<Msg>, Held), russh::ChannelOpenFailure>> {
         let slot = self.slot(target);
         let mut replaced_dead = false;
+        // Since when this caller waits for sshd to free a session.
+        let mut freeing: Option<Instant> = None;
         loop {
             let held = match what {
                 Open::Session => {
@@ -385,15 +586,33 @@ impl Pool {
             })
             .await;
             match opened {
-                Ok(Ok(channel)) => return Ok(Ok((channel, held))),
+                Ok(Ok(channel)) => {
+                    if let Open::Session = what {
+                        open_keep(&conn, self.inner.opts.channel_timeout);
+                    }
+                    return Ok(Ok((channel, held)));
+                }
                 Ok(Err(russh::Error::ChannelOpenFailure(reason))) => match (what, held) {
                     (Open::DirectTcpip { .. }, _) => return Ok(Err(reason)),
                     (Open::Session, Held::Session(slot_guard)) => {
-                        // The server's MaxSessions is below ours: this
-                        // connection holds fewer channels than we assumed.
-                        // Give up the slot for good and try elsewhere.
+                        // sshd holds fewer sessions than we assumed. A kept
+                        // SFTP session is given up first (its slot comes
+                        // back once sshd has freed it).
+                        conn.drop_keep();
                         let in_use_by_others = conn.in_use().saturating_sub(1);
                         if in_use_by_others == 0 {
+                            // Nothing else of ours is open there: sshd has
+                            // yet to free a session just closed (OpenSSH
+                            // frees it after reading our close, so a
+                            // host with MaxSessions 1 refuses the next
+                            // command for a moment), or it holds none at
+                            // all. Ask again, briefly, before saying so.
+                            let since = *freeing.get_or_insert_with(Instant::now);
+                            if since.elapsed() < self.inner.opts.channel_timeout {
+                                drop(slot_guard);
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                                continue;
+                            }
                             return Err(Error::Ssh {
                                 host: target.host_label(),
                                 user: target.user.clone(),
@@ -401,6 +620,7 @@ impl Pool {
                                 source: None,
                             });
                         }
+                        // Give up the slot for good and try elsewhere.
                         slot_guard.forget();
                         conn.capacity.fetch_sub(1, Ordering::Relaxed);
                         tracing::debug!(host = %target.host_label(), user = %target.user,
@@ -609,6 +829,8 @@ impl Pool {
                     capacity: AtomicUsize::new(capacity),
                     last_used: Mutex::new(Instant::now()),
                     forwards: AtomicUsize::new(0),
+                    keep: Mutex::new(Keep::Untried),
+                    kept: AtomicUsize::new(0),
                 });
                 conns.push(conn.clone());
                 Ok(conn)
