@@ -468,7 +468,10 @@ impl Pool {
     /// background, for the next time), the directory exists or its parent
     /// does not, or any failure.
     pub async fn make_dir(&self, target: &Target, path: &str) -> bool {
-        let timeout = self.inner.opts.channel_timeout;
+        // One request of a few bytes: an sftp-server slower than this is
+        // given up, and the launch script makes the directory instead (it
+        // copes with one that appears meanwhile).
+        let timeout = self.inner.opts.channel_timeout.min(Duration::from_secs(2));
         let Some(conn) = self.live_conn(target) else {
             return false;
         };
