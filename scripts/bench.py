@@ -624,11 +624,12 @@ fresh-mode handshake costs about 85 ms here (ed25519 host key, curve25519
 key exchange, sshd forking its privilege-separated child); the warm start is
 the launch script itself, which is bound by process creation on the host
 (an exec costs 1-2 ms on the test VM: `true` 1.0 ms, `mkdir` 1.7 ms, `ss`
-about 4 ms of shared-library loading). Before the pid is known it now runs
-one program besides the login's `sh`: the run directory's `mkdir`, started
-first and overlapped with the rest of the script; the port was already
-asked of sshd, and the wrapper is a fork of the launch (step by step, with
-what each costs, in "The launch, step by step" below). Earlier versions also
+about 4 ms of shared-library loading). Before the pid is known a warm start
+now runs no program besides the login's `sh`: the port was asked of sshd,
+the run directory was made over the SFTP session the pooled connection
+keeps, and the wrapper is a fork of the launch (step by step, with what each
+costs, in "The launch, step by step" below). A fresh start has no kept
+session, so its script makes the directory with `mkdir`. Earlier versions also
 waited a fixed `launch_settle` (0.3 s) after the pid; that option is gone
 (deprecated, ignored): the launch now waits for an event instead, see b.
 
@@ -648,21 +649,28 @@ sshd on a testbed node: read them as proportions.
    forward (`AllowTcpForwarding no`) makes the script check with `ss` as
    before. Indistinguishable from noise in an A/B of the same build with
    and without it (six rounds each). Was `ss` in the script: about 4 ms.
+   At the same time it makes the run directory (mode 0700) with one SFTP
+   `mkdir` on the session the connection keeps open for that (`Pool::
+   make_dir`; the first launch on a connection asks for the session, which
+   is opened beside the next command's). Was `mkdir` in the script: about
+   2 ms (7.3 ms against 5.3 ms for the same script with and without it,
+   run locally).
 2. sshd opens the session channel, forks, and the login shell (`bash -c
    '/bin/sh -s ssh-spawner-run:RUN DIR'`) execs `sh`: the floor and one
    exec. The marker and the directory are arguments only so that the
    wrapper, a fork of this `sh`, carries them in its argv (`pgrep -f`,
    `ssh-spawner list`); the script still comes on stdin (it holds the
    token).
-3. `sh` parses the script (0.2 ms) and starts `mkdir -m 700` of the run
-   directory in the background first thing; meanwhile it reads the
-   login's umask and uid from `/proc/self/status` with the `read` builtin
-   and asks whether it leads its process group with `kill -s 0 -- -$$` (no
-   file read: dash's `read` takes one byte per system call), then waits
-   for the `mkdir`: about 1.7 ms in all. Only when that failed (the first
-   launch as this login, or a directory left by an earlier attempt) does
-   `install -d -m 700` make it and its parent. Was `install` and `ss` in
-   parallel, 3-5 ms.
+3. `sh` parses the script (0.2 ms), reads the login's umask and uid from
+   `/proc/self/status` with the `read` builtin and asks whether it leads
+   its process group with `kill -s 0 -- -$$` (no file read: dash's `read`
+   takes one byte per system call), and tests that the run directory is
+   there. When the spawner could not make it (no kept session yet, or a
+   fresh connection) the script starts `mkdir -m 700` in the background
+   first thing and waits for it here: about 1.7 ms in all. Only when that
+   failed (the first launch as this login, or a directory left by an
+   earlier attempt) does `install -d -m 700` make it and its parent. Was
+   `install` and `ss` in parallel, 3-5 ms.
 4. The command substitution (a fork), exports, prologue and `cd`, then the
    wrapper: a fork of the launch when the launch leads its group (sshd
    makes each session's login a session leader, so the group outlives the
@@ -686,32 +694,31 @@ for it; a server whose bind that socket refuses fails with its log. Without
 a working `ss` (iproute2) the script falls back to `grep` over
 `/proc/net/tcp*`, with the uid column.
 
-Measured before and after with one command, `scripts/bench-ab 681f345
-f9a44ce` (it builds part a of both commits and runs them alternately, five
-rounds of 40 starts each, in one hold of the testbed lock), on the 2-core
-machine with nothing else running (load average 1.2-1.8, the benchmark's
-own), medians of the five rounds:
+Measured before and after with one command, `scripts/bench-ab 3c804a2
+cb1a7bd` (it builds part a of both commits and runs them alternately, five
+rounds of 40 starts each, in one hold of the testbed lock, and prints the
+medians of the rounds), on the 2-core machine with nothing else running
+(load average 1.0-1.8, the benchmark's own), 2026-11-29:
 
-| | before (681f345) | after (f9a44ce) | target |
+| | before (3c804a2: `mkdir` in the script) | after (cb1a7bd: SFTP `mkdir`) | target |
 |---|---:|---:|---:|
-| bare pooled exec (floor) | 4.36 ms | 4.08 ms | |
-| warm start | 14.3 ms | 10.4 ms | |
-| warm / floor (per round) | 3.4x (3.1-3.8) | 2.7x (2.3-3.0) | <= 3x |
-| fresh start | 97.7 ms | 96.1 ms | |
-| fresh / warm (per round) | 6.8x (5.8-7.4) | 9.6x (8.5-10.4) | >= 10x |
+| bare pooled exec (floor) | 3.23 ms | 3.19 ms | |
+| warm start | 8.60 ms | 7.50 ms | |
+| warm / floor (per round) | 2.67x (2.36-3.07) | 2.24x (1.82-2.56) | <= 3x |
+| fresh start | 91.7 ms | 92.5 ms | |
+| fresh / warm (per round) | 10.7x (9.8-11.2) | 12.4x (12.2-15.3) | >= 10x |
 
-The floor itself moves by up to 1.5 ms from round to round on this VM,
-which is why the ratios are taken per round. An earlier interleaved run
-(681f345 against 7477ed8, the same launch without the early `mkdir`) gave
-warm 13.6 against 9.7 ms, warm/floor 2.8x and fresh/warm 9.8x.
-
-What is left for fresh/warm: the fresh start is the warm one plus one SSH
-handshake (about 86 ms), so 10x needs the warm start under about 9.5 ms.
-The run directory's `mkdir` (about 1.7 ms, partly overlapped) is the one
-exec left on the path; taking it off would mean making the directory
-without a program (over a persistent SFTP session per pooled connection,
-which holds one of sshd's `MaxSessions` per connection) or writing the
-first files elsewhere.
+The same code measured slower in the previous session: `scripts/bench-ab
+681f345 f9a44ce` gave f9a44ce (the same launch script as 3c804a2; the
+commits between change only how a probe error is handled) a floor of 4.08
+ms, a warm start of 10.4 ms and fresh/warm 9.6x (8.5-10.4). The floor (no
+script at all: one `true`) was 1 ms slower that session too, so the VM's
+process creation was, and the handshake that is most of a fresh start was
+not (96.1 against 91.7 ms): ratios of a fork-bound figure over a
+handshake-bound one move with the VM. Hence the margin: after this change
+the slowest round is 12.2x, so a warm start 20% slower, as in that session,
+still gives about 10x. The floor moves by up to 1.5 ms from round to round
+on this VM, which is why the ratios are taken per round.
 
 **b. Spawn-to-ready and stop through JupyterHub** (`scripts/bench.py
 compare`, run alone by `scripts/bench compare`). Two hubs (JupyterHub and

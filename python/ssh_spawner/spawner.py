@@ -199,7 +199,9 @@ class SSHSpawner(Spawner):
             )
 
     max_sessions_per_connection = Integer(
-        10, help="Commands at once on one SSH connection (sshd's MaxSessions)."
+        10,
+        help="Sessions at once on one SSH connection (sshd's MaxSessions): commands, and the "
+        "SFTP session a connection keeps for making run directories.",
     ).tag(config=True, rust=True)
     max_connections_per_host = Integer(4, help="SSH connections per host and remote user.").tag(
         config=True, rust=True
