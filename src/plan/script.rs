@@ -1073,11 +1073,28 @@ cleanup() {{
 }}
 snap() {{
   sn=
+  if [ -n "$use_ps" ] && sn=$(ps -e -o pid= -o ppid= -o pgid= 2>/dev/null); then
+    case $sn in *[!0-9\ $nl]*|'') ;; *) return 0 ;; esac
+  fi
+  if [ -n "$use_ps" ]; then
+    use_ps=
+    echo "ssh-spawner stop: ps gave no usable process table; reading /proc" >&2
+  fi
+  sn=
   for f in /proc/[0-9]*; do
     q=${{f#/proc/}}
     rs "$q" && live || continue
     sn="$sn$q $s_ppid $s_pgrp $s_start$nl"
   done
+}}
+got() {{
+  g_start=$2
+  if [ "$g_start" = - ]; then rs "$1" && live || return 1; g_start=$s_start; fi
+}}
+intree() {{
+  case $tree in *" $1:"*) ;; *) return 1 ;; esac
+  got "$1" "$2" || return 1
+  case $tree in *" $1:$g_start "*) ;; *) return 1 ;; esac
 }}
 scan() {{
   snap
@@ -1090,19 +1107,19 @@ scan() {{
     IFS=$nl
     for ln in $sn; do
       IFS=' '
-      set -- $ln
-      case $tree in *" $1:$4 "*)
+      set -- $ln -
+      if intree "$1" "$4"; then
         mine="$mine$1 "
-        [ "$3" != "$pgid" ] || grp=1 ;;
-      esac
+        [ "$3" != "$pgid" ] || grp=1
+      fi
     done
     IFS=$nl
     for ln in $sn; do
       IFS=' '
-      set -- $ln
-      case $tree in *" $1:$4 "*) continue ;; esac
-      case $mine in *" $2 "*) tree="$tree$1:$4 "; more=1; continue ;; esac
-      if [ "$grp" = 1 ] && [ "$3" = "$pgid" ]; then tree="$tree$1:$4 "; more=1; fi
+      set -- $ln -
+      case $mine in *" $1 "*) continue ;; esac
+      case $mine in *" $2 "*) ;; *) [ "$grp" = 1 ] && [ "$3" = "$pgid" ] || continue ;; esac
+      if got "$1" "$4"; then tree="$tree$1:$g_start "; more=1; fi
     done
     IFS=$dfl
     set +f
@@ -1113,8 +1130,8 @@ scan() {{
   IFS=$nl
   for ln in $sn; do
     IFS=' '
-    set -- $ln
-    case $tree in *" $1:$4 "*) alive="$alive $1:$4"; n=$((n + 1)) ;; esac
+    set -- $ln -
+    if intree "$1" "$4"; then alive="$alive $1:$g_start"; n=$((n + 1)); fi
   done
   IFS=$dfl
   set +f
@@ -1127,6 +1144,15 @@ hit() {{
     if rs "$q" && [ "$s_start" = "${{e#*:}}" ]; then kill -s "$1" "$q" 2>/dev/null || :; fi
   done
 }}
+# The process table comes from `ps` (one program, reading /proc in C) when
+# the host has a POSIX one that prints only numbers for these columns;
+# otherwise from /proc with the `read` builtin, which takes a system call
+# per byte: about 300 per process, every turn of the wait, which on a host
+# with hundreds of processes was most of a stop. With `ps` the start time
+# (the proof a pid was not reused) is read only for the run's own
+# processes and their children.
+use_ps=
+if command -v ps >/dev/null 2>&1; then use_ps=1; fi
 tree=' '
 # Only the login's own processes are ever signalled: a state (forged, or
 # corrupted) whose uid is another user's matches nothing.
@@ -1153,17 +1179,38 @@ fi
 # Processes of ours that carry this run's marker in their environment:
 # kernels and helpers of a server that has already died (their parent is
 # gone, so the tree above cannot reach them) are found this way.
+# One `grep -z` reads every environment we may read (GNU and busybox grep
+# take -z); without it, a `tr | grep` per process of ours.
 if [ "$boot" = "$want" ]; then
-  for f in /proc/[0-9]*; do
-    q=${{f#/proc/}}
-    [ "$q" != "$$" ] || continue
-    ru "$q" && [ "$s_uid" = "$uid" ] || continue
-    rs "$q" && live || continue
-    case $tree in *" $q:$s_start "*) continue ;; esac
-    if tr '\0' '\n' < "$f/environ" 2>/dev/null | grep -qxF "SSH_SPAWNER_RUN=$run"; then
-      rs "$q" && tree="$tree$q:$s_start "
-    fi
-  done
+  if printf 'x\0' | grep -qzxF x 2>/dev/null; then
+    envs=$(grep -lzxF "SSH_SPAWNER_RUN=$run" /proc/[0-9]*/environ 2>/dev/null) || :
+    set -f
+    for f in $envs; do
+      q=${{f#/proc/}}
+      q=${{q%/environ}}
+      case $q in ''|*[!0-9]*) continue ;; esac
+      [ "$q" != "$$" ] || continue
+      ru "$q" && [ "$s_uid" = "$uid" ] || continue
+      rs "$q" && live || continue
+      case $tree in *" $q:$s_start "*) continue ;; esac
+      tree="$tree$q:$s_start "
+    done
+    set +f
+  else
+    for f in /proc/[0-9]*; do
+      q=${{f#/proc/}}
+      [ "$q" != "$$" ] || continue
+      # Only a process whose /proc entry is ours has an environment we may
+      # read: one stat, instead of reading its status, for everyone else's.
+      [ -O "$f" ] || continue
+      ru "$q" && [ "$s_uid" = "$uid" ] || continue
+      rs "$q" && live || continue
+      case $tree in *" $q:$s_start "*) continue ;; esac
+      if tr '\0' '\n' < "$f/environ" 2>/dev/null | grep -qxF "SSH_SPAWNER_RUN=$run"; then
+        rs "$q" && tree="$tree$q:$s_start "
+      fi
+    done
+  fi
 fi
 # A server started in a systemd scope (enforcement = systemd): everything in
 # the scope is the run's, including processes that left the process group
@@ -2737,6 +2784,114 @@ mod tests {
         assert_eq!(stopped, Stopped::Killed { escalated: false }, "{out:?}");
         assert!(!alive(kpid, Some(kstart)), "the setsid child survived");
         assert!(!alive(l.pid, Some(l.start_time)));
+        // The process table came from this machine's ps.
+        assert!(!out.stderr.contains("reading /proc"), "{out:?}");
+    }
+
+    /// The same stop with `ps` missing its columns (a header, as a ps
+    /// that ignores `=` prints) or failing: the script reads /proc itself.
+    #[test]
+    fn stop_without_a_usable_ps_reads_proc_and_still_finds_everything() {
+        let tmp = Tmp::new();
+        let bin = tmp.join("fake-ps-bin");
+        fs::create_dir_all(&bin).unwrap();
+        for (name, fake) in [
+            (
+                "header",
+                "#!/bin/sh\necho '  PID  PPID  PGID'\necho '    1     0     1'\n",
+            ),
+            ("failing", "#!/bin/sh\necho '1 0 1'\nexit 1\n"),
+        ] {
+            fs::write(format!("{bin}/ps"), fake).unwrap();
+            fs::set_permissions(format!("{bin}/ps"), fs::Permissions::from_mode(0o755)).unwrap();
+            let (r, dir, l, _reaper) = launch_ok(
+                &tmp,
+                &format!("kernel-{name}"),
+                &["/bin/sh", "-c", "setsid sleep 1001 & exec sleep 1000"],
+            );
+            let mut kernel = None;
+            assert!(wait_until(Duration::from_secs(3), || {
+                kernel = descendants(&[l.pid]).into_iter().find(|(p, _)| {
+                    stat(*p).is_some_and(|s| s.session != l.pgid && s.session == *p)
+                });
+                kernel.is_some()
+            }));
+            let (kpid, kstart) = kernel.unwrap();
+            let script = stop_script(&proc_of(&r, &dir, &l), 5, true).unwrap();
+            let out = sh(&format!("PATH={bin}:$PATH; export PATH\n{script}"));
+            assert_eq!(out.status, 0, "{name}: {out:?}");
+            assert_eq!(
+                parse_stop(&out.stdout).unwrap(),
+                Stopped::Killed { escalated: false },
+                "{name}: {out:?}"
+            );
+            assert!(
+                !alive(kpid, Some(kstart)),
+                "{name}: the setsid child survived"
+            );
+            assert!(!alive(l.pid, Some(l.start_time)), "{name}");
+            assert!(out.stderr.contains("reading /proc"), "{name}: {out:?}");
+        }
+    }
+
+    /// A process the server left behind in a session of its own, after the
+    /// server died: only the run's marker in its environment ties it to
+    /// the run. Found with one `grep -z`, and with a grep that lacks -z.
+    #[test]
+    fn stop_finds_what_a_dead_server_left_by_the_marker_in_its_environment() {
+        let tmp = Tmp::new();
+        let bin = tmp.join("grep-without-z");
+        fs::create_dir_all(&bin).unwrap();
+        let real = ["/usr/bin/grep", "/bin/grep"]
+            .into_iter()
+            .find(|g| Path::new(g).exists())
+            .unwrap();
+        fs::write(
+            format!("{bin}/grep"),
+            format!(
+                "#!/bin/sh\nfor a; do case $a in -*z*) exit 2 ;; esac; done\nexec {real} \"$@\"\n"
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(format!("{bin}/grep"), fs::Permissions::from_mode(0o755)).unwrap();
+        for without_z in [false, true] {
+            let name = format!("orphan-{without_z}");
+            let dir = tmp.join(&format!("home/{name}"));
+            let r = run_id();
+            let _reaper = Reaper::new(&r);
+            let cmd = strings(&["/bin/sh", "-c", "setsid sleep 1005 & sleep 0.3; exit 3"]);
+            let marker = vec![("SSH_SPAWNER_RUN".to_string(), r.clone())];
+            let mut s = spec(&r, &dir, &marker, &cmd);
+            s.port = free_port();
+            let out = launch(&s);
+            assert_eq!(out.status, 0, "{out:?}");
+            let l = launched(&out, &dir);
+            let p = proc_of(&r, &dir, &l);
+            assert!(wait_until(Duration::from_secs(5), || poll_one(&p)
+                != ProcStatus::Running));
+            let orphan = all_procs().into_iter().find(|(q, st)| {
+                st.session == *q
+                    && fs::read(format!("/proc/{q}/environ")).is_ok_and(|e| {
+                        e.split(|b| *b == 0)
+                            .any(|v| v == format!("SSH_SPAWNER_RUN={r}").as_bytes())
+                    })
+            });
+            let (opid, ost) = orphan.expect("the left-behind process");
+            let script = stop_script(&p, 5, false).unwrap();
+            let script = if without_z {
+                format!("PATH={bin}:$PATH; export PATH\n{script}")
+            } else {
+                script
+            };
+            let out = sh(&script);
+            assert_eq!(out.status, 0, "{name}: {out:?}");
+            assert_eq!(
+                parse_stop(&out.stdout).unwrap(),
+                Stopped::Killed { escalated: false },
+                "{name}: {out:?}"
+            );
+            assert!(!alive(opid, Some(ost.start)), "{name}: the orphan survived");
+        }
     }
 
     #[test]
