@@ -791,10 +791,11 @@ a peer's hub is limited the same way. Wall time of the round and CPU seconds
 says so and the figures are scaled linearly. An earlier page gave 0.192 s
 (commit 30fc2ca, another VM). That commit and b23622c, interleaved on this
 VM (`BENCH_PART=poll ROUNDS=2 scripts/bench-ab 30fc2ca b23622c`, load
-average 1.7 at the first run, 19-29 after, from setting up and tearing
-down the 1000 stand-ins each run): wall p50 0.257 and 0.257 s against 0.261 and 0.237 s, so the poll did
-not get slower; resident memory after the rounds 13.9-14.1 MiB (peak
-21.0) against 18.7-23.6 MiB (peak 26.3-26.8), which is not traced further.
+average 1.7 at the first run, 19-29 after, from setting up and tearing down
+the 1000 stand-ins each run): wall p50 0.257 and 0.257 s against 0.261 and
+0.237 s, so the poll did not get slower; resident memory after the rounds
+13.9-14.1 MiB (peak 21.0) against 18.7-23.6 MiB (peak 26.3-26.8), which is
+not traced further.
 
 **d. Spawn storm** (`storm`). 100 `Spawner::spawn` at once (users
 alternating) from a new spawner with a cold pool and the default
