@@ -156,15 +156,21 @@ impl Dispatcher {
     /// Called by the loop when the socket is readable: set the futures of
     /// every finished task.
     fn drain(&self, py: Python<'_>) {
-        // Cleared before taking the queue: a result pushed after the take
-        // writes a new byte and so calls drain again.
-        self.shared.signalled.store(false, Ordering::SeqCst);
+        // Read the wake-up bytes first, then clear the flag, then take the
+        // queue. In that order a result queued after the take always has a
+        // byte unread behind it: its own, or that of the completion which
+        // set the flag after the clear, which this drain has not read.
+        // Clearing the flag first (as before) let this drain read that
+        // byte, take only the earlier result, and leave the flag set with
+        // no byte pending: every later result then waited forever (a hub's
+        // spawn hung with its server running).
         let mut buf = [0u8; 256];
         while let Ok(n) = (&self.reader).read(&mut buf) {
             if n == 0 {
                 break;
             }
         }
+        self.shared.signalled.store(false, Ordering::SeqCst);
         let done = match self.shared.done.lock() {
             Ok(mut q) => std::mem::take(&mut *q),
             Err(_) => return,

@@ -127,3 +127,36 @@ def test_a_cancelled_call_aborts_its_rust_task_and_other_loops_still_get_results
 
     asyncio.run(on_new_loop())
     asyncio.run(third_loop())
+
+
+def test_results_that_finish_while_the_loop_drains_are_never_lost():
+    """Results handed over from tokio workers while the loop is taking
+    earlier ones: every one must reach its future. (The loop once cleared
+    its wake-up flag before reading the wake-up byte; a result queued just
+    after it took the queue then waited forever, and every later one with
+    it.) Another thread emits on many `Progress` streams whose `next` the
+    loop awaits, in bursts, so completions and drains interleave."""
+    import threading
+
+    rounds, per_round = 200, 50
+
+    async def run():
+        for _ in range(rounds):
+            streams = [_core.Progress() for _ in range(per_round)]
+            waiting = [s.next(0) for s in streams]
+            go = threading.Event()
+
+            def emit(streams=streams, go=go):
+                go.wait()
+                for i, s in enumerate(streams):
+                    s.emit(i % 100, "x")
+
+            t = threading.Thread(target=emit)
+            t.start()
+            go.set()
+            # Keep the loop draining while the other thread emits.
+            results = await asyncio.wait_for(asyncio.gather(*waiting), 20)
+            t.join()
+            assert [r[0][0] for r in results] == [i % 100 for i in range(per_round)]
+
+    asyncio.run(run())
