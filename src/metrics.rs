@@ -74,6 +74,13 @@ pub struct Snapshot {
     pub stops_escalated: Vec<(String, u64)>,
     /// `address:port` to display name, from every spawner's configuration.
     pub host_names: BTreeMap<String, String>,
+    /// Hosts marked down (not answering), by host: since when (Unix seconds).
+    pub hosts_down: Vec<(String, f64)>,
+    /// Hosts held down after flapping, by host: until when (Unix seconds).
+    pub hosts_held: Vec<(String, f64)>,
+    /// Background probes of down hosts by (host, outcome: `answered` or
+    /// `no_answer`).
+    pub host_probes: Vec<(String, String, u64)>,
 }
 
 #[derive(Default)]
@@ -86,6 +93,15 @@ struct Table {
     running: BTreeMap<String, String>,
     escalated: BTreeMap<String, u64>,
     names: BTreeMap<String, String>,
+    down: BTreeMap<String, f64>,
+    held: BTreeMap<String, f64>,
+    probes: BTreeMap<(String, String), u64>,
+}
+
+fn unix(t: std::time::SystemTime) -> f64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 fn table() -> &'static Mutex<Table> {
@@ -163,6 +179,41 @@ pub fn stop_escalated(host: &str) {
     });
 }
 
+/// The host `address:port` was marked down (`Some(since)`) or answers again
+/// (`None`).
+pub fn host_down(host_label: &str, since: Option<std::time::SystemTime>) {
+    with(|t| match since {
+        Some(at) => {
+            t.down.insert(host_label.to_string(), unix(at));
+        }
+        None => {
+            t.down.remove(host_label);
+        }
+    });
+}
+
+/// The host is held down after flapping until `Some(until)`, or no longer.
+pub fn host_held(host_label: &str, until: Option<std::time::SystemTime>) {
+    with(|t| match until {
+        Some(at) => {
+            t.held.insert(host_label.to_string(), unix(at));
+        }
+        None => {
+            t.held.remove(host_label);
+        }
+    });
+}
+
+/// A background probe of a down host ended.
+pub fn host_probe(host_label: &str, answered: bool) {
+    let outcome = if answered { "answered" } else { "no_answer" };
+    with(|t| {
+        *t.probes
+            .entry((host_label.to_string(), outcome.to_string()))
+            .or_default() += 1;
+    });
+}
+
 /// Everything counted so far.
 pub fn snapshot() -> Snapshot {
     let Ok(t) = table().lock() else {
@@ -192,6 +243,13 @@ pub fn snapshot() -> Snapshot {
         servers_running: running.into_iter().collect(),
         stops_escalated: t.escalated.iter().map(|(h, n)| (h.clone(), *n)).collect(),
         host_names: t.names.clone(),
+        hosts_down: t.down.iter().map(|(h, s)| (h.clone(), *s)).collect(),
+        hosts_held: t.held.iter().map(|(h, s)| (h.clone(), *s)).collect(),
+        host_probes: t
+            .probes
+            .iter()
+            .map(|((h, o), n)| (h.clone(), o.clone(), *n))
+            .collect(),
     }
 }
 

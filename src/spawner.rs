@@ -20,6 +20,7 @@ use crate::config::{check_username, Config, HostConfig};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::plan::adopt;
+use crate::plan::health;
 use crate::plan::hosts::{self, Candidate, HostFacts, Requirements, Strategy};
 use crate::plan::limits::{self, Limits};
 use crate::plan::ports::{self, choose_port, PortProbe};
@@ -27,6 +28,8 @@ use crate::plan::retry;
 use crate::plan::script::{self, LaunchSpec, Proc, ProcStatus};
 use crate::plan::state::{check_host_port, ServerState, STATE_VERSION};
 use crate::ssh::{Command, LocalForward, Pool, RemoteForward, Target, Upload};
+
+mod ready;
 
 /// One step of a spawn, for the progress bar.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -292,6 +295,8 @@ pub struct Spawner {
     hub_api: Arc<Mutex<Option<String>>>,
     /// Run ids [`Spawner::clean_up_later`] is working on.
     cleaning: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// See [`Spawner::set_ready_wait_on_host`].
+    ready_on_host: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Spawner {
@@ -326,7 +331,17 @@ impl Spawner {
             facts_reads: Arc::new(Mutex::new(HashMap::new())),
             hub_api: Arc::new(Mutex::new(None)),
             cleaning: Arc::new(Mutex::new(Default::default())),
+            ready_on_host: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
+    }
+
+    /// Wait for a launched server to listen in the launch script on the
+    /// host (a turn every 10-50 ms running `ss` and `sleep`), as before the
+    /// hub watched it itself ([`ready`]). For benchmarks that compare the
+    /// two; a host where sshd does not forward always waits that way.
+    #[doc(hidden)]
+    pub fn set_ready_wait_on_host(&self, on_host: bool) {
+        self.ready_on_host.store(on_host, Ordering::Relaxed);
     }
 
     /// The configuration.
@@ -458,6 +473,20 @@ impl Spawner {
     }
 
     async fn cached_facts(&self, host: &HostConfig, target: &Target) -> Result<HostFacts> {
+        let down = || -> Result<()> {
+            let status = self.pool.health().status(&target.host_label());
+            if status.takes_servers() {
+                return Ok(());
+            }
+            Err(Error::NoHost {
+                detail: format!(
+                    "{} is {}",
+                    host.display_name(),
+                    status.describe(std::time::SystemTime::now())
+                ),
+            })
+        };
+        down()?;
         let key = (host.display_name().to_string(), target.user.clone());
         let max_age = Config::duration(self.config.facts_cache);
         let cached = || -> Option<HostFacts> {
@@ -477,10 +506,12 @@ impl Spawner {
             .map(|mut m| m.entry(key.clone()).or_default().clone())
             .unwrap_or_default();
         let _reading = read_lock.lock().await;
-        // Another start may have read them while this one waited.
+        // Another start may have read them while this one waited, or found
+        // the host down.
         if let Some(f) = cached() {
             return Ok(f);
         }
+        down()?;
         let f = self.host_facts(target, None).await?;
         if let Ok(mut cache) = self.facts.lock() {
             cache.insert(key, (Instant::now(), f.clone()));
@@ -512,6 +543,11 @@ impl Spawner {
             .map(|h| self.target(h, username))
             .collect::<Result<Vec<_>>>()?;
         let results = futures_join(hosts.iter().zip(&targets).map(|(h, t)| async move {
+            // A host marked down is shown as such, not asked again.
+            let status = self.pool.health().status(&t.host_label());
+            if !status.takes_servers() {
+                return Err(status.describe(std::time::SystemTime::now()));
+            }
             let key = (h.display_name().to_string(), t.user.clone());
             let cell = match self.status.lock() {
                 Ok(mut cache) => {
@@ -582,6 +618,102 @@ impl Spawner {
         Some(port)
     }
 
+    /// The facts of `hosts` for a host choice, each `Err` with why it cannot
+    /// be considered. Hosts marked down ([`crate::plan::health`]) are not
+    /// asked. The others are asked all at once; once one has answered, the
+    /// rest are waited for only [`health::straggler_wait`] longer (unless the
+    /// user chose the host): a host that stopped answering a moment ago
+    /// costs this spawn a second or two, not the connect timeout. Reads
+    /// not waited for go on in the background and fill the cache (or mark
+    /// the host down) for the spawns that follow.
+    async fn read_facts_for_choice(
+        &self,
+        hosts: &[&HostConfig],
+        targets: &[Target],
+        pinned: bool,
+        progress: &Progress,
+    ) -> Vec<std::result::Result<HostFacts, String>> {
+        let now = std::time::SystemTime::now();
+        let mut facts: Vec<Option<std::result::Result<HostFacts, String>>> =
+            vec![None; hosts.len()];
+        let mut down = Vec::new();
+        for (i, t) in targets.iter().enumerate() {
+            let status = self.pool.health().status(&t.host_label());
+            if !status.takes_servers() {
+                let why = status.describe(now);
+                down.push(format!("{} is {why}", hosts[i].display_name()));
+                facts[i] = Some(Err(why));
+            }
+        }
+        let asked = facts.iter().filter(|f| f.is_none()).count();
+        let skipped = if down.is_empty() {
+            String::new()
+        } else {
+            format!("; not asking {}", down.join("; "))
+        };
+        progress.emit(
+            5,
+            match asked {
+                0 => format!("No host to connect to{skipped}"),
+                1 => format!(
+                    "Connecting to {} to check its free memory and load{skipped}",
+                    hosts[facts.iter().position(|f| f.is_none()).unwrap_or(0)].display_name()
+                ),
+                n => {
+                    format!("Connecting to {n} hosts to check their free memory and load{skipped}")
+                }
+            },
+        );
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for (i, (h, t)) in hosts.iter().zip(targets).enumerate() {
+            if facts[i].is_some() {
+                continue;
+            }
+            let (me, host, target, tx) = (self.clone(), (*h).clone(), t.clone(), tx.clone());
+            // A task of its own, so that a read not waited for still ends
+            // (and caches its facts or marks the host down).
+            tokio::spawn(
+                async move {
+                    let got = me.cached_facts(&host, &target).await;
+                    let _ = tx.send((i, got));
+                }
+                .in_current_span(),
+            );
+        }
+        drop(tx);
+        let started = Instant::now();
+        let mut until: Option<tokio::time::Instant> = None;
+        let mut pending = asked;
+        while pending > 0 {
+            let next = match until {
+                Some(at) => match tokio::time::timeout_at(at, rx.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+                None => rx.recv().await,
+            };
+            let Some((i, got)) = next else { break };
+            pending -= 1;
+            if got.is_ok() && until.is_none() && !pinned {
+                until =
+                    Some(tokio::time::Instant::now() + health::straggler_wait(started.elapsed()));
+            }
+            facts[i] = Some(got.map_err(|e| short_reason(&e)));
+        }
+        let waited = started.elapsed();
+        facts
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                f.unwrap_or_else(|| {
+                    tracing::info!(host = hosts[i].display_name(),
+                        "no answer within {waited:.1?} while other hosts answered; choosing among those");
+                    Err(format!("no answer within {:.1} s while other hosts answered", waited.as_secs_f64()))
+                })
+            })
+            .collect()
+    }
+
     /// Choose host and port: every eligible host's facts are read at once
     /// (cached briefly), hosts that do not fit are passed over, and when none
     /// fits the error lists every host and why.
@@ -627,38 +759,20 @@ impl Spawner {
                 },
             });
         }
-        progress.emit(
-            5,
-            if hosts.len() == 1 {
-                format!(
-                    "Connecting to {} to check its free memory and load",
-                    hosts[0].display_name()
-                )
-            } else {
-                format!(
-                    "Connecting to {} hosts to check their free memory and load",
-                    hosts.len()
-                )
-            },
-        );
         let targets = hosts
             .iter()
             .map(|h| self.target(h, &req.username))
             .collect::<Result<Vec<_>>>()?;
-        let facts: Vec<Result<HostFacts>> = futures_join(
-            hosts
-                .iter()
-                .zip(&targets)
-                .map(|(h, t)| self.cached_facts(h, t)),
-        )
-        .await;
+        let facts = self
+            .read_facts_for_choice(&hosts, &targets, req.host.is_some(), progress)
+            .await;
         let candidates: Vec<Candidate> = hosts
             .iter()
             .zip(&facts)
             .map(|(h, f)| Candidate {
                 name: h.display_name(),
                 max_servers: h.max_servers,
-                facts: f.as_ref().map_err(short_reason),
+                facts: f.as_ref().map_err(String::clone),
             })
             .collect();
         let rr = self.round_robin.fetch_add(1, Ordering::Relaxed);
@@ -968,6 +1082,10 @@ impl Spawner {
             PortProbe::Free => false,
             PortProbe::Unknown => true,
         };
+        // The hub waits for the server to listen itself (no program runs on
+        // the host meanwhile) wherever sshd answered the port probe.
+        let hub_waits =
+            !check_port && !ready.is_zero() && !self.ready_on_host.load(Ordering::Relaxed);
         let spec = LaunchSpec {
             run_id: &state.run_id,
             dir: &state.dir,
@@ -977,7 +1095,7 @@ impl Spawner {
             command,
             workdir: None,
             limits: &plan,
-            ready_cs,
+            ready_cs: if hub_waits { 0 } else { ready_cs },
             default_signal: prepared.facts.default_signal,
             check_port,
             dir_made,
@@ -1025,11 +1143,23 @@ impl Spawner {
             }
         }
         let launched = script::parse_launch(&stdout)?;
-        let listening = script::launch_listening(&stdout);
         let pid = launched.pid;
         let mut state = state.clone();
         state.record(launched);
         state.enforcement = Some(enforcement);
+        let listening = if hub_waits {
+            progress.emit(
+                60,
+                format!(
+                    "Server started on {} as pid {}; waiting for it to listen on port {}",
+                    state.host, pid, state.port
+                ),
+            );
+            self.wait_listening(&target, &state, ready.saturating_sub(started.elapsed()))
+                .await?
+        } else {
+            script::launch_listening(&stdout)
+        };
         let took = started.elapsed();
         tracing::debug!(
             host = %state.host,
@@ -1637,6 +1767,9 @@ pub struct HostCheck {
     pub limits_advice: Option<String>,
     /// What went wrong, if anything.
     pub error: Option<String>,
+    /// When the host does not answer: since when and why, as spawns see it
+    /// (`down since 09:01:02 UTC (12 s ago): no answer within 10s`).
+    pub down: Option<String>,
 }
 
 impl HostCheck {
@@ -1688,7 +1821,12 @@ impl Spawner {
                     limits: None,
                     limits_advice: None,
                     error: None,
+                    down: None,
                 };
+                let status = self.pool.health().status(&t.host_label());
+                if !status.takes_servers() {
+                    c.down = Some(status.describe(std::time::SystemTime::now()));
+                }
                 match r {
                     Ok(f) => {
                         match limits::host_summary(self.config.enforcement, &f, &t.user) {
@@ -1839,6 +1977,7 @@ fn short_reason(e: &Error) -> String {
         }
         Error::HostKeyUnknown { .. } => "host key unknown".into(),
         Error::AuthRefused { .. } => "authentication refused".into(),
+        Error::NoHost { detail } => detail.clone(),
         other => other.to_string(),
     }
 }

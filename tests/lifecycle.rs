@@ -1475,3 +1475,171 @@ async fn form_host_figures_are_read_once_while_fresh() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Monday, 9 a.m., one host crashed: its packets are dropped (an sshd of its
+/// own on node1, blackholed by port). A rush of starts from two users waits
+/// for it once, not once per user in turn: every choice is made among the
+/// hosts that answer well before the connect timeout, the dead host is
+/// asked once per user and then marked down for everyone, and the next
+/// starts, the options form and a start pinned to it say so without asking
+/// it. An authentication failure marks nothing down. Healed, the background
+/// probe brings it back within a few seconds, and it takes servers again.
+#[tokio::test]
+async fn a_dead_host_costs_a_rush_one_connect_timeout_and_returns_as_soon_as_it_answers() {
+    let Some(tb) =
+        testbed("a_dead_host_costs_a_rush_one_connect_timeout_and_returns_as_soon_as_it_answers")
+    else {
+        return;
+    };
+    let sshd = common::OwnSshd::start(&tb, &[]);
+    let scratch = Scratch::new("deadhost");
+    let known_hosts = scratch.path("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        std::fs::read_to_string(&tb.known_hosts).unwrap()
+            + &std::fs::read_to_string(&sshd.known_hosts).unwrap(),
+    )
+    .unwrap();
+    let mut c = config(&tb);
+    c.known_hosts = known_hosts;
+    // The connect timeout is long, so that waiting for the dead host could
+    // not hide in the margins of a busy machine.
+    c.connect_timeout = 20.0;
+    c.facts_cache = 5.0;
+    c.hosts.retain(|h| h.name.as_deref() != Some("node1"));
+    let mut dead: ssh_spawner::config::HostConfig =
+        toml::from_str(&format!("address = \"{}\"\nname = \"dead\"", sshd.address)).unwrap();
+    dead.port = sshd.port;
+    c.hosts.push(dead);
+    let label = format!("{}:{}", sshd.address, sshd.port);
+    let sp = Spawner::new(c).unwrap();
+    let users = [tb.alice().name.clone(), tb.bob().name.clone()];
+    let attempts = || {
+        ssh_spawner::metrics::snapshot()
+            .ssh_connect_attempts
+            .iter()
+            .find(|(h, _)| *h == label)
+            .map_or(0, |(_, n)| *n)
+    };
+    let rush = |n: usize| {
+        let sp = sp.clone();
+        let users = users.clone();
+        async move {
+            let t0 = Instant::now();
+            let all = (0..n).map(|i| {
+                let (sp, user) = (sp.clone(), users[i % 2].clone());
+                tokio::spawn(async move {
+                    let progress = Progress::new();
+                    let mut req = request(&user);
+                    req.server_name = format!("r{i}");
+                    let p = sp.prepare(&req, &progress).await;
+                    (p, progress.snapshot(0), t0.elapsed())
+                })
+            });
+            let mut out = Vec::new();
+            for j in all.collect::<Vec<_>>() {
+                out.push(j.await.unwrap());
+            }
+            out
+        }
+    };
+
+    sshd.blackhole();
+    let first = rush(12).await;
+    for (p, events, took) in &first {
+        let p = p.as_ref().unwrap_or_else(|e| panic!("{e}: {events:?}"));
+        assert_ne!(p.state.host, "dead", "{events:?}");
+        // Chosen among the hosts that answered: not after the 20 s timeout.
+        assert!(*took < Duration::from_secs(12), "{took:?}: {events:?}");
+    }
+    println!(
+        "DEAD_HOST first rush: slowest choice {:?}",
+        first.iter().map(|r| r.2).max().unwrap()
+    );
+    // The reads not waited for end with the timeout and mark it down.
+    let down = common::until_true(Duration::from_secs(40), || {
+        !sp.pool().health().status(&label).takes_servers()
+    })
+    .await;
+    assert!(down, "never marked down");
+    let asked = attempts();
+    assert!(
+        (1..=2).contains(&asked),
+        "the dead host was asked {asked} times for 12 starts of 2 users"
+    );
+
+    // Every later start, any user: not asked again, and told why.
+    let second = rush(6).await;
+    for (p, events, took) in &second {
+        assert!(p.is_ok(), "{p:?}");
+        assert!(*took < Duration::from_secs(10), "{took:?}");
+        let said: Vec<&str> = events.iter().map(|e| e.message.as_str()).collect();
+        assert!(
+            said.iter()
+                .any(|m| m.contains("not asking dead is down since") && m.contains("UTC")),
+            "{said:?}"
+        );
+    }
+    assert_eq!(attempts(), asked, "a start asked the host marked down");
+    // Pinned to it: refused at once, with since when.
+    let mut pinned = request(&users[0]);
+    pinned.host = Some("dead".into());
+    let t0 = Instant::now();
+    let err = sp.prepare(&pinned, &Progress::new()).await.unwrap_err();
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(err.to_string().contains("dead: down since"), "{err}");
+    // The options form says so too, without asking it.
+    let rows = sp
+        .host_status(&users[1], &[], Duration::ZERO, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (_, row) = rows.iter().find(|(n, _)| n == "dead").unwrap();
+    assert!(
+        row.as_ref().unwrap_err().starts_with("down since"),
+        "{row:?}"
+    );
+    assert_eq!(attempts(), asked);
+    // A login refused is about the user, not the host: nothing is marked.
+    let node2 = tb.host("node2");
+    let stranger = ssh_spawner::ssh::Target::new(
+        &node2.address,
+        &users[0],
+        ssh_spawner::ssh::Identity::KeyFile(tb.stranger_key.clone()),
+    )
+    .port(node2.port);
+    let refused = sp
+        .pool()
+        .exec(&stranger, &ssh_spawner::ssh::Command::new("true"))
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, Error::AuthRefused { .. }), "{refused}");
+    assert!(sp
+        .pool()
+        .health()
+        .status(&stranger.host_label())
+        .takes_servers());
+
+    // Healed: the background probe finds it within a few seconds (probes
+    // are 2 s apart; a blackholed one waits out its 20 s, so allow that).
+    sshd.heal();
+    let t0 = Instant::now();
+    let back = common::until_true(Duration::from_secs(45), || {
+        sp.pool().health().status(&label).takes_servers()
+    })
+    .await;
+    assert!(back, "never back: {:?}", sp.pool().health().status(&label));
+    println!("DEAD_HOST back {:?} after the heal", t0.elapsed());
+    let probes = ssh_spawner::metrics::snapshot().host_probes;
+    assert!(
+        probes
+            .iter()
+            .any(|(h, o, n)| *h == label && o == "answered" && *n >= 1),
+        "{probes:?}"
+    );
+    let p = sp
+        .prepare(&pinned, &Progress::new())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.state.host, "dead");
+    sp.pool().close_all().await;
+}

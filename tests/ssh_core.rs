@@ -734,78 +734,6 @@ async fn run_directories_are_made_over_a_kept_sftp_session() {
     pool.close_all().await;
 }
 
-/// An sshd of its own in node1's namespace with `MaxSessions max`, on a
-/// port of its own; killed when dropped.
-struct LimitedSshd {
-    child: std::process::Child,
-    port: u16,
-    _scratch: Scratch,
-    known_hosts: std::path::PathBuf,
-}
-
-impl LimitedSshd {
-    fn start(tb: &common::Testbed, max: usize) -> LimitedSshd {
-        let host = tb.host("node1");
-        let scratch = Scratch::new("sshd");
-        let port = 2300 + (rand::random::<u16>() % 2000);
-        let config = std::fs::read_to_string(format!(
-            "/var/lib/ssh-spawner-testbed/hosts/{}/sshd_config",
-            host.name
-        ))
-        .unwrap();
-        let config: String = config
-            .lines()
-            .map(|l| {
-                if l.starts_with("ListenAddress ") {
-                    format!("ListenAddress {}:{port}", host.address)
-                } else if l.starts_with("PidFile ") {
-                    format!("PidFile {}", scratch.path("sshd.pid").display())
-                } else if l.starts_with("MaxSessions ") {
-                    format!("MaxSessions {max}")
-                } else {
-                    l.to_string()
-                }
-            })
-            .map(|l| l + "\n")
-            .collect();
-        let cfg = scratch.path("sshd_config");
-        std::fs::write(&cfg, config).unwrap();
-        let known_hosts = scratch.path("known_hosts");
-        std::fs::write(
-            &known_hosts,
-            format!("[{}]:{port} {}\n", host.address, host.host_key_pub_line),
-        )
-        .unwrap();
-        let child = std::process::Command::new("ip")
-            .args(["netns", "exec", &host.netns, "/usr/sbin/sshd", "-D", "-f"])
-            .arg(&cfg)
-            .args(["-E"])
-            .arg(scratch.path("sshd.log"))
-            .spawn()
-            .unwrap();
-        let sshd = LimitedSshd {
-            child,
-            port,
-            _scratch: scratch,
-            known_hosts,
-        };
-        let addr = format!("{}:{port}", host.address);
-        let end = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < end, "sshd on {addr} never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        sshd
-    }
-}
-
-impl Drop for LimitedSshd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A host whose sshd holds fewer sessions than the pool assumes never
 /// loses one to the kept SFTP session: with one, SFTP is refused beside a
 /// command and never kept; with two it is kept, and given up as soon as
@@ -818,7 +746,7 @@ async fn a_host_with_few_sessions_never_loses_one_to_the_kept_sftp_session() {
     };
     let alice = tb.alice();
     for max in [1, 2] {
-        let sshd = LimitedSshd::start(&tb, max);
+        let sshd = common::OwnSshd::start(&tb, &[("MaxSessions", &max.to_string())]);
         let mut opts = tb.pool_options();
         opts.connect.known_hosts = sshd.known_hosts.clone();
         opts.max_connections_per_target = 1;

@@ -124,6 +124,43 @@ class SpawnerCollector(Collector):
             running.add_metric([h], n)
         yield running
 
+        # Hosts that do not answer: every spawn skips them until a background
+        # probe gets an answer (docs/reliability.md, "A host that does not answer").
+        down = {host(label): since for label, since in snap["hosts_down"]}
+        held = {host(label): until for label, until in snap["hosts_held"]}
+        up = GaugeMetricFamily(
+            "ssh_spawner_host_up",
+            "1 when new servers may go to the host; 0 while it is marked down"
+            " (a connection to it could not be made) or held down after flapping",
+            labels=["host"],
+        )
+        for h in sorted(set(names.values()) | set(down) | set(held)):
+            up.add_metric([h], 0 if h in down or h in held else 1)
+        yield up
+        since = GaugeMetricFamily(
+            "ssh_spawner_host_down_since_seconds",
+            "Unix time at which a host marked down stopped answering (only hosts down now)",
+            labels=["host"],
+        )
+        for h, t in sorted(down.items()):
+            since.add_metric([h], t)
+        yield since
+        until = GaugeMetricFamily(
+            "ssh_spawner_host_held_until_seconds",
+            "Unix time until which a host that flapped answers but takes no new servers",
+            labels=["host"],
+        )
+        for h, t in sorted(held.items()):
+            until.add_metric([h], t)
+        yield until
+        yield _counter(
+            "ssh_spawner_host_probes",
+            "Background probes of hosts marked down (a TCP connection and sshd's"
+            " greeting, one at a time per host), by outcome: answered or no_answer",
+            ["host", "outcome"],
+            ((host(label), outcome, n) for label, outcome, n in snap["host_probes"]),
+        )
+
         yield _counter(
             "ssh_spawner_stops_escalated",
             "Stops that sent SIGKILL because the server outlived SIGTERM by stop_grace",

@@ -209,7 +209,11 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                         "{:<10} {:<20} {:<9} {:<8} {:<7} {:<7} {:>8} {:>11} {:>7} {:<7}",
                         r.host,
                         r.address,
-                        if r.reachable { "yes" } else { "no" },
+                        match (r.reachable, &r.down) {
+                            (true, None) => "yes",
+                            (true, Some(_)) => "held",
+                            (false, _) => "DOWN",
+                        },
                         r.host_key,
                         r.auth,
                         match r.command_found {
@@ -228,8 +232,15 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                         println!("\n{}: limits: {advice}", r.host);
                     }
                 }
-                for r in rows.iter().filter(|r| r.error.is_some()) {
-                    println!("\n{}: {}", r.host, r.error.as_deref().unwrap_or_default());
+                for r in rows
+                    .iter()
+                    .filter(|r| r.error.is_some() || r.down.is_some())
+                {
+                    match (&r.down, &r.error) {
+                        (Some(down), _) => println!("\n{}: {down}", r.host),
+                        (None, Some(e)) => println!("\n{}: {e}", r.host),
+                        (None, None) => {}
+                    }
                 }
             }
             sp.pool().close_all().await;

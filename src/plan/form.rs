@@ -311,6 +311,10 @@ pub fn render(rows: &[HostRow], bounds: &Bounds, current: &Choice) -> String {
             let name = escape(&row.name);
             let (detail, disabled) = match &row.status {
                 Ok(load) => (escape(&describe(load)), ""),
+                // Marked down for every user (plan::health): say since when.
+                Err(why) if why.starts_with("down since") || why.starts_with("answering again") => {
+                    (escape(why), " disabled")
+                }
                 Err(why) => (format!("not answering ({})", escape(why)), " disabled"),
             };
             let picked = current.host.as_deref() == Some(row.name.as_str()) && disabled.is_empty();
@@ -537,6 +541,18 @@ mod tests {
             html.contains("not answering (timed out &lt;script&gt;)"),
             "{html}"
         );
+        let down_rows = vec![HostRow {
+            name: "node3".into(),
+            status: Err("down since 09:00:01 UTC (12 s ago): no answer within 10s".into()),
+        }];
+        let down = render(&down_rows, &bounds(), &Choice::default());
+        assert!(
+            down.contains(
+                "<strong>node3</strong>: down since 09:00:01 UTC (12 s ago): no answer within 10s"
+            ),
+            "{down}"
+        );
+        assert!(down.contains("value=\"node3\" disabled"), "{down}");
         assert!(html.contains("value=\"auto\" checked"), "{html}");
         assert!(html.contains("from 128M to 8G; default 2G"), "{html}");
         assert!(html.contains("name=\"cpu_limit\""), "{html}");

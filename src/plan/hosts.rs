@@ -257,6 +257,10 @@ pub struct Candidate<'a> {
 fn unfit(c: &Candidate, req: &Requirements) -> Option<String> {
     let f = match &c.facts {
         Ok(f) => f,
+        // Marked down for everyone (plan::health): the reason says since when.
+        Err(e) if e.starts_with("down since") || e.starts_with("answering again") => {
+            return Some(e.clone())
+        }
         Err(e) => return Some(format!("down ({e})")),
     };
     if let Some(max) = c.max_servers {

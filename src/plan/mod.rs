@@ -1,6 +1,7 @@
 //! Decisions, no I/O: plain functions over plain data, tested without sshd.
 //!
 //! - [`hosts`]: what a host reports, and which host a server goes to.
+//! - [`health`]: which hosts answer, for every user at once.
 //! - [`ports`]: listening sockets from `/proc/net/tcp*`, and port choice.
 //! - [`limits`]: how memory and CPU limits are enforced on a host.
 //! - [`script`]: the launch, poll and stop scripts, and what they print.
@@ -11,6 +12,7 @@
 
 pub mod adopt;
 pub mod form;
+pub mod health;
 pub mod hosts;
 pub mod limits;
 pub mod ports;

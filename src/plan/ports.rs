@@ -122,6 +122,22 @@ pub fn probe_addresses(hub_address: &str, tunnel: bool) -> Vec<String> {
     v
 }
 
+/// The pause before the next turn of the hub's wait for a launched server
+/// to listen (`turn` from 0, `waited` so far): 10 ms doubling each turn, at
+/// most 200 ms, and 500 ms once the server has taken 5 s. A server that
+/// listens within a second is seen within a few tens of milliseconds; one
+/// that takes 30 s costs about 70 turns (each a direct-tcpip open and an
+/// SFTP `stat`, no program on the host).
+pub fn ready_probe_delay(turn: u32, waited: std::time::Duration) -> std::time::Duration {
+    use std::time::Duration;
+    let cap = if waited < Duration::from_secs(5) {
+        Duration::from_millis(200)
+    } else {
+        Duration::from_millis(500)
+    };
+    Duration::from_millis(10u64.saturating_mul(1u64 << turn.min(16))).min(cap)
+}
+
 /// One verdict from each address's answer: `Some(true)` something
 /// accepted, `Some(false)` the connect was refused, `None` no answer.
 /// A single acceptance is enough to call the port taken; it is free only
@@ -149,6 +165,25 @@ mod tests {
     const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 00000000000000000000000000000000:4E22 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1001        0 5 1 0000000000000000 100 0 0 10 0
 ";
+
+    #[test]
+    fn the_ready_wait_backs_off_from_10_ms_to_200_ms_then_500_ms() {
+        use std::time::Duration;
+        let ms = Duration::from_millis;
+        let early: Vec<u64> = (0..7)
+            .map(|t| ready_probe_delay(t, ms(100)).as_millis() as u64)
+            .collect();
+        assert_eq!(early, vec![10, 20, 40, 80, 160, 200, 200]);
+        assert_eq!(ready_probe_delay(40, ms(100)), ms(200));
+        assert_eq!(ready_probe_delay(u32::MAX, Duration::from_secs(6)), ms(500));
+        // Turns over a 30 s wait: what a slow server costs the host.
+        let (mut waited, mut turns) = (Duration::ZERO, 0u32);
+        while waited < Duration::from_secs(30) {
+            waited += ready_probe_delay(turns, waited);
+            turns += 1;
+        }
+        assert!((60..=80).contains(&turns), "{turns} turns in 30 s");
+    }
 
     #[test]
     fn reads_listening_ports_from_tcp_and_tcp6() {

@@ -414,6 +414,57 @@ const LAUNCH_FAILED_FN: &str = r#"failed() {
 }
 "#;
 
+/// `listening [UID]`: whether something (owned by UID, when given) listens
+/// on TCP port `$port` (`$port_hex` in hex), asked of `ss` (a netlink dump
+/// of the listening sockets only) when `$ss` names it, else read from
+/// `/proc/net/tcp*` with `grep`.
+const LISTENING_FN: &str = r#"listening() {
+  if [ -n "$ss" ] && l_out=$(ss -Hltne "sport = :$port" 2>/dev/null); then
+    case ${1:-0} in
+      0) [ -n "$l_out" ] ;;
+      *) case $l_out in *" uid:$1 "*) ;; *) false ;; esac ;;
+    esac
+  else
+    case ${1:-0} in
+      0) grep -qsE "^ *[0-9]+: [0-9A-F]+:$port_hex [0-9A-F]+:[0-9A-F]+ 0A " /proc/net/tcp /proc/net/tcp6 ;;
+      *) grep -qsE "^ *[0-9]+: [0-9A-F]+:$port_hex [0-9A-F]+:[0-9A-F]+ 0A [0-9A-F]+:[0-9A-F]+ [0-9A-F]+:[0-9A-F]+ [0-9A-F]+ +$1 " /proc/net/tcp /proc/net/tcp6 ;;
+    esac
+  fi
+}
+"#;
+
+/// The one check the spawner runs on the host when, waiting for a launched
+/// server from the hub ([`LaunchSpec::ready_cs`] 0), it finds the server's
+/// port accepting connections, or wants to know whether it still runs: one
+/// `sh` and, when the server lives, one `ss`. Prints `listening=yes` when
+/// the server lives and a socket of its login listens on the port (another
+/// user's listener is never taken for it), `listening=no` while it lives
+/// without one; when it is gone (or its pid is another process now) it
+/// prints the launch's failure report (`exited STATUS` and the log's last
+/// lines) and exits [`LAUNCH_FAILED`].
+pub fn ready_check_script(p: &Proc, port: u16) -> Result<String> {
+    check_proc(p)?;
+    let dir_q = quote(&p.dir, "server directory")?;
+    Ok(format!(
+        r#"main() {{
+{HELPERS}{LAUNCH_FAILED_FN}d={dir_q}
+pid={pid} start={start} me={uid}
+port={port} port_hex={port:04X}
+ss=
+if command -v ss >/dev/null 2>&1; then ss=ss; fi
+{LISTENING_FN}if [ -e "$d/exit_status" ] || ! rs "$pid" || ! live || [ "$s_start" != "$start" ]; then
+  failed
+fi
+if listening "$me"; then echo listening=yes; else echo listening=no; fi
+}}
+main </dev/null
+"#,
+        pid = p.pid,
+        start = p.start_time,
+        uid = p.uid,
+    ))
+}
+
 fn limit_words(limits: &LimitPlan) -> Result<Vec<String>> {
     match limits {
         LimitPlan::None => Ok(Vec::new()),
@@ -669,20 +720,8 @@ case $um in ''|*[!0-7]*) um=$(umask) ;; esac
 umask 077
 ss=
 if command -v ss >/dev/null 2>&1; then ss=ss; fi
-listening() {{
-  if [ -n "$ss" ] && l_out=$(ss -Hltne 'sport = :{port}' 2>/dev/null); then
-    case ${{1:-0}} in
-      0) [ -n "$l_out" ] ;;
-      *) case $l_out in *" uid:$1 "*) ;; *) false ;; esac ;;
-    esac
-  else
-    case ${{1:-0}} in
-      0) grep -qsE '^ *[0-9]+: [0-9A-F]+:{port_hex} [0-9A-F]+:[0-9A-F]+ 0A ' /proc/net/tcp /proc/net/tcp6 ;;
-      *) grep -qsE "^ *[0-9]+: [0-9A-F]+:{port_hex} [0-9A-F]+:[0-9A-F]+ 0A [0-9A-F]+:[0-9A-F]+ [0-9A-F]+:[0-9A-F]+ [0-9A-F]+ +$1 " /proc/net/tcp /proc/net/tcp6 ;;
-    esac
-  fi
-}}
-up() {{
+port={port} port_hex={port_hex}
+{LISTENING_FN}up() {{
   IFS=' .' read -r u_s u_c _ </proc/uptime
   now=$u_s$u_c
 }}
@@ -2375,6 +2414,65 @@ mod tests {
             let (stopped, _) = stop(&proc_of(&r, &dir, &l), 5, false);
             assert_eq!(stopped, Stopped::Killed { escalated: false });
         }
+    }
+
+    #[test]
+    fn the_ready_check_tells_not_yet_listening_and_exited_and_never_takes_another_uids_socket() {
+        let tmp = Tmp::new();
+        let no_env = Vec::new();
+        let port = free_port();
+        let code = format!(
+            "import socket,time\ntime.sleep(0.4)\ns=socket.socket()\n\
+             s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+             s.bind(('127.0.0.1',{port}))\ns.listen()\ntime.sleep(60)\n"
+        );
+        let cmd = strings(&["python3", "-c", &code]);
+        let dir = tmp.join("home/hub-waits");
+        let r = run_id();
+        let _reaper = Reaper::new(&r);
+        let mut s = spec(&r, &dir, &no_env, &cmd);
+        s.port = port;
+        // The hub waits: the launch returns with the pid, before the listen.
+        s.ready_cs = 0;
+        let out = launch(&s);
+        assert_eq!(out.status, 0, "{out:?}");
+        assert!(!launch_listening(&out.stdout), "{out:?}");
+        assert!(out.elapsed < Duration::from_millis(400), "{out:?}");
+        let l = launched(&out, &dir);
+        let p = proc_of(&r, &dir, &l);
+        let check = |p: &Proc| sh(&ready_check_script(p, port).unwrap());
+        let first = check(&p);
+        assert_eq!(first.status, 0, "{first:?}");
+        assert!(first.stdout.contains("listening=no"), "{first:?}");
+        assert!(
+            wait_until(Duration::from_secs(10), || launch_listening(
+                &check(&p).stdout
+            )),
+            "never listening: {:?}",
+            check(&p)
+        );
+        // The same socket seen as another login's (what bob's listener on
+        // alice's port looks like): never the server's.
+        let other = Proc {
+            uid: p.uid + 1,
+            ..p.clone()
+        };
+        let o = check(&other);
+        assert_eq!((o.status, o.stdout.trim()), (0, "listening=no"), "{o:?}");
+        // A pid that is now another process (its start time differs) is not
+        // the server: reported gone, with the log.
+        let reused = Proc {
+            start_time: p.start_time + 1,
+            ..p.clone()
+        };
+        let g = check(&reused);
+        assert_eq!(g.status, LAUNCH_FAILED as i32, "{g:?}");
+        let (stopped, _) = stop(&p, 5, true);
+        assert_eq!(stopped, Stopped::Killed { escalated: false });
+        let gone = check(&p);
+        assert_eq!(gone.status, LAUNCH_FAILED as i32, "{gone:?}");
+        let (status, _) = parse_launch_failure(&gone.stdout).expect("a failure report");
+        assert!(status.is_some(), "{gone:?}");
     }
 
     #[test]

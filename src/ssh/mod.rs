@@ -10,11 +10,13 @@
 //!   close; it sits above `connect` and `tunnel` and builds the tunnels
 //!   ([`LocalForward::bind`], [`RemoteForward::open`]).
 //! - [`exec`]: a command with stdin, bounded in time and output.
+//! - [`health`]: which hosts answer, and the background probe of a down one.
 //! - [`sftp`]: uploads with exact modes.
 
 pub mod auth;
 pub mod connect;
 pub mod exec;
+pub mod health;
 pub mod known_hosts;
 pub mod pool;
 pub mod sftp;

@@ -26,6 +26,7 @@ use russh_sftp::protocol::FileAttributes;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 
 use super::connect::{self, ConnectOptions, Connection, ForwardSink, ForwardTargets};
+use super::health::HostWatch;
 use super::tunnel::{
     BoxFut, CarryTo, ForwardLink, Hold, LocalForward, OpenChannel, RemoteForward, RequestForward,
 };
@@ -89,6 +90,8 @@ struct Inner {
     handshakes: AtomicU64,
     forwards: ForwardTargets,
     tunnel_tasks: Arc<AtomicUsize>,
+    /// Which hosts answer, for every target of the pool.
+    health: HostWatch,
 }
 
 /// The connections of one target. The async mutex is held across a handshake,
@@ -323,6 +326,7 @@ impl Pool {
             handshakes: AtomicU64::new(0),
             forwards: Arc::new(Mutex::new(HashMap::new())),
             tunnel_tasks: Arc::new(AtomicUsize::new(0)),
+            health: HostWatch::default(),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(sweep_idle(Arc::downgrade(&inner)));
@@ -333,6 +337,12 @@ impl Pool {
     /// The settings this pool was made with.
     pub fn options(&self) -> &PoolOptions {
         &self.inner.opts
+    }
+
+    /// Which hosts answer, as this pool's connections found them
+    /// ([`crate::plan::health`]).
+    pub fn health(&self) -> &HostWatch {
+        &self.inner.health
     }
 
     /// Counters across every target.
@@ -503,6 +513,26 @@ impl Pool {
                 conn.drop_keep();
                 false
             }
+        }
+    }
+
+    /// Whether `path` exists on `target`, asked of the SFTP session a live
+    /// pooled connection keeps open (one request, no program started on the
+    /// host). `None` when it cannot be asked that way (no kept session, no
+    /// answer within a second, or any failure but "no such file").
+    pub async fn path_exists(&self, target: &Target, path: &str) -> Option<bool> {
+        let conn = self.live_conn(target)?;
+        let sftp = conn.kept_sftp()?;
+        let path = path.strip_prefix("~/").unwrap_or(path);
+        let wait = self.inner.opts.channel_timeout.min(Duration::from_secs(1));
+        match tokio::time::timeout(wait, sftp.stat(path)).await {
+            Ok(Ok(_)) => Some(true),
+            Ok(Err(russh_sftp::client::error::Error::Status(status)))
+                if status.status_code == russh_sftp::protocol::StatusCode::NoSuchFile =>
+            {
+                Some(false)
+            }
+            _ => None,
         }
     }
 
@@ -817,11 +847,42 @@ impl Pool {
                 }
             }
         }
-        let connected = connect::connect(target, &opts.connect, self.inner.forwards.clone()).await;
-        crate::metrics::ssh_connect(
-            &target.host_label(),
-            connected.as_ref().err().map(|e| e.kind()),
-        );
+        // The attempt runs as a task of its own: a caller that gives up
+        // first (a command's own timeout shorter than the connect timeout)
+        // does not cut it short, so its outcome still reaches the hosts'
+        // health and the metrics, for every other user.
+        let attempt = {
+            let (target, connect_opts) = (target.clone(), opts.connect.clone());
+            let (forwards, health) = (self.inner.forwards.clone(), self.inner.health.clone());
+            async move {
+                let connected = connect::connect(&target, &connect_opts, forwards).await;
+                crate::metrics::ssh_connect(
+                    &target.host_label(),
+                    connected.as_ref().err().map(|e| e.kind()),
+                );
+                match &connected {
+                    Ok(_) => health.answered(&target.host_label()),
+                    Err(e) => health.connect_failed(
+                        &target.address,
+                        target.port,
+                        e,
+                        connect_opts.connect_timeout,
+                    ),
+                }
+                connected
+            }
+        };
+        let connected = match tokio::runtime::Handle::try_current() {
+            Ok(rt) => rt.spawn(attempt).await.unwrap_or_else(|e| {
+                Err(Error::Ssh {
+                    host: target.host_label(),
+                    user: target.user.clone(),
+                    reason: format!("the connection attempt ended abnormally: {e}"),
+                    source: None,
+                })
+            }),
+            Err(_) => attempt.await,
+        };
         match connected {
             Ok(handle) => {
                 self.inner.handshakes.fetch_add(1, Ordering::Relaxed);

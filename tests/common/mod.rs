@@ -239,3 +239,159 @@ impl Drop for StopOnPanic {
         );
     }
 }
+
+/// An sshd of its own in node1's namespace, on a port of its own, with the
+/// testbed host's configuration but for `tweaks` (`(keyword, value)`, each
+/// replacing that keyword's line); killed, and its port's blackhole lifted,
+/// when dropped.
+pub struct OwnSshd {
+    child: std::process::Child,
+    pub port: u16,
+    pub address: String,
+    netns: String,
+    _scratch: Scratch,
+    /// A known_hosts file naming this sshd (`[address]:port`).
+    pub known_hosts: PathBuf,
+    /// The nft table of [`OwnSshd::blackhole`], while it is there.
+    table: std::sync::Mutex<Option<String>>,
+}
+
+impl OwnSshd {
+    pub fn start(tb: &Testbed, tweaks: &[(&str, &str)]) -> OwnSshd {
+        let host = tb.host("node1");
+        let scratch = Scratch::new("sshd");
+        let port = 2300 + (rand::random::<u16>() % 2000);
+        let config = std::fs::read_to_string(format!(
+            "/var/lib/ssh-spawner-testbed/hosts/{}/sshd_config",
+            host.name
+        ))
+        .unwrap();
+        let config: String = config
+            .lines()
+            .map(|l| {
+                let key = l.split_whitespace().next().unwrap_or_default();
+                if key == "ListenAddress" {
+                    format!("ListenAddress {}:{port}", host.address)
+                } else if key == "PidFile" {
+                    format!("PidFile {}", scratch.path("sshd.pid").display())
+                } else if let Some((k, v)) = tweaks.iter().find(|(k, _)| *k == key) {
+                    format!("{k} {v}")
+                } else {
+                    l.to_string()
+                }
+            })
+            .map(|l| l + "\n")
+            .collect();
+        let cfg = scratch.path("sshd_config");
+        std::fs::write(&cfg, config).unwrap();
+        let known_hosts = scratch.path("known_hosts");
+        std::fs::write(
+            &known_hosts,
+            format!("[{}]:{port} {}\n", host.address, host.host_key_pub_line),
+        )
+        .unwrap();
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &host.netns, "/usr/sbin/sshd", "-D", "-f"])
+            .arg(&cfg)
+            .args(["-E"])
+            .arg(scratch.path("sshd.log"))
+            .spawn()
+            .unwrap();
+        let sshd = OwnSshd {
+            child,
+            port,
+            address: host.address.clone(),
+            netns: host.netns.clone(),
+            _scratch: scratch,
+            known_hosts,
+            table: std::sync::Mutex::new(None),
+        };
+        let addr = format!("{}:{port}", host.address);
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                std::time::Instant::now() < end,
+                "sshd on {addr} never listened"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        sshd
+    }
+
+    fn nft(&self, script: &str) {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.netns, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                use std::io::Write;
+                c.stdin.take().unwrap().write_all(script.as_bytes())?;
+                c.wait_with_output()
+            })
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "nft {script:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Drop every packet to this sshd's port, as a crashed host does: a
+    /// connection gets no answer at all (only this port: the host's own
+    /// sshd and everything else there are untouched).
+    pub fn blackhole(&self) {
+        let table = format!("ssbh{}", self.port);
+        self.nft(&format!(
+            "table inet {table} {{\n chain input {{\n  type filter hook input priority 0;\n  tcp dport {} drop\n }}\n}}\n",
+            self.port
+        ));
+        *self.table.lock().unwrap() = Some(table);
+    }
+
+    /// Lift [`OwnSshd::blackhole`].
+    pub fn heal(&self) {
+        if let Some(table) = self.table.lock().unwrap().take() {
+            self.nft(&format!("delete table inet {table}\n"));
+        }
+    }
+}
+
+impl Drop for OwnSshd {
+    fn drop(&mut self) {
+        if let Ok(mut t) = self.table.lock() {
+            if let Some(table) = t.take() {
+                let _ = std::process::Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        &self.netns,
+                        "nft",
+                        "delete",
+                        "table",
+                        "inet",
+                        &table,
+                    ])
+                    .status();
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `cond` became true within `limit` (checked every 50 ms; the
+/// runtime's other tasks run meanwhile).
+pub async fn until_true(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
