@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from .conftest import (
+    E2E_SCOPES,
     SpawnFailed,
     all_procs,
     assert_server_process,
@@ -398,6 +399,98 @@ def test_twenty_servers_at_once_on_three_hosts_survive_a_hub_restart(
     argv_watch.stop()
     assert argv_watch.passes > 10
     assert not argv_watch.offending(tokens)
+
+
+@pytest.mark.any_hub
+def test_thirty_at_once_with_a_host_blackholed_all_ready_in_time_none_on_it_asked_twice(
+    testbed, hub_factory
+):
+    """Monday 9 a.m.: a class of thirty (two users, fifteen named servers
+    each) asks for servers at once while one of the three hosts is
+    blackholed, with JupyterHub's default start_timeout (60 s) and the
+    spawner's default connect_timeout (10 s), from a cold hub. Every server
+    is ready within the start timeout, none is on the dead host, and the
+    dead host is asked about once per user (it is then marked down for
+    everyone: /hub/metrics says so, with since when), not once per spawn.
+
+    The servers are JupyterHub's mock single-user server, as in the
+    twenty-at-once test: the subject is thirty host choices and launches."""
+    mocksu = "jupyterhub.tests.mocksu"
+    dead = testbed["hosts"][-1]["name"]
+    hub = hub_factory(
+        {
+            "Spawner.cmd": [testbed["venv"] + "/bin/python", "-m", mocksu],
+            "JupyterHub.load_roles": [
+                {"name": "e2e", "scopes": [*E2E_SCOPES, "read:metrics"], "services": ["e2e"]}
+            ],
+        }
+    )
+    assert hub.base_config()["Spawner.start_timeout"] == 60
+    wanted = [(u, f"m{i}") for u in (ALICE, BOB) for i in range(15)]
+    for u in (ALICE, BOB):
+        hub.create_user(u)
+    results, errors = {}, []
+    go = threading.Barrier(len(wanted))
+
+    def spawn(user, name):
+        try:
+            go.wait(10)
+            results[(user, name)] = hub.spawn(user, name, timeout=60)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(f"{user}/{name}: {e}")
+
+    with host_cut(testbed, dead):
+        t0 = time.monotonic()
+        threads = [threading.Thread(target=spawn, args=w) for w in wanted]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        wall = time.monotonic() - t0
+        assert not errors, "\n".join(errors)
+        times = sorted(t for _, t in results.values())
+        print(
+            f"THIRTY_DEAD_HOST wall={wall:.2f} median={statistics.median(times):.2f} "
+            f"max={times[-1]:.2f}"
+        )
+        hosts = {w: hub.ssh_state(*w)["host"] for w in wanted}
+        assert dead not in hosts.values(), hosts
+        text = hub.session.get(f"{hub.url}/hub/metrics", timeout=10).text
+        lines = [x for x in text.splitlines() if x.startswith("ssh_spawner_") and dead in x]
+        print("METRICS of the dead host\n" + "\n".join(lines))
+
+        def sample(prefix: str) -> float:
+            found = [x for x in lines if x.startswith(prefix + "{")]
+            return sum(float(x.rsplit(" ", 1)[1]) for x in found)
+
+        asked = sample("ssh_spawner_ssh_connect_attempts_total")
+        assert 1 <= asked <= 4, f"the dead host was asked {asked} times for 30 spawns of 2 users"
+        assert sample("ssh_spawner_host_up") == 0
+        assert sample("ssh_spawner_host_down_since_seconds") > time.time() - 300
+    # Healed: the background probe brings it back for new servers.
+    wait_until(
+        lambda: any(
+            x.startswith("ssh_spawner_host_up{") and dead in x and x.endswith(" 1.0")
+            for x in hub.session.get(f"{hub.url}/hub/metrics", timeout=10).text.splitlines()
+        ),
+        45,
+        what=f"{dead} to be up again in /hub/metrics",
+    )
+    errors.clear()
+
+    def stop(user, name):
+        try:
+            hub.stop_server(user, name)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(f"stop {user}/{name}: {e}")
+
+    threads = [threading.Thread(target=stop, args=w) for w in wanted]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, "\n".join(errors)
+    assert not hub.my_procs()
 
 
 @pytest.mark.any_hub
