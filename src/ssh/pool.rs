@@ -873,14 +873,17 @@ impl Pool {
             }
         };
         let connected = match tokio::runtime::Handle::try_current() {
-            Ok(rt) => rt.spawn(attempt).await.unwrap_or_else(|e| {
-                Err(Error::Ssh {
-                    host: target.host_label(),
-                    user: target.user.clone(),
-                    reason: format!("the connection attempt ended abnormally: {e}"),
-                    source: None,
-                })
-            }),
+            Ok(rt) => rt
+                .spawn(tracing::Instrument::in_current_span(attempt))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(Error::Ssh {
+                        host: target.host_label(),
+                        user: target.user.clone(),
+                        reason: format!("the connection attempt ended abnormally: {e}"),
+                        source: None,
+                    })
+                }),
             Err(_) => attempt.await,
         };
         match connected {
