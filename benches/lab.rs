@@ -9,7 +9,10 @@
 //!   through the spawner) across the hosts, pooled versus fresh connections,
 //!   wall and CPU time of this process;
 //! - `memory`: resident memory with the 1000 servers managed, and per pooled
-//!   connection.
+//!   connection;
+//! - `hostcpu`: the spawner's own CPU time on a host per launch of a server
+//!   that takes 30 s to listen, the hub watching against the launch
+//!   script's loop (see [`host_cpu`]).
 //!
 //! Every figure is printed as one JSON line on stdout (`scripts/bench` turns
 //! them into the table); progress goes to stderr. Every server started here
@@ -513,6 +516,118 @@ async fn poll_at_scale(tb: &common::Testbed, state_dir: &str, users: &[String]) 
     sp.pool().close_all().await;
 }
 
+/// `hostcpu`: the spawner's own CPU time on a host per launch of a server
+/// that takes `BENCH_HOSTCPU_LISTEN_AFTER` (30) s to listen, with the hub
+/// watching the port (`hub`, the default) and with the launch script's loop
+/// on the host (`host`, as before issue 21), interleaved, `BENCH_HOSTCPU_ROUNDS`
+/// (3) of each.
+///
+/// How: an sshd of its own in node1's namespace runs in a cpuacct cgroup
+/// (v1) of its own, so everything it starts is counted there: the
+/// per-connection sshd, the launch's `sh`, the wrapper, every check. The
+/// server's first act (a builtin `echo` in its `sh -c`) moves it into a
+/// second cgroup, so its `sleep` and the Python that then listens are not
+/// counted. One start is made first, so that the connection and its kept
+/// SFTP session exist (a hub's steady state); each measured start is the
+/// cgroup's usage from before the spawn (its facts read included, the
+/// cache having expired) to the spawn's return, the server listening.
+async fn host_cpu(tb: &common::Testbed, state_dir: &str, user: &str) {
+    let listen_after = env_usize("BENCH_HOSTCPU_LISTEN_AFTER", 30);
+    let rounds = env_usize("BENCH_HOSTCPU_ROUNDS", 3);
+    let root = std::path::PathBuf::from(format!(
+        "/sys/fs/cgroup/cpuacct/ssh-spawner-bench-{}",
+        std::process::id()
+    ));
+    let (spawner_cg, server_cg) = (root.join("spawner"), root.join("server"));
+    for d in [&spawner_cg, &server_cg] {
+        std::fs::create_dir_all(d).expect("cpuacct cgroup (cgroup v1 at /sys/fs/cgroup/cpuacct)");
+    }
+    let uid = tb.user(user).uid;
+    for f in ["cgroup.procs", "tasks"] {
+        std::os::unix::fs::chown(server_cg.join(f), Some(uid), None).expect("chown");
+    }
+    let sshd = common::OwnSshd::start(tb, &[]);
+    std::fs::write(spawner_cg.join("cgroup.procs"), sshd.pid().to_string()).expect("move sshd");
+    let usage = || -> f64 {
+        std::fs::read_to_string(spawner_cg.join("cpuacct.usage"))
+            .expect("cpuacct.usage")
+            .trim()
+            .parse::<f64>()
+            .expect("usage")
+            / 1e6
+    };
+    let scratch = common::Scratch::new("hostcpu");
+    let known_hosts = scratch.path("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        std::fs::read_to_string(&sshd.known_hosts).expect("known_hosts"),
+    )
+    .expect("known_hosts");
+    let text = format!(
+        "known_hosts = \"{}\"\nkey_path = \"{}\"\nready_timeout = {}\nstate_dir = \"{state_dir}\"\nstop_grace = 2\n\
+         [[hosts]]\naddress = \"{}\"\nname = \"cpu\"\nport = {}\n",
+        known_hosts.display(),
+        tb.hub_key.display(),
+        listen_after + 60,
+        sshd.address,
+        sshd.port
+    );
+    let sp = Spawner::new(toml::from_str::<Config>(&text).expect("config")).expect("spawner");
+    let server = |after: usize| -> Vec<String> {
+        vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!(
+                "echo $$ > {}/cgroup.procs; sleep {after}; exec /usr/bin/python3 -c \"\
+                 import os,socket,time; s=socket.socket(); \
+                 s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1); \
+                 s.bind(('0.0.0.0',int(os.environ['PORT']))); s.listen(); time.sleep(3600)\"",
+                server_cg.display()
+            ),
+        ]
+    };
+    let env = |s: &ServerState| vec![("PORT".to_string(), s.port.to_string())];
+    let mut states = Vec::new();
+    let warm = sp
+        .spawn(&request(user), env, &server(0), &Progress::new())
+        .await
+        .expect("warm-up start");
+    states.push(warm);
+    tokio::time::sleep(Duration::from_secs(6)).await; // the facts cache expires
+    let mut per: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let load = || std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    for round in 0..rounds {
+        for mode in ["hub", "host"] {
+            sp.set_ready_wait_on_host(mode == "host");
+            let before = usage();
+            let t0 = Instant::now();
+            let st = sp
+                .spawn(&request(user), env, &server(listen_after), &Progress::new())
+                .await
+                .expect("start");
+            let (cpu, wall) = (usage() - before, t0.elapsed());
+            eprintln!(
+                "hostcpu round {round} {mode}: {cpu:.1} ms of host CPU in {:.1} s (load {})",
+                wall.as_secs_f64(),
+                load().trim()
+            );
+            per.entry(mode).or_default().push(cpu);
+            states.push(st);
+            tokio::time::sleep(Duration::from_secs(6)).await;
+        }
+    }
+    for (mode, v) in &per {
+        emit(json!({"figure": "hostcpu", "mode": mode, "listen_after_s": listen_after,
+            "host_cpu_ms": stats(v), "load": load().trim()}));
+    }
+    remove_all(states);
+    sp.pool().close_all().await;
+    drop(sshd);
+    let _ = std::fs::remove_dir(&server_cg);
+    let _ = std::fs::remove_dir(&spawner_cg);
+    let _ = std::fs::remove_dir(&root);
+}
+
 #[tokio::main]
 async fn main() {
     let Some(tb) = common::testbed("bench lab") else {
@@ -535,6 +650,9 @@ async fn main() {
     }
     if want("poll") {
         poll_at_scale(&tb, &state_dir, &users).await;
+    }
+    if want("hostcpu") {
+        host_cpu(&tb, &state_dir, &users[0]).await;
     }
     // The run directories' parent on each host.
     for u in &tb.users {

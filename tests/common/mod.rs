@@ -350,6 +350,11 @@ impl OwnSshd {
         *self.table.lock().unwrap() = Some(table);
     }
 
+    /// The sshd's pid (`ip netns exec` execs it).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Lift [`OwnSshd::blackhole`].
     pub fn heal(&self) {
         if let Some(table) = self.table.lock().unwrap().take() {
