@@ -10,8 +10,16 @@
   timestamps: the REST request, the hub's own log lines (ms timestamps), the
   spawner's progress events, every HTTP check the hub makes of the server
   (logged by a wrapper around JupyterHub's ``fetch``), and "ready".
+- ``rush OUT.jsonl``: a "Monday 9 a.m." rush, N servers requested at once
+  through a real JupyterHub (JupyterHub's mock single-user server),
+  SSHSpawner with every host up, one host's link down and one host
+  blackholed, against LocalProcessSpawner, interleaved; sizes and rounds by
+  BENCH_RUSH_SIZES (default 45,100) and BENCH_RUSH_ROUNDS (default 2); one
+  JSON line per measurement and a table per size with the targets
+  (``--table`` prints the table of an existing OUT.jsonl).
 - ``cleanup``: kill whatever a benchmark left on the hosts (after a failure
-  or Ctrl-C) and remove its run directories.
+  or Ctrl-C) and remove its run directories; heal a host a rush left
+  faulted, kill a rush's hubs, proxies and LocalProcessSpawner servers.
 - ``report``: the one table (stdout), ``docs/benchmarks.md`` and
   ``docs/benchmarks.png`` from the figures of the run.
 """
@@ -337,11 +345,583 @@ def format_timeline(events: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------
+# rush: "Monday 9 a.m.", N servers requested at once
+
+MOCKSU = "jupyterhub.tests.mocksu"
+RUSH_CASES = ("local", "up", "linkdown", "blackhole")
+# A host faulted by `rush` and not yet healed (read by `cleanup`).
+RUSH_FAULT_NOTE = REPO / "target" / "bench" / "rush-fault"
+# In the environment of the LocalProcessSpawner servers of `rush` (found by `cleanup`).
+RUSH_ENV_MARK = "SSH_SPAWNER_BENCH_RUSH"
+
+
+def rush_hub(tb: dict, workdir: Path, tag: str, kind: str):
+    """A hub for the rush: JupyterHub's mock single-user server, named servers
+    without limit, no concurrent spawn limit, and JupyterHub's own defaults of
+    start_timeout and http_timeout (the e2e Hub sets both; they are dropped)."""
+    sys.path.insert(0, str(REPO))
+    from tests.e2e.conftest import E2E_SCOPES, Hub  # noqa: PLC0415 -- the e2e suite's launcher
+
+    class RushHub(Hub):
+        def base_config(self) -> dict:
+            cfg = super().base_config()
+            cfg.pop("Spawner.start_timeout", None)
+            cfg.pop("Spawner.http_timeout", None)
+            return cfg
+
+    config = {
+        "Spawner.cmd": [tb["venv"] + "/bin/python", "-m", MOCKSU],
+        "JupyterHub.allow_named_servers": True,
+        "JupyterHub.named_server_limit_per_user": 0,
+        # 0 is "no limit" (JupyterHub's default, 100, would answer 429 beyond 100 pending).
+        "JupyterHub.concurrent_spawn_limit": 0,
+        "JupyterHub.cleanup_servers": True,
+        "JupyterHub.load_roles": [
+            {"name": "e2e", "scopes": [*E2E_SCOPES, "read:metrics"], "services": ["e2e"]}
+        ],
+    }
+    if kind == "local":
+        config["JupyterHub.spawner_class"] = "jupyterhub.spawner.LocalProcessSpawner"
+        config["Spawner.environment"] = {RUSH_ENV_MARK: tag}
+    return RushHub(tb, workdir, tag, config)
+
+
+def rush_servers(users: list[str], n: int) -> list[tuple[str, str]]:
+    """n named servers: one user per 15 servers, as many as the bed has, the
+    servers split evenly between them (round robin)."""
+    k = min(len(users), max(1, -(-n // 15)))
+    return [(users[i % k], f"r{i // k}") for i in range(n)]
+
+
+def rush_session(hub, pool: int = 10) -> requests.Session:
+    s = requests.Session()
+    s.headers["Authorization"] = f"token {hub.token}"
+    adapter = requests.adapters.HTTPAdapter(pool_connections=1, pool_maxsize=pool)
+    s.mount("http://", adapter)
+    return s
+
+
+def rush_listing(sess: requests.Session, hub) -> dict[tuple[str, str], dict]:
+    """Every active server (with its state), from one GET /users."""
+    r = sess.get(f"{hub.url}/hub/api/users", timeout=30)
+    r.raise_for_status()
+    return {
+        (u["name"], name): model
+        for u in r.json()
+        for name, model in (u.get("servers") or {}).items()
+        if model is not None
+    }
+
+
+def scrape_metrics(hub) -> dict[tuple[str, tuple], float]:
+    """The hub's /hub/metrics as {(sample name, sorted labels): value}; {} if unreadable."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    try:
+        r = hub.session.get(f"{hub.url}/hub/metrics", timeout=10)
+    except requests.RequestException:
+        return {}
+    if r.status_code != 200:
+        return {}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(r.text)
+        for s in family.samples
+    }
+
+
+def metric_total(samples: dict, name: str, **labels) -> float:
+    want = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and want <= set(ls))
+
+
+def metric_by(samples: dict, name: str, key: str, **labels) -> dict[str, float]:
+    """Values of `name` whose labels include `labels`, summed by label `key`."""
+    want = set(labels.items())
+    out: dict[str, float] = {}
+    for (n, ls), v in samples.items():
+        d = dict(ls)
+        if n == name and want <= set(ls) and key in d:
+            out[d[key]] = out.get(d[key], 0.0) + v
+    return out
+
+
+def metric_delta(after: dict, before: dict, name: str, key: str, **labels) -> dict[str, int]:
+    a = metric_by(after, name, key, **labels)
+    b = metric_by(before, name, key, **labels)
+    return {k: int(v - b.get(k, 0)) for k, v in sorted(a.items()) if v - b.get(k, 0)}
+
+
+def rush_burst(hub, wanted: list[tuple[str, str]], timeout: float) -> dict:
+    """POST every spawn at once (one thread each, released together by a
+    barrier), then one GET /users every 100 ms until each server is ready or
+    failed (no longer listed after its POST answered) or `timeout` passed."""
+    n = len(wanted)
+    posts: dict[tuple[str, str], dict] = {}
+    go = threading.Barrier(n + 1)
+
+    def post(user: str, name: str) -> None:
+        s = rush_session(hub, 1)
+        url = f"{hub.url}/hub/api{hub.server_path(user, name)}"
+        rec: dict = {}
+        try:
+            go.wait(30)
+            rec["sent"] = time.monotonic()
+            r = s.post(url, timeout=timeout + 30)
+            rec["status"], rec["text"] = r.status_code, r.text[:300]
+        except Exception as e:  # noqa: BLE001 -- recorded as the spawn's failure
+            rec["status"], rec["text"] = None, f"{type(e).__name__}: {e}"[:300]
+        finally:
+            rec["done"] = time.monotonic()
+            posts[(user, name)] = rec
+            s.close()
+
+    threads = [threading.Thread(target=post, args=w, daemon=True) for w in wanted]
+    for t in threads:
+        t.start()
+    go.wait(30)
+    t0 = time.monotonic()
+    sess = rush_session(hub)
+    ready: dict[tuple[str, str], float] = {}
+    states: dict[tuple[str, str], dict] = {}
+    failed: dict[tuple[str, str], str] = {}
+    polls: list[float] = []
+    while True:
+        t_req = time.monotonic()
+        try:
+            listing = rush_listing(sess, hub)
+        except (requests.RequestException, ValueError) as e:
+            print(f"rush: GET /users: {e}", file=sys.stderr)
+            listing = None
+        t_resp = time.monotonic()
+        polls.append(t_resp - t_req)
+        for key in wanted:
+            if key in ready or key in failed or listing is None:
+                continue
+            model = listing.get(key)
+            if model is not None and model.get("ready"):
+                ready[key] = t_resp - t0
+                states[key] = model.get("state") or {}
+                continue
+            rec = posts.get(key)
+            if model is None and rec is not None and rec["done"] < t_req:
+                if rec["status"] in (201, 202):
+                    failed[key] = "spawn failed (no longer listed after its POST answered)"
+                else:
+                    failed[key] = f"POST {rec['status']}: {rec['text']}"
+        if len(ready) + len(failed) == n or time.monotonic() - t0 > timeout:
+            break
+        time.sleep(max(0.0, 0.1 - (time.monotonic() - t_req)))
+    for key in wanted:
+        if key not in ready and key not in failed:
+            failed[key] = f"not ready within {timeout:.0f} s"
+    sess.close()
+    join_by = time.monotonic() + 5  # a POST still waiting is left to its timeout
+    for t in threads:
+        t.join(max(0.0, join_by - time.monotonic()))
+    return {
+        "ready": ready,
+        "states": states,
+        "failed": failed,
+        "posts": posts,
+        "poll_p50_s": pct(polls, 50),
+        "polls": len(polls),
+    }
+
+
+def rush_stop_all(hub, timeout: float = 150) -> float:
+    """DELETE every server of the hub (in parallel, again while any is left)
+    until the REST API lists none; returns the seconds it took."""
+    t0 = time.monotonic()
+    sess = rush_session(hub, 16)
+
+    def delete(key: tuple[str, str]) -> None:
+        with contextlib.suppress(requests.RequestException):
+            sess.delete(f"{hub.url}/hub/api{hub.server_path(*key)}", timeout=60)
+
+    asked: dict[tuple[str, str], float] = {}
+    try:
+        while True:
+            left = rush_listing(sess, hub)
+            if not left:
+                return time.monotonic() - t0
+            if time.monotonic() - t0 > timeout:
+                raise RuntimeError(f"{len(left)} servers still listed {timeout:.0f} s after DELETE")
+            # A server is asked again when it is still listed 20 s later (a
+            # DELETE that met a spawn finishing, say).
+            again = [k for k in left if time.monotonic() - asked.get(k, -1e9) > 20]
+            for k in again:
+                asked[k] = time.monotonic()
+            if again:
+                threads = [threading.Thread(target=delete, args=(k,), daemon=True) for k in again]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(65)
+            time.sleep(0.2)
+    finally:
+        sess.close()
+
+
+def testbed_run(tb: dict, *args: str) -> None:
+    subprocess.run([tb["script"], *args], check=True, timeout=60, capture_output=True)
+
+
+def testbed_wait_up(tb: dict, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = subprocess.run(
+            [tb["script"], "status"], capture_output=True, text=True, timeout=60, check=False
+        )
+        if st.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"test bed not fully up:\n{st.stdout}{st.stderr}")
+        time.sleep(1)
+
+
+@contextlib.contextmanager
+def rush_fault(tb: dict, case: str, host: dict):
+    """The fault of the case on `host` while the block runs, healed after it
+    whatever happens. linkdown: the host's veth down and its neighbour entry
+    dropped, not pinned, so the hub's ARP fails and connects get EHOSTUNREACH;
+    blackhole: `scripts/testbed cut` (entry pinned, packets silently dropped)."""
+    if case not in ("linkdown", "blackhole"):
+        yield
+        return
+    name = host["name"]
+    RUSH_FAULT_NOTE.parent.mkdir(parents=True, exist_ok=True)
+    RUSH_FAULT_NOTE.write_text(name + "\n")
+    try:
+        if case == "blackhole":
+            testbed_run(tb, "cut", name)
+        else:
+            # The veth as scripts/testbed names it (host_veth: tbvethN).
+            veth = host.get("veth") or "tbveth" + name.removeprefix("node")
+            subprocess.run(["ip", "link", "set", veth, "down"], check=True, timeout=30)
+            subprocess.run(
+                ["ip", "neigh", "del", host["address"], "dev", tb.get("bridge", "tbr0")],
+                check=False,
+                timeout=30,
+                capture_output=True,
+            )
+        yield
+    finally:
+        testbed_run(tb, "heal", name)
+        RUSH_FAULT_NOTE.unlink(missing_ok=True)
+
+
+def rush_package() -> str:
+    """Where the hub's ssh_spawner comes from, and its extension's mtime."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.find_spec("ssh_spawner")
+    if spec is None or not spec.submodule_search_locations:
+        return "ssh_spawner not installed"
+    pkg = Path(next(iter(spec.submodule_search_locations)))
+    cores = sorted(pkg.glob("_core*.so"))
+    if not cores:
+        return f"{pkg} (no _core extension)"
+    st = cores[0].stat()
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(st.st_mtime))
+    return f"{cores[0]} ({st.st_size / 1e6:.0f} MB, built {stamp})"
+
+
+def rush_measure(
+    hub, kind: str, case: str, n: int, rnd: int, wanted, dead: dict | None, args
+) -> dict:
+    """One measurement on a started hub: the burst, then every server stopped."""
+    loadavg = Path("/proc/loadavg").read_text().strip()
+    commit = commit_line()
+    print(f"\n[{case} n={n} round {rnd}] loadavg {loadavg}; {commit}", flush=True)
+    before = scrape_metrics(hub) if kind == "ssh" else {}
+    t_start = time.monotonic()
+    res = rush_burst(hub, wanted, args.timeout)
+    after = scrape_metrics(hub) if kind == "ssh" else {}
+    at_ready = after
+    if dead:
+        # The spawner counts a connection attempt when it ends: with the fault
+        # still on, wait until those begun in the burst have (connect_timeout
+        # is 10 s by default), then read again.
+        time.sleep(max(0.0, t_start + args.dead_window - time.monotonic()))
+        after = scrape_metrics(hub)
+    hosts: dict[tuple[str, str], str] = {}
+    if kind == "ssh":
+        for key in res["ready"]:
+            st = res["states"].get(key, {}).get("ssh")
+            if not st:
+                with contextlib.suppress(Exception):
+                    st = hub.ssh_state(*key)
+            hosts[key] = (st or {}).get("host", "?")
+    times = sorted(res["ready"].values())
+    per_host: dict[str, int] = {}
+    for h in hosts.values():
+        per_host[h] = per_host.get(h, 0) + 1
+    dead_name = dead["name"] if dead else None
+    errors: dict[str, int] = {}
+    for msg in res["failed"].values():
+        errors[msg] = errors.get(msg, 0) + 1
+    statuses: dict[str, int] = {}
+    for rec in res["posts"].values():
+        statuses[str(rec["status"])] = statuses.get(str(rec["status"]), 0) + 1
+    row = {
+        "figure": "rush",
+        "spawner": kind,
+        "case": case,
+        "n": n,
+        "round": rnd,
+        "users": len({u for u, _ in wanted}),
+        "ready": len(times),
+        "failed": len(res["failed"]),
+        "last_ready_s": round(times[-1], 3) if times else None,
+        "median_s": round(statistics.median(times), 3) if times else None,
+        "p90_s": round(pct(times, 90), 3) if times else None,
+        "first_ready_s": round(times[0], 3) if times else None,
+        "dead_host": dead_name,
+        "on_dead_host": sum(h == dead_name for h in hosts.values()) if dead_name else None,
+        "per_host": per_host,
+        "connects": metric_delta(after, before, "ssh_spawner_ssh_connect_attempts_total", "host"),
+        "connect_failures": metric_delta(
+            after, before, "ssh_spawner_ssh_connect_failures_total", "host"
+        ),
+        "metrics_read": bool(after) if kind == "ssh" else None,
+        "post_status": statuses,
+        "errors": errors,
+        "poll_p50_s": round(res["poll_p50_s"], 4),
+        "loadavg": loadavg,
+        "commit": commit.removeprefix("commit "),
+        "samples_s": [round(t, 3) for t in times],
+    }
+    if dead_name:
+        row["metrics_window_s"] = round(time.monotonic() - t_start, 1)
+        row["dead_host_connects"] = row["connects"].get(dead_name, 0)
+        row["dead_host_connects_at_ready"] = metric_delta(
+            at_ready, before, "ssh_spawner_ssh_connect_attempts_total", "host"
+        ).get(dead_name, 0)
+        row["dead_host_connect_failures"] = metric_delta(
+            after, before, "ssh_spawner_ssh_connect_failures_total", "kind", host=dead_name
+        )
+        # Background probes of a host marked down (a TCP connection and sshd's
+        # greeting), where the spawner has them.
+        row["dead_host_probes"] = metric_delta(
+            after, before, "ssh_spawner_host_probes_total", "outcome", host=dead_name
+        )
+        row["dead_host_spawns"] = metric_delta(
+            after,
+            before,
+            "ssh_spawner_spawn_duration_seconds_count",
+            "outcome",
+            host=dead_name,
+        )
+    else:
+        row["dead_host_connects"] = None
+    row["measure_s"] = round(time.monotonic() - t_start, 1)
+    fmt = lambda v: "-" if v is None else f"{v:.2f} s"  # noqa: E731
+    print(
+        f"[{case} n={n} round {rnd}] ready {row['ready']}/{n}, failed {row['failed']}; "
+        f"last {fmt(row['last_ready_s'])}, median {fmt(row['median_s'])}, "
+        f"p90 {fmt(row['p90_s'])}"
+        + (f"; hosts {per_host}" if kind == "ssh" else "")
+        + (
+            f"; on {dead_name}: {row['on_dead_host']}; to it: SSH connects "
+            f"{row['dead_host_connects']} in {row['metrics_window_s']:.0f} s"
+            f" ({row['dead_host_connects_at_ready']} when the burst ended;"
+            f" failed {row.get('dead_host_connect_failures')}),"
+            f" probes {row.get('dead_host_probes')}, spawns {row.get('dead_host_spawns')}"
+            if dead_name
+            else ""
+        )
+        + ("" if row["metrics_read"] is not False else "; /hub/metrics NOT READ"),
+        flush=True,
+    )
+    for msg, count in errors.items():
+        print(f"    {count} x {msg}", flush=True)
+    return row
+
+
+def close_rush_hub(hub) -> None:
+    with contextlib.suppress(Exception):
+        if hub.running:
+            hub.stop()
+    for p in hub.my_procs():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGKILL)
+    for d in hub.host_dirs():
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def cmd_rush(args) -> None:
+    """A "Monday 9 a.m." rush through a real JupyterHub: N named servers
+    requested at once (one REST POST each, released together), JupyterHub's
+    mock single-user server (`jupyterhub.tests.mocksu` of the testbed venv),
+    SSHSpawner on the three hosts against LocalProcessSpawner here.
+
+    Cases, each for every size in BENCH_RUSH_SIZES (default 45,100), rounds
+    BENCH_RUSH_ROUNDS (default 2), interleaved per round and size in the order
+    local, up, linkdown, blackhole: `local` LocalProcessSpawner (one hub,
+    reused); `up` every host up; `linkdown` the last host's link down without
+    a pinned neighbour entry (EHOSTUNREACH once ARP fails); `blackhole` that
+    host cut (`scripts/testbed cut`: packets dropped silently). Every SSH case
+    gets a fresh hub (a cold pool, as at 9 a.m.). Per measurement: seconds
+    from the burst until each server is ready (one GET /users every 100 ms),
+    failures (90 s at most), the host of each SSH server, and from
+    /hub/metrics the hub's SSH connection attempts to the dead host. Then
+    every server is stopped. JSON lines to OUT, one per measurement (with
+    /proc/loadavg and the commit); a table per size on stdout with the
+    targets: every spawn ready within 60 s, last ready <= 1.2x local (the
+    median of the per-round ratios), none on the dead host."""
+    if args.table:
+        print(rush_table(read_lines(Path(args.out))))
+        return
+
+    def on_term(_sig, _frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, on_term)
+    sizes = [int(x) for x in args.sizes.split(",") if x.strip()]
+    tb = load_testbed()
+    users = [u["name"] for u in tb["users"]]
+    dead = tb["hosts"][-1]
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    run_tag = f"bench-{secrets.token_hex(3)}"
+    package = rush_package()
+    print(
+        f"rush: sizes {sizes}, {args.rounds} rounds, users {users}, dead host {dead['name']}, "
+        f"{commit_line()}\nrush: hub's ssh_spawner: {package}",
+        flush=True,
+    )
+    local = rush_hub(tb, work / "local", run_tag + "-l", "local")
+    rows: list[dict] = []
+    t_run = time.monotonic()
+    out = open(args.out, "w")  # noqa: SIM115 -- written line by line as measured
+    try:
+        local.start()
+        for u in users:
+            local.create_user(u)
+        for rnd in range(1, args.rounds + 1):
+            for n in sizes:
+                wanted = rush_servers(users, n)
+                for case in RUSH_CASES:
+                    if case == "local":
+                        row = rush_measure(local, "local", case, n, rnd, wanted, None, args)
+                        row["stop_s"] = round(rush_stop_all(local), 2)
+                    else:
+                        testbed_wait_up(tb)
+                        i = len(rows)
+                        hub = rush_hub(
+                            tb, work / f"ssh-{i}-{case}-{n}-{rnd}", f"{run_tag}-{i}", "ssh"
+                        )
+                        try:
+                            hub.start()
+                            for u in users:
+                                hub.create_user(u)
+                            faulted = dead if case != "up" else None
+                            with rush_fault(tb, case, dead):
+                                row = rush_measure(hub, "ssh", case, n, rnd, wanted, faulted, args)
+                            row["stop_s"] = round(rush_stop_all(hub), 2)
+                        finally:
+                            close_rush_hub(hub)
+                    row["package"] = package
+                    rows.append(row)
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+                    time.sleep(args.settle)
+    finally:
+        out.close()
+        with contextlib.suppress(Exception):
+            rush_stop_all(local, timeout=60)
+        close_rush_hub(local)
+    print(f"\nrush: {len(rows)} measurements in {(time.monotonic() - t_run) / 60:.1f} minutes")
+    print(rush_table(rows))
+
+
+def rush_table(rows: list[dict]) -> str:
+    """A markdown table per size: medians over the rounds and the targets."""
+    rows = [r for r in rows if r.get("figure") == "rush"]
+    out = [
+        "",
+        "Targets: every spawn ready within 60 s; last ready <= 1.2x local (median of the"
+        " per-round ratios); no server on the dead host.",
+    ]
+    commits = sorted({r["commit"] for r in rows})
+    loads = [r["loadavg"].split()[0] for r in rows]
+    out.append(
+        f"Commit {', '.join(commits)}; load average (1 min) per measurement: {' '.join(loads)}"
+    )
+    users = {r["n"]: r["users"] for r in rows}
+    for n in sorted({r["n"] for r in rows}):
+        local = {r["round"]: r for r in rows if r["n"] == n and r["case"] == "local"}
+        rounds = sorted({r["round"] for r in rows if r["n"] == n})
+        out += [
+            "",
+            f"**{n} servers at once** ({len(rounds)} round{'s' * (len(rounds) != 1)}, "
+            f"{users.get(n, '?')} user(s), named servers split evenly)",
+            "",
+            "| case | last ready | median ready | failed | ratio to local (last ready) "
+            "| on dead host | dead-host connect attempts | verdict |",
+            "|---|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for case in RUSH_CASES:
+            rs = [r for r in rows if r["n"] == n and r["case"] == case]
+            if not rs:
+                continue
+            lasts = [r["last_ready_s"] for r in rs if r["last_ready_s"] is not None]
+            meds = [r["median_s"] for r in rs if r["median_s"] is not None]
+            failed = sum(r["failed"] for r in rs)
+            total = sum(r["n"] for r in rs)
+            ratios = [
+                r["last_ready_s"] / local[r["round"]]["last_ready_s"]
+                for r in rs
+                if r["last_ready_s"] is not None
+                and r["round"] in local
+                and local[r["round"]]["last_ready_s"]
+            ]
+            ratio = statistics.median(ratios) if ratios else None
+            on_dead = [r["on_dead_host"] for r in rs if r.get("on_dead_host") is not None]
+            connects = [
+                "-"
+                if r.get("dead_host_connects") is None
+                else str(r["dead_host_connects"])
+                + (
+                    f" + {sum(r['dead_host_probes'].values())} probes"
+                    if r.get("dead_host_probes")
+                    else ""
+                )
+                for r in rs
+            ]
+            problems = []
+            if failed:
+                problems.append(f"{failed} failed")
+            if any(r["last_ready_s"] is None or r["last_ready_s"] > 60 for r in rs):
+                problems.append("not all ready within 60 s")
+            if case != "local":
+                if ratio is None or ratio > 1.2:
+                    problems.append("ratio > 1.2" if ratio is not None else "no ratio")
+                if sum(on_dead):
+                    problems.append("servers on the dead host")
+            verdict_ = "PASS" if not problems else "FAIL (" + "; ".join(problems) + ")"
+            f2 = lambda v: "-" if v is None else f"{v:.2f} s"  # noqa: E731
+            out.append(
+                f"| {case} | {f2(statistics.median(lasts) if lasts else None)} "
+                f"| {f2(statistics.median(meds) if meds else None)} | {failed}/{total} "
+                f"| {'-' if case == 'local' else ('-' if ratio is None else f'{ratio:.2f}x')}"
+                + (f" ({', '.join(f'{x:.2f}' for x in ratios)})" if len(ratios) > 1 else "")
+                + f" | {sum(on_dead) if on_dead else '-'} "
+                f"| {' / '.join(connects)} | {verdict_} |"
+            )
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------
 # clean-up
 
 
 def cmd_cleanup(_args) -> None:
     groups = set()
+    rush_dir = bytes(REPO / "target" / "bench" / "rush")
+    rush_env = b"\0" + RUSH_ENV_MARK.encode() + b"="
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -350,10 +930,37 @@ def cmd_cleanup(_args) -> None:
             stat = Path(f"/proc/{name}/stat").read_text()
         except OSError:
             continue
+        pgid = int(stat[stat.rindex(")") + 2 :].split()[2])
         if any(m in cmdline for m in MARKS) and b"ssh-spawner-run:" in cmdline:
-            groups.add(int(stat[stat.rindex(")") + 2 :].split()[2]))
+            groups.add(pgid)
+        # A rush's hubs (each leads its process group) and its
+        # LocalProcessSpawner servers (each in a session of its own).
+        elif b"jupyterhub\0-f\0" + rush_dir in cmdline:
+            groups.add(pgid)
+        else:
+            with contextlib.suppress(OSError):
+                if rush_env in b"\0" + Path(f"/proc/{name}/environ").read_bytes():
+                    groups.add(pgid)
+    # A rush's proxies (sessions of their own; their hubs wrote the pid files).
+    for pid_file in (REPO / "target" / "bench" / "rush").glob("*/jupyterhub-proxy.pid"):
+        with contextlib.suppress(OSError, ValueError, ProcessLookupError):
+            pid = int(pid_file.read_text().strip())
+            if b"configurable-http-proxy" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+            pid_file.unlink()
+    # A host a rush faulted and did not heal (it was killed).
+    with contextlib.suppress(OSError):
+        for host in RUSH_FAULT_NOTE.read_text().split():
+            subprocess.run(
+                [str(REPO / "scripts" / "testbed"), "heal", host],
+                check=False,
+                capture_output=True,
+                timeout=60,
+            )
+            print(f"bench clean-up: healed {host}")
+        RUSH_FAULT_NOTE.unlink()
     for g in groups:
-        if g > 1:
+        if g > 1 and g != os.getpgrp():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(g, signal.SIGKILL)
     removed = 0
@@ -944,6 +1551,21 @@ def main() -> None:
     t = sub.add_parser("timeline")
     t.add_argument("out")
     t.add_argument("--workdir", default=str(REPO / "target" / "bench" / "hubs"))
+    ru = sub.add_parser("rush", help=cmd_rush.__doc__.splitlines()[0])
+    ru.add_argument("out")
+    ru.add_argument("--sizes", default=os.environ.get("BENCH_RUSH_SIZES", "45,100"))
+    ru.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_RUSH_ROUNDS", "2")))
+    ru.add_argument("--timeout", type=float, default=90, help="seconds per burst (90)")
+    ru.add_argument("--settle", type=float, default=2, help="seconds between measurements")
+    ru.add_argument(
+        "--dead-window",
+        type=float,
+        default=15,
+        help="seconds after the burst's start at which the dead host's connection attempts"
+        " are read, the fault still on (15: longer than connect_timeout)",
+    )
+    ru.add_argument("--workdir", default=str(REPO / "target" / "bench" / "rush"))
+    ru.add_argument("--table", action="store_true", help="only print the table of OUT")
     sub.add_parser("cleanup")
     r = sub.add_parser("report")
     r.add_argument("--out", default=str(REPO / "target" / "bench"))
@@ -953,6 +1575,7 @@ def main() -> None:
     {
         "compare": cmd_compare,
         "timeline": cmd_timeline,
+        "rush": cmd_rush,
         "cleanup": cmd_cleanup,
         "report": cmd_report,
     }[args.cmd](args)
