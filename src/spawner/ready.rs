@@ -4,13 +4,15 @@
 //! then watches, through the pooled connection, in a way that starts no
 //! program on the host while the server boots, however long it takes:
 //!
-//! - each turn asks sshd to connect to the server's port where the hub will
-//!   reach it (a direct-tcpip channel opened and closed: sshd's own
-//!   `connect`, as the port probe before the launch does), and asks the
-//!   connection's kept SFTP session whether the wrapper has written
-//!   `exit_status` (one `stat`);
-//! - turns start 10 ms apart and back off to [`plan::ports::ready_probe_delay`]'s
-//!   200 ms, and 500 ms after 5 s;
+//! - each turn connects to the server's port the way the hub will reach it:
+//!   straight from the hub (the host's kernel answers; nothing else runs),
+//!   or, with `tunnel`, by asking sshd for a direct-tcpip channel (sshd's
+//!   own `connect`, which sshd logs when refused);
+//! - every [`STAT_EVERY`] (every [`STAT_EVERY_LATER`] after 5 s) the
+//!   connection's kept SFTP session is asked whether the wrapper has
+//!   written `exit_status` (one `stat`);
+//! - turns start 10 ms apart and back off to
+//!   [`crate::plan::ports::ready_probe_delay`]'s 200 ms, and 1 s after 5 s;
 //! - once the port accepts, or the server has exited, one command on the
 //!   host ([`script::ready_check_script`]: `sh` and `ss`) tells whether the
 //!   listener is the server's (its login's uid; another user's listener is
@@ -32,6 +34,27 @@ use crate::ssh::Target;
 /// How often the host-side check runs when no kept SFTP session can tell an
 /// exit, and at most how often a port that accepts is checked again.
 pub(super) const CHECK_EVERY: Duration = Duration::from_secs(2);
+
+/// How often the wrapper's `exit_status` is looked for over SFTP in the
+/// first 5 s (when a server that fails usually does: a missing command, an
+/// import error), and after that. Each look is one SFTP `stat`, about a
+/// quarter of a millisecond of the host's CPU (sshd and sftp-server).
+pub(super) const STAT_EVERY: Duration = Duration::from_millis(500);
+/// See [`STAT_EVERY`].
+pub(super) const STAT_EVERY_LATER: Duration = Duration::from_secs(2);
+
+/// Does something accept a TCP connection at `address:port`, from here? A
+/// refusal answers at once; a filtered port is given a second.
+async fn connects(address: &str, port: u16) -> bool {
+    matches!(
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect((address, port))
+        )
+        .await,
+        Ok(Ok(_))
+    )
+}
 
 impl Spawner {
     /// Wait up to `ready` for the launched server of `state` to listen
@@ -58,13 +81,30 @@ impl Spawner {
         let exit_file = format!("{}/exit_status", state.dir);
         let started = Instant::now();
         let mut last_check: Option<Instant> = None;
+        let mut last_stat: Option<Instant> = None;
         let mut turn = 0u32;
         loop {
-            let (accepted, exited) = tokio::join!(
-                self.pool.accepts(target, &at, state.port),
-                self.pool.path_exists(target, &exit_file)
-            );
-            let accepted = accepted?;
+            let accepted = if self.config.tunnel {
+                // The hub reaches the server only through sshd: ask sshd.
+                self.pool.accepts(target, &at, state.port).await?
+            } else {
+                // The hub reaches the server directly: so does the wait,
+                // with nothing on the host but the kernel's answer (no
+                // sshd channel, no line in sshd's log).
+                Some(connects(&at, state.port).await)
+            };
+            let stat_every = if started.elapsed() < Duration::from_secs(5) {
+                STAT_EVERY
+            } else {
+                STAT_EVERY_LATER
+            };
+            let stat_due = last_stat.is_none_or(|t| t.elapsed() >= stat_every);
+            let exited = if stat_due {
+                last_stat = Some(Instant::now());
+                self.pool.path_exists(target, &exit_file).await
+            } else {
+                Some(false)
+            };
             let due = last_check.is_none_or(|t| t.elapsed() >= CHECK_EVERY);
             let check = exited == Some(true)
                 || (accepted == Some(true) && due)
