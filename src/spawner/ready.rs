@@ -17,21 +17,23 @@
 //!   host ([`script::ready_check_script`]: `sh` and `ss`) tells whether the
 //!   listener is the server's (its login's uid; another user's listener is
 //!   never taken for it) or reports the exit status and the log's tail;
-//! - without a kept SFTP session that command also runs every
-//!   [`CHECK_EVERY`], so that an exit is still seen.
+//! - without a kept SFTP session (its connection too busy to give it a
+//!   slot, as in a rush), the server is polled every [`CHECK_EVERY`]
+//!   instead: the poll's one exec of builtins answers every server of the
+//!   login on the host at once, waits and hub polls batched together.
 //!
 //! A host where sshd will not forward (the port probe could not tell) keeps
 //! the launch script's own wait ([`crate::plan::script::LaunchSpec::ready_cs`]).
 
 use std::time::{Duration, Instant};
 
-use super::Spawner;
+use super::{PollOutcome, Spawner};
 use crate::error::{Error, Result};
 use crate::plan::state::ServerState;
 use crate::plan::{self, script};
 use crate::ssh::Target;
 
-/// How often the host-side check runs when no kept SFTP session can tell an
+/// How often the server is polled when no kept SFTP session can tell an
 /// exit, and at most how often a port that accepts is checked again.
 pub(super) const CHECK_EVERY: Duration = Duration::from_secs(2);
 
@@ -82,6 +84,7 @@ impl Spawner {
         let started = Instant::now();
         let mut last_check: Option<Instant> = None;
         let mut last_stat: Option<Instant> = None;
+        let mut last_poll: Option<Instant> = None;
         let mut turn = 0u32;
         loop {
             let accepted = if self.config.tunnel {
@@ -106,9 +109,16 @@ impl Spawner {
                 Some(false)
             };
             let due = last_check.is_none_or(|t| t.elapsed() >= CHECK_EVERY);
-            let check = exited == Some(true)
-                || (accepted == Some(true) && due)
-                || (exited.is_none() && due && started.elapsed() >= CHECK_EVERY);
+            let mut check = exited == Some(true) || (accepted == Some(true) && due);
+            // No kept SFTP session to tell an exit (a connection too busy to
+            // give one a slot, as in a rush): ask the poll, which answers
+            // every server of this login on the host in one exec of
+            // builtins, batched with the other waits and polls.
+            let poll_due = last_poll.is_none_or(|t| t.elapsed() >= CHECK_EVERY);
+            if !check && exited.is_none() && poll_due && started.elapsed() >= CHECK_EVERY {
+                last_poll = Some(Instant::now());
+                check = matches!(self.poll(state).await, PollOutcome::Exited { .. });
+            }
             if check {
                 last_check = Some(Instant::now());
                 if self.ready_check(target, state, &proc_).await? {
