@@ -611,6 +611,31 @@ def rush_fault(tb: dict, case: str, host: dict):
         RUSH_FAULT_NOTE.unlink(missing_ok=True)
 
 
+def cpu_busy(interval: float = 1.0) -> float:
+    """Share of the machine's CPU time that was busy over `interval` seconds."""
+
+    def sample() -> tuple[int, int]:
+        f = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = f[3] + f[4]
+        return sum(f), idle
+
+    t1, i1 = sample()
+    time.sleep(interval)
+    t2, i2 = sample()
+    return 1 - (i2 - i1) / max(1, t2 - t1)
+
+
+def settle_cpu(limit: float = 60.0) -> None:
+    """Wait (at most `limit` s) until the CPUs are mostly idle, so that one
+    measurement's tail (stops, exiting processes) is not the next one's load."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        busy = cpu_busy()
+        if busy < 0.15:
+            return
+    print(f"rush: the CPUs stayed busy ({busy:.0%}) for {limit:.0f} s; measuring anyway")
+
+
 def rush_package() -> str:
     """Where the hub's ssh_spawner comes from, and its extension's mtime."""
     import importlib.util  # noqa: PLC0415
@@ -803,7 +828,11 @@ def cmd_rush(args) -> None:
         for rnd in range(1, args.rounds + 1):
             for n in sizes:
                 wanted = rush_servers(users, n)
-                for case in RUSH_CASES:
+                # Counterbalanced: forward in odd rounds, reversed in even ones,
+                # so that no case always runs after the same heavy neighbour.
+                order = RUSH_CASES if rnd % 2 else tuple(reversed(RUSH_CASES))
+                for case in order:
+                    settle_cpu()
                     if case == "local":
                         row = rush_measure(local, "local", case, n, rnd, wanted, None, args)
                         row["stop_s"] = round(rush_stop_all(local), 2)
