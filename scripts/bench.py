@@ -1498,6 +1498,27 @@ interrupted.
 """
 
 
+# Sections of the page written by hand from benchmarks run apart (`scripts/bench
+# rush`, `BENCH_ONLY=hostcpu`): a full run's report keeps them as they are.
+KEPT_SECTIONS = ("## The Monday rush and the host's CPU while a server boots",)
+
+
+def kept_sections(page: Path) -> list[str]:
+    """The KEPT_SECTIONS of the current page, each up to the next `## `."""
+    try:
+        lines = page.read_text().splitlines()
+    except OSError:
+        return []
+    out: list[str] = []
+    for title in KEPT_SECTIONS:
+        if title not in lines:
+            continue
+        i = lines.index(title)
+        j = next((k for k in range(i + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+        out += [*lines[i:j], ""]
+    return out
+
+
 def cmd_report(args) -> None:
     out = Path(args.out)
     lab = read_lines(out / "lab.jsonl")
@@ -1597,6 +1618,7 @@ def cmd_report(args) -> None:
         if tunnel:
             text += ["## SSH tunnels (`scripts/bench-tunnel`)", ""]
             text += ["```", tunnel.strip(), "```", ""]
+        text += kept_sections(docs / "benchmarks.md")
         (docs / "benchmarks.md").write_text("\n".join(text))
         print(f"\nwrote {docs / 'benchmarks.md'} and {png}")
 
