@@ -311,12 +311,7 @@ impl Spawner {
         }
         let pool = Pool::new(config.pool_options());
         for h in &config.hosts {
-            let label = if h.address.contains(':') {
-                format!("[{}]:{}", h.address, h.port)
-            } else {
-                format!("{}:{}", h.address, h.port)
-            };
-            metrics::name_host(label, h.display_name());
+            metrics::name_host(crate::ssh::host_label(&h.address, h.port), h.display_name());
         }
         Ok(Spawner {
             config: Arc::new(config),
@@ -1130,14 +1125,8 @@ impl Spawner {
                 })
             }
             _ => {
-                if let Some((status, log_tail)) = script::parse_launch_failure(&stdout) {
-                    return Err(Error::ServerExited {
-                        host: state.host.clone(),
-                        status: status
-                            .map(|s| format!("status {s}"))
-                            .unwrap_or_else(|| "unknown status".into()),
-                        log_tail,
-                    });
+                if let Some(e) = server_exited(&state.host, &stdout) {
+                    return Err(e);
                 }
                 out.check(&target)?;
             }
@@ -1964,6 +1953,19 @@ async fn drain_polls(
             }
         }
     }
+}
+
+/// [`Error::ServerExited`] from a launch script's (or the ready check's)
+/// failure report, `None` when `stdout` is not one.
+fn server_exited(host: &str, stdout: &str) -> Option<Error> {
+    let (status, log_tail) = script::parse_launch_failure(stdout)?;
+    Some(Error::ServerExited {
+        host: host.to_string(),
+        status: status
+            .map(|s| format!("status {s}"))
+            .unwrap_or_else(|| "unknown status".into()),
+        log_tail,
+    })
 }
 
 fn short_reason(e: &Error) -> String {

@@ -153,14 +153,8 @@ impl Spawner {
             .await?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status == Some(script::LAUNCH_FAILED) {
-            if let Some((status, log_tail)) = script::parse_launch_failure(&stdout) {
-                return Err(Error::ServerExited {
-                    host: state.host.clone(),
-                    status: status
-                        .map(|s| format!("status {s}"))
-                        .unwrap_or_else(|| "unknown status".into()),
-                    log_tail,
-                });
+            if let Some(e) = super::server_exited(&state.host, &stdout) {
+                return Err(e);
             }
         }
         out.check(target)?;

@@ -47,7 +47,7 @@ impl HostWatch {
         error: &Error,
         connect_timeout: Duration,
     ) {
-        let label = label(address, port);
+        let label = super::host_label(address, port);
         if !health::means_host_down(error) {
             self.answered(&label);
             return;
@@ -114,14 +114,6 @@ fn publish(label: &str, status: &Status) {
     }
 }
 
-fn label(address: &str, port: u16) -> String {
-    if address.contains(':') {
-        format!("[{address}]:{port}")
-    } else {
-        format!("{address}:{port}")
-    }
-}
-
 /// The error without the user it was met as: the host's status is everyone's.
 fn short(e: &Error) -> String {
     match e {
@@ -133,7 +125,7 @@ fn short(e: &Error) -> String {
 
 /// Ask the host again until it takes servers (or the pool is gone).
 async fn probe(watch: Weak<Mutex<Health>>, address: String, port: u16, timeout: Duration) {
-    let label = label(&address, port);
+    let label = super::host_label(&address, port);
     let mut wait = health::PROBE_EVERY;
     loop {
         tokio::time::sleep(wait).await;

@@ -62,10 +62,16 @@ impl Target {
 
     /// `address:port`, as errors name a host.
     pub fn host_label(&self) -> String {
-        if self.address.contains(':') {
-            format!("[{}]:{}", self.address, self.port)
-        } else {
-            format!("{}:{}", self.address, self.port)
-        }
+        host_label(&self.address, self.port)
+    }
+}
+
+/// `address:port`, with an IPv6 address in brackets: how errors, metrics
+/// and the hosts' health name a host.
+pub fn host_label(address: &str, port: u16) -> String {
+    if address.contains(':') {
+        format!("[{address}]:{port}")
+    } else {
+        format!("{address}:{port}")
     }
 }

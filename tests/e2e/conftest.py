@@ -202,6 +202,29 @@ def wait_until(predicate, timeout: float, interval: float = 0.2, what: str = "co
         time.sleep(interval)
 
 
+def all_at_once(fn, items: list[tuple], join: float) -> tuple[dict, list[str]]:
+    """fn(*item) for every item, each in a thread of its own, released
+    together by a barrier; waits up to `join` s for each. Returns (results
+    by item, errors as "item: error" lines)."""
+    results: dict = {}
+    errors: list[str] = []
+    go = threading.Barrier(len(items))
+
+    def run(item):
+        try:
+            go.wait(10)
+            results[item] = fn(*item)
+        except BaseException as e:  # noqa: BLE001 -- reported by the caller
+            errors.append(f"{'/'.join(map(str, item))}: {e}")
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in items]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(join)
+    return results, errors
+
+
 def wait_polls(hub: Hub, who: str, n: int, since: int, timeout: float = 30) -> None:
     """Wait until the spawner of ``who`` (JupyterHub's name for it: ``user``
     or ``user:name``) has answered ``n`` polls after log offset ``since``:

@@ -20,6 +20,7 @@ import requests
 from .conftest import (
     E2E_SCOPES,
     SpawnFailed,
+    all_at_once,
     all_procs,
     assert_server_process,
     bed_fault,
@@ -305,22 +306,8 @@ def test_twenty_servers_at_once_on_three_hosts_survive_a_hub_restart(
     wanted = [(u, f"r{i}") for u in (ALICE, BOB) for i in range(10)]
     for u in (ALICE, BOB):
         hub.create_user(u)
-    results, errors = {}, []
-    go = threading.Barrier(len(wanted))
-
-    def spawn(user, name):
-        try:
-            go.wait(10)
-            results[(user, name)] = hub.spawn(user, name, timeout=180)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(f"{user}/{name}: {e}")
-
     t0 = time.monotonic()
-    threads = [threading.Thread(target=spawn, args=w) for w in wanted]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(240)
+    results, errors = all_at_once(lambda u, n: hub.spawn(u, n, timeout=180), wanted, 240)
     wall = time.monotonic() - t0
     assert not errors, "\n".join(errors)
     assert len(results) == len(wanted)
@@ -377,20 +364,8 @@ def test_twenty_servers_at_once_on_three_hosts_survive_a_hub_restart(
     log = hub.log_text()[log_before:]
     assert "stopped while the Hub was down" not in log
     assert log.count("still running") >= len(wanted), log.count("still running")
-    errors.clear()
-
-    def stop(user, name):
-        try:
-            hub.stop_server(user, name)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(f"stop {user}/{name}: {e}")
-
-    threads = [threading.Thread(target=stop, args=w) for w in wanted]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, "\n".join(errors)
+    _, errors = all_at_once(hub.stop_server, wanted, 120)
+    assert not errors, "stop " + "\nstop ".join(errors)
     for (user, name), s in states.items():
         assert not group_members(s["pgid"]), f"{user}/{name}: process group left"
     assert not hub.my_procs()
@@ -429,23 +404,9 @@ def test_thirty_at_once_with_a_host_blackholed_all_ready_in_time_none_on_it_aske
     wanted = [(u, f"m{i}") for u in (ALICE, BOB) for i in range(15)]
     for u in (ALICE, BOB):
         hub.create_user(u)
-    results, errors = {}, []
-    go = threading.Barrier(len(wanted))
-
-    def spawn(user, name):
-        try:
-            go.wait(10)
-            results[(user, name)] = hub.spawn(user, name, timeout=60)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(f"{user}/{name}: {e}")
-
     with host_cut(testbed, dead):
         t0 = time.monotonic()
-        threads = [threading.Thread(target=spawn, args=w) for w in wanted]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        results, errors = all_at_once(lambda u, n: hub.spawn(u, n, timeout=60), wanted, 120)
         wall = time.monotonic() - t0
         assert not errors, "\n".join(errors)
         times = sorted(t for _, t in results.values())
@@ -476,20 +437,8 @@ def test_thirty_at_once_with_a_host_blackholed_all_ready_in_time_none_on_it_aske
         45,
         what=f"{dead} to be up again in /hub/metrics",
     )
-    errors.clear()
-
-    def stop(user, name):
-        try:
-            hub.stop_server(user, name)
-        except BaseException as e:  # noqa: BLE001
-            errors.append(f"stop {user}/{name}: {e}")
-
-    threads = [threading.Thread(target=stop, args=w) for w in wanted]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not errors, "\n".join(errors)
+    _, errors = all_at_once(hub.stop_server, wanted, 120)
+    assert not errors, "stop " + "\nstop ".join(errors)
     assert not hub.my_procs()
 
 
