@@ -814,12 +814,14 @@ def cmd_rush(args) -> None:
 
     Cases, each for every size in BENCH_RUSH_SIZES (default 45,100), rounds
     BENCH_RUSH_ROUNDS (default 2), interleaved per round and size in the order
-    local, up, linkdown, blackhole: `local` LocalProcessSpawner (one hub,
-    reused); `up` every host up; `linkdown` the last host's link down without
+    local, up, linkdown, blackhole, after a round 0 of local and up that is
+    not counted (BENCH_RUSH_WARMUP=0 skips it): `local` LocalProcessSpawner;
+    `up` every host up; `linkdown` the last host's link down without
     a pinned neighbour entry (EHOSTUNREACH once ARP fails); `blackhole` that
-    host cut (`scripts/testbed cut`: packets dropped silently). Every SSH case
-    gets a fresh hub (a cold pool, as at 9 a.m.). Per measurement: seconds
-    from the burst until each server is ready (one GET /users every 100 ms),
+    host cut (`scripts/testbed cut`: packets dropped silently). Every
+    measurement gets a fresh hub (for SSH a cold pool, as at 9 a.m.). Per measurement: seconds
+    from the burst until each server is ready (the hub logs it; GET /users
+    once a second to see that all are done),
     failures (90 s at most), the host of each SSH server, and from
     /hub/metrics the hub's SSH connection attempts to the dead host. Then
     every server is stopped. JSON lines to OUT, one per measurement (with
@@ -848,58 +850,62 @@ def cmd_rush(args) -> None:
         f"{commit_line()}\nrush: hub's ssh_spawner: {package}",
         flush=True,
     )
-    local = rush_hub(tb, work / "local", run_tag + "-l", "local")
     rows: list[dict] = []
     t_run = time.monotonic()
     out = open(args.out, "w")  # noqa: SIM115 -- written line by line as measured
+
+    def measure(case: str, n: int, rnd: int) -> dict:
+        """One measurement on a fresh hub of its own (either spawner), so
+        that no case meets a hub another rush has warmed."""
+        wanted = rush_servers(users, n)
+        kind = "local" if case == "local" else "ssh"
+        if kind == "ssh":
+            testbed_wait_up(tb)
+        i = len(rows)
+        hub = rush_hub(tb, work / f"{kind}-{i}-{case}-{n}-{rnd}", f"{run_tag}-{i}", kind)
+        try:
+            hub.start()
+            for u in users:
+                hub.create_user(u)
+            faulted = dead if case not in ("up", "local") else None
+            with rush_fault(tb, case, dead):
+                row = rush_measure(hub, kind, case, n, rnd, wanted, faulted, args)
+            row["stop_s"] = round(rush_stop_all(hub), 2)
+        finally:
+            close_rush_hub(hub)
+        row["package"] = package
+        return row
+
     try:
-        local.start()
-        for u in users:
-            local.create_user(u)
+        # Round 0 warms the machine (page cache, the hosts' first sessions)
+        # for both spawners alike; it is written down but not counted.
+        for case in ("local", "up") if args.warmup else ():
+            settle_cpu()
+            row = measure(case, sizes[0], 0)
+            row["warmup"] = True
+            out.write(json.dumps(row) + "\n")
+            out.flush()
         for rnd in range(1, args.rounds + 1):
             for n in sizes:
-                wanted = rush_servers(users, n)
                 # Counterbalanced: forward in odd rounds, reversed in even ones,
                 # so that no case always runs after the same heavy neighbour.
                 order = RUSH_CASES if rnd % 2 else tuple(reversed(RUSH_CASES))
                 for case in order:
                     settle_cpu()
-                    if case == "local":
-                        row = rush_measure(local, "local", case, n, rnd, wanted, None, args)
-                        row["stop_s"] = round(rush_stop_all(local), 2)
-                    else:
-                        testbed_wait_up(tb)
-                        i = len(rows)
-                        hub = rush_hub(
-                            tb, work / f"ssh-{i}-{case}-{n}-{rnd}", f"{run_tag}-{i}", "ssh"
-                        )
-                        try:
-                            hub.start()
-                            for u in users:
-                                hub.create_user(u)
-                            faulted = dead if case != "up" else None
-                            with rush_fault(tb, case, dead):
-                                row = rush_measure(hub, "ssh", case, n, rnd, wanted, faulted, args)
-                            row["stop_s"] = round(rush_stop_all(hub), 2)
-                        finally:
-                            close_rush_hub(hub)
-                    row["package"] = package
+                    row = measure(case, n, rnd)
                     rows.append(row)
                     out.write(json.dumps(row) + "\n")
                     out.flush()
                     time.sleep(args.settle)
     finally:
         out.close()
-        with contextlib.suppress(Exception):
-            rush_stop_all(local, timeout=60)
-        close_rush_hub(local)
     print(f"\nrush: {len(rows)} measurements in {(time.monotonic() - t_run) / 60:.1f} minutes")
     print(rush_table(rows))
 
 
 def rush_table(rows: list[dict]) -> str:
     """A markdown table per size: medians over the rounds and the targets."""
-    rows = [r for r in rows if r.get("figure") == "rush"]
+    rows = [r for r in rows if r.get("figure") == "rush" and not r.get("warmup")]
     out = [
         "",
         "Targets: every spawn ready within 60 s; last ready <= 1.2x local (median of the"
@@ -1639,6 +1645,12 @@ def main() -> None:
     ru.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_RUSH_ROUNDS", "2")))
     ru.add_argument("--timeout", type=float, default=90, help="seconds per burst (90)")
     ru.add_argument("--settle", type=float, default=2, help="seconds between measurements")
+    ru.add_argument(
+        "--warmup",
+        type=int,
+        default=int(os.environ.get("BENCH_RUSH_WARMUP", "1")),
+        help="1: a round 0 (local and up at the first size) first, not counted",
+    )
     ru.add_argument(
         "--dead-window",
         type=float,
