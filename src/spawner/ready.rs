@@ -153,7 +153,7 @@ impl Spawner {
             .await?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status == Some(script::LAUNCH_FAILED) {
-            if let Some(e) = super::server_exited(&state.host, &stdout) {
+            if let Some(e) = super::start::server_exited(&state.host, &stdout) {
                 return Err(e);
             }
         }

@@ -1,0 +1,142 @@
+//! Reading a host's facts (memory, load, servers, ports), cached briefly
+//! and shared by the starts that miss the cache together, and the live
+//! figures the options form shows.
+
+use super::progress::short_reason;
+use super::{futures_join, Spawner, StatusCell};
+use crate::config::{check_username, Config, HostConfig};
+use crate::error::{Error, Result};
+use crate::plan::hosts::{self, HostFacts};
+use crate::ssh::Target;
+use std::time::{Duration, Instant};
+
+impl Spawner {
+    /// Why the host `target` reaches takes no servers now (marked down, or
+    /// held down after flapping: [`crate::plan::health`]), in the words
+    /// spawns, the options form and `check` show; `None` while it takes them.
+    pub(super) fn host_down(&self, target: &Target) -> Option<String> {
+        let status = self.pool.health().status(&target.host_label());
+        (!status.takes_servers()).then(|| status.describe(std::time::SystemTime::now()))
+    }
+
+    /// Read one host's facts (one exec), optionally checking the command.
+    pub async fn host_facts(
+        &self,
+        target: &Target,
+        command_check: Option<(&[String], &str)>,
+    ) -> Result<HostFacts> {
+        let out = self
+            .pool
+            .exec(
+                target,
+                &self
+                    .command("/bin/sh -s")
+                    .stdin(hosts::facts_script(command_check)),
+            )
+            .await?
+            .check(target)?;
+        hosts::parse_facts(&String::from_utf8_lossy(&out.stdout))
+    }
+
+    pub(super) async fn cached_facts(
+        &self,
+        host: &HostConfig,
+        target: &Target,
+    ) -> Result<HostFacts> {
+        let down = || match self.host_down(target) {
+            None => Ok(()),
+            Some(why) => Err(Error::NoHost {
+                detail: format!("{} is {why}", host.display_name()),
+            }),
+        };
+        down()?;
+        let key = (host.display_name().to_string(), target.user.clone());
+        let max_age = Config::duration(self.config.facts_cache);
+        let cached = || -> Option<HostFacts> {
+            let cache = self.facts.lock().ok()?;
+            let (at, f) = cache.get(&key)?;
+            (at.elapsed() < max_age).then(|| f.clone())
+        };
+        if let Some(f) = cached() {
+            return Ok(f);
+        }
+        if max_age.is_zero() {
+            return self.host_facts(target, None).await;
+        }
+        let read_lock = self
+            .facts_reads
+            .lock()
+            .map(|mut m| m.entry(key.clone()).or_default().clone())
+            .unwrap_or_default();
+        let _reading = read_lock.lock().await;
+        // Another start may have read them while this one waited, or found
+        // the host down.
+        if let Some(f) = cached() {
+            return Ok(f);
+        }
+        down()?;
+        let f = self.host_facts(target, None).await?;
+        if let Ok(mut cache) = self.facts.lock() {
+            cache.insert(key, (Instant::now(), f.clone()));
+        }
+        Ok(f)
+    }
+
+    /// Live figures of the hosts named in `names` (all hosts when empty), for
+    /// the options form: one exec per host, all at once, each waited for at
+    /// most `wait` (a host that does not answer by then is shown as not
+    /// answering). Results, failures included, are shared for `max_age`:
+    /// pages opened together cost one exec per host, not one per page.
+    pub async fn host_status(
+        &self,
+        username: &str,
+        names: &[String],
+        max_age: Duration,
+        wait: Duration,
+    ) -> Result<Vec<(String, std::result::Result<HostFacts, String>)>> {
+        check_username(username)?;
+        let hosts: Vec<&HostConfig> = self
+            .config
+            .hosts
+            .iter()
+            .filter(|h| names.is_empty() || names.iter().any(|n| n == h.display_name()))
+            .collect();
+        let targets = hosts
+            .iter()
+            .map(|h| self.target(h, username))
+            .collect::<Result<Vec<_>>>()?;
+        let results = futures_join(hosts.iter().zip(&targets).map(|(h, t)| async move {
+            // A host marked down is shown as such, not asked again.
+            if let Some(why) = self.host_down(t) {
+                return Err(why);
+            }
+            let key = (h.display_name().to_string(), t.user.clone());
+            let cell = match self.status.lock() {
+                Ok(mut cache) => {
+                    cache.retain(|_, (at, _)| at.elapsed() < max_age);
+                    cache
+                        .entry(key)
+                        .or_insert_with(|| (Instant::now(), StatusCell::default()))
+                        .1
+                        .clone()
+                }
+                Err(_) => StatusCell::default(),
+            };
+            cell.get_or_init(|| async {
+                match tokio::time::timeout(wait, self.host_facts(t, None)).await {
+                    Ok(Ok(f)) => Ok(f),
+                    Ok(Err(e)) => Err(short_reason(&e)),
+                    Err(_) => Err(format!("no answer within {wait:?}")),
+                }
+            })
+            .await
+            .clone()
+        }))
+        .await;
+        Ok(hosts
+            .iter()
+            .map(|h| h.display_name().to_string())
+            .zip(results)
+            .collect())
+    }
+}

@@ -1,0 +1,347 @@
+//! The spawner lifecycle: prepare (host and port), certificates, launch,
+//! poll, stop. It ties the decisions of [`crate::plan`] to the byte-moving of
+//! [`crate::ssh`]; the CLI and the Python class both drive it.
+//!
+//! Start is two steps because JupyterHub must know host and port before it
+//! builds the environment and the certificates: [`Spawner::prepare`] picks
+//! them, [`Spawner::launch`] starts the command. If the port was taken in the
+//! meantime, launch says so ([`Error::PortTaken`]) and
+//! [`Spawner::repick_port`] chooses another.
+//!
+//! One file per job: [`progress`] (what a spawn tells its user), `facts`
+//! (reading and caching hosts' facts), `prepare` (host and port choice),
+//! `certs` (internal TLS), `start` (launch and the start loop), `ready`
+//! (waiting from the hub for a launched server to listen), `tunnels`,
+//! `poll`, `stop`, `admin` (`check`, `list`). [`Spawner`] itself holds the
+//! shared state and the checks every job makes on a saved state.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::config::{Config, HostConfig};
+use crate::error::{Error, Result};
+use crate::metrics;
+
+use crate::plan::hosts::{HostFacts, Requirements};
+use crate::plan::limits::Limits;
+use crate::plan::state::{check_host_port, ServerState};
+use crate::ssh::{Command, Pool, Target};
+use poll::PollQueue;
+use tunnels::ServerTunnels;
+
+mod admin;
+mod certs;
+mod facts;
+mod poll;
+mod prepare;
+pub mod progress;
+mod ready;
+mod start;
+mod stop;
+mod tunnels;
+
+pub use admin::HostCheck;
+pub use certs::{alt_names, CertPaths};
+pub use poll::PollOutcome;
+pub use prepare::Prepared;
+pub use progress::{Event, Progress};
+pub use start::{CleanUpLater, StartHooks, StartOptions};
+
+/// What a spawn asks for.
+#[derive(Debug, Clone, Default)]
+pub struct SpawnRequest {
+    /// The hub user.
+    pub username: String,
+    /// Named server ("" for the default server).
+    pub server_name: String,
+    /// Memory and cores a host must have free.
+    pub requirements: Requirements,
+    /// Limits to enforce.
+    pub limits: Limits,
+    /// Only this host (by display name), e.g. from the options form.
+    pub host: Option<String>,
+    /// Hosts not to use (they failed during this spawn).
+    pub exclude: Vec<String>,
+}
+
+/// Host facts by (host, remote user), with when they were read.
+type FactsCache = HashMap<(String, String), (Instant, HostFacts)>;
+
+/// What the options form shows per (host, remote user): read once, shared by
+/// every page opened while it is fresh.
+type StatusCell = Arc<tokio::sync::OnceCell<std::result::Result<HostFacts, String>>>;
+type StatusCache = HashMap<(String, String), (Instant, StatusCell)>;
+
+pub use crate::plan::adopt::RUN_ENV;
+
+/// A lock per (host, remote user) held while its facts are read.
+type FactsReads = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
+
+/// Ports recently handed to starts, by host display name, with when.
+type PortClaims = HashMap<String, HashMap<u16, Instant>>;
+
+/// The lifecycle, shared by every spawn of a hub. Clones share everything.
+#[derive(Clone)]
+pub struct Spawner {
+    config: Arc<Config>,
+    pool: Pool,
+    facts: Arc<Mutex<FactsCache>>,
+    status: Arc<Mutex<StatusCache>>,
+    round_robin: Arc<AtomicUsize>,
+    polls: Arc<Mutex<HashMap<Target, PollQueue>>>,
+    poll_execs: Arc<AtomicUsize>,
+    /// Tunnels by run id; closed on stop and when the last clone is dropped.
+    tunnels: Arc<Mutex<HashMap<String, ServerTunnels>>>,
+    claims: Arc<Mutex<PortClaims>>,
+    /// One facts read at a time per (host, user): starts that miss the cache
+    /// together wait for the first read instead of each running their own.
+    facts_reads: Arc<Mutex<FactsReads>>,
+    /// See [`Spawner::set_hub_api`].
+    hub_api: Arc<Mutex<Option<String>>>,
+    /// Run ids [`Spawner::clean_up_later`] is working on.
+    cleaning: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// See [`Spawner::set_ready_wait_on_host`].
+    ready_on_host: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Spawner {
+    /// A spawner with its own connection pool. Call inside a tokio runtime.
+    pub fn new(config: Config) -> Result<Spawner> {
+        config.validate()?;
+        if let Some(v) = config.launch_settle {
+            tracing::warn!(
+                launch_settle = v,
+                "launch_settle is deprecated and ignored: a start now waits until the server listens on its port or exits (ready_timeout, or what is left of the hub's start_timeout)"
+            );
+        }
+        let pool = Pool::new(config.pool_options());
+        for h in &config.hosts {
+            metrics::name_host(crate::ssh::host_label(&h.address, h.port), h.display_name());
+        }
+        Ok(Spawner {
+            config: Arc::new(config),
+            pool,
+            facts: Arc::new(Mutex::new(HashMap::new())),
+            status: Arc::new(Mutex::new(HashMap::new())),
+            round_robin: Arc::new(AtomicUsize::new(0)),
+            polls: Arc::new(Mutex::new(HashMap::new())),
+            poll_execs: Arc::new(AtomicUsize::new(0)),
+            tunnels: Arc::new(Mutex::new(HashMap::new())),
+            claims: Arc::new(Mutex::new(HashMap::new())),
+            facts_reads: Arc::new(Mutex::new(HashMap::new())),
+            hub_api: Arc::new(Mutex::new(None)),
+            cleaning: Arc::new(Mutex::new(Default::default())),
+            ready_on_host: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        })
+    }
+
+    /// Wait for a launched server to listen in the launch script on the
+    /// host (a turn every 10-50 ms running `ss` and `sleep`), as before the
+    /// hub watched it itself ([`ready`]). For benchmarks that compare the
+    /// two; a host where sshd does not forward always waits that way.
+    #[doc(hidden)]
+    pub fn set_ready_wait_on_host(&self, on_host: bool) {
+        self.ready_on_host.store(on_host, Ordering::Relaxed);
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The connection pool (for stats).
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Poll execs run so far (each may answer many polls).
+    pub fn poll_execs(&self) -> usize {
+        self.poll_execs.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn command(&self, text: impl Into<String>) -> Command {
+        Command::new(text).timeout(Config::duration(self.config.command_timeout))
+    }
+
+    /// The SSH target for a user on a host.
+    pub fn target(&self, host: &HostConfig, username: &str) -> Result<Target> {
+        Ok(Target::new(
+            &host.address,
+            self.config.remote_user_for(username)?,
+            self.config.identity_for(username)?,
+        )
+        .port(host.port))
+    }
+
+    /// Will poll and stop act on this state? It must be valid, and name the
+    /// remote user the configuration maps its hub user to: a forged or
+    /// corrupted state naming another login would let one user's state act
+    /// as another's. (The remote scripts then only ever touch that login's
+    /// own processes.)
+    pub fn check_state(&self, state: &ServerState) -> Result<()> {
+        state.validate()?;
+        state.check_dir_layout(&self.config.state_dir)?;
+        let refuse = |reason: String| Error::Invalid {
+            what: format!("server state of {:?}", state.username),
+            reason: format!("{reason}; refusing to act on it"),
+        };
+        if !self
+            .config
+            .hosts
+            .iter()
+            .any(|h| h.address == state.address && h.port == state.ssh_port)
+        {
+            return Err(refuse(format!(
+                "names {}:{}, which is not a configured host",
+                state.address, state.ssh_port
+            )));
+        }
+        if let Some(to) = &state.hub_forward_to {
+            if !self.config.hub_tunnel {
+                return Err(refuse(format!(
+                    "has a hub tunnel to {to:?}, but hub_tunnel is off"
+                )));
+            }
+            let known = self.hub_api.lock().ok().and_then(|h| h.clone());
+            if let Some(api) = known.filter(|api| api != to) {
+                return Err(refuse(format!(
+                    "has a hub tunnel to {to:?}, but the hub API is at {api:?}"
+                )));
+            }
+        }
+        let expected = self.config.remote_user_for(&state.username)?;
+        if state.remote_user != expected {
+            return Err(Error::Invalid {
+                what: format!("server state of {:?}", state.username),
+                reason: format!(
+                    "names remote user {:?}, but the configuration maps {:?} to {:?}; refusing to act on it",
+                    state.remote_user, state.username, expected
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The hub API address (`host:port`) hub tunnels carry to: a state whose
+    /// hub tunnel names another address is refused by
+    /// [`Spawner::check_state`], so a forged state cannot make the hub carry
+    /// connections to an address of its choosing.
+    pub fn set_hub_api(&self, to: &str) -> Result<()> {
+        check_host_port(to).map_err(|r| Error::Invalid {
+            what: format!("hub API address {to:?}"),
+            reason: r,
+        })?;
+        if let Ok(mut h) = self.hub_api.lock() {
+            *h = Some(to.to_string());
+        }
+        Ok(())
+    }
+
+    /// `script` behind the host-side check that the state's directory is
+    /// `$HOME/state_dir/run_id` of the login (see [`crate::plan::state::host_guard`]).
+    pub(super) fn guarded(&self, state: &ServerState, script: String) -> Result<String> {
+        Ok(crate::plan::state::host_guard(state, &self.config.state_dir)? + &script)
+    }
+
+    pub(super) fn state_target(&self, state: &ServerState) -> Result<Target> {
+        self.check_state(state)?;
+        Ok(Target::new(
+            &state.address,
+            &state.remote_user,
+            self.config.identity_for(&state.username)?,
+        )
+        .port(state.ssh_port))
+    }
+}
+
+/// Await futures concurrently on this task.
+async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
+    let futs: Vec<_> = futs.map(Box::pin).collect();
+    let mut results: Vec<Option<F::Output>> = futs.iter().map(|_| None).collect();
+    let mut futs: Vec<Option<_>> = futs.into_iter().map(Some).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, fut) in results.iter_mut().zip(futs.iter_mut()) {
+            if let Some(f) = fut {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => {
+                        *slot = Some(v);
+                        *fut = None;
+                    }
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    results.into_iter().flatten().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_state_naming_another_login_is_refused() {
+        let c: Config = toml::from_str(
+            "known_hosts = \"/nonexistent\"\nkey_path = \"/keys/{username}\"\nremote_user = \"lab-{username}\"\n\
+             [[hosts]]\naddress = \"198.18.0.11\"\n",
+        )
+        .unwrap();
+        let sp = Spawner::new(c).unwrap();
+        let good = crate::plan::state::decode(
+            r#"{"username": "ann", "host": "h", "address": "198.18.0.11", "remote_user": "lab-ann",
+                "port": 20000, "run_id": "0123456789abcdef",
+                "dir": "/home/lab-ann/.jupyterhub-ssh/0123456789abcdef"}"#,
+        )
+        .unwrap();
+        sp.check_state(&good).unwrap();
+        for (user, remote) in [("ann", "lab-bob"), ("ann", "ann"), ("bob", "lab-ann")] {
+            let mut bad = good.clone();
+            bad.username = user.into();
+            bad.remote_user = remote.into();
+            let e = sp.check_state(&bad).unwrap_err().to_string();
+            assert!(e.contains("refusing to act on it"), "{e}");
+            assert!(e.contains(remote) && e.contains(user), "{e}");
+        }
+        let mut bad = good.clone();
+        bad.username = "x$(id)".into();
+        assert!(sp.check_state(&bad).is_err());
+        // Where it runs and what it removes must match the configuration.
+        let mut home = good.clone();
+        home.run_id = "ann".into();
+        home.dir = "/home/lab-ann".into();
+        let e = sp.check_state(&home).unwrap_err().to_string();
+        assert!(e.contains("/home/lab-ann"), "{e}");
+        for (address, port) in [("198.18.0.99", 22), ("198.18.0.11", 2222)] {
+            let mut elsewhere = good.clone();
+            elsewhere.address = address.into();
+            elsewhere.ssh_port = port;
+            let e = sp.check_state(&elsewhere).unwrap_err().to_string();
+            assert!(e.contains("not a configured host"), "{e}");
+        }
+        let mut hub = good.clone();
+        hub.hub_forward_port = Some(40000);
+        hub.hub_forward_to = Some("10.1.2.3:22".into());
+        let e = sp.check_state(&hub).unwrap_err().to_string();
+        assert!(e.contains("hub_tunnel is off"), "{e}");
+        let c: Config = toml::from_str(
+            "known_hosts = \"/nonexistent\"\nkey_path = \"/keys/{username}\"\nremote_user = \"lab-{username}\"\n\
+             hub_tunnel = true\n[[hosts]]\naddress = \"198.18.0.11\"\n",
+        )
+        .unwrap();
+        let sp = Spawner::new(c).unwrap();
+        sp.set_hub_api("198.18.0.1:8081").unwrap();
+        let e = sp.check_state(&hub).unwrap_err().to_string();
+        assert!(e.contains("the hub API is at"), "{e}");
+        hub.hub_forward_to = Some("198.18.0.1:8081".into());
+        sp.check_state(&hub).unwrap();
+    }
+}

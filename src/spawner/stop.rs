@@ -1,0 +1,127 @@
+//! Stopping a server (TERM, KILL after the grace, its directory removed),
+//! and the clean-up in the background of starts abandoned on a host that
+//! did not answer.
+
+use super::Spawner;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::metrics;
+use crate::plan::adopt;
+use crate::plan::script;
+use crate::plan::state::ServerState;
+use crate::ssh::Command;
+use std::time::Duration;
+use tracing::Instrument;
+
+impl Spawner {
+    /// A launch that failed because the host stopped answering may still have
+    /// started the server there. Keep trying to stop it in the background
+    /// (every 30 s for an hour), so nothing is left behind once it heals.
+    ///
+    /// One clean-up per run: asking again while one runs does nothing. The
+    /// run's tunnels are closed at once (each try is a [`Spawner::stop`]),
+    /// and stay closed when it gives up.
+    pub fn clean_up_later(&self, state: ServerState) {
+        let me = self.clone();
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        self.close_tunnel(&state.run_id, true, true);
+        let first = self
+            .cleaning
+            .lock()
+            .map(|mut c| c.insert(state.run_id.clone()))
+            .unwrap_or(true);
+        if !first {
+            return;
+        }
+        let span = tracing::info_span!("server", user = %state.username, server = %state.server_name, host = %state.host);
+        rt.spawn(
+            async move {
+            for _ in 0..120 {
+                match me.stop(&state).await {
+                    Ok(_) => {
+                        tracing::info!(host = %state.host, run = %state.run_id, "cleaned up after an abandoned start");
+                        break;
+                    }
+                    Err(e) if e.is_unreachable() => tokio::time::sleep(Duration::from_secs(30)).await,
+                    Err(e) => {
+                        tracing::warn!(host = %state.host, run = %state.run_id, "cannot clean up an abandoned start: {e}");
+                        break;
+                    }
+                }
+            }
+            me.close_tunnel(&state.run_id, true, true);
+            if let Ok(mut c) = me.cleaning.lock() {
+                c.remove(&state.run_id);
+            }
+        }
+            .instrument(span),
+        );
+    }
+
+    /// Runs [`Spawner::clean_up_later`] is working on.
+    pub fn cleaning_up(&self) -> usize {
+        self.cleaning.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    /// Stop the server: TERM to its process group and descendants, KILL after
+    /// the grace, return once they are gone; the per-server directory is
+    /// removed (its log kept unless configured otherwise). Stopping a stopped
+    /// server is a no-op; an unreachable host is an error.
+    ///
+    /// The server's tunnels close whatever the outcome: the hub stops
+    /// routing to a server it stops, and a stop that could not reach the
+    /// host is finished by [`Spawner::clean_up_later`], not by a tunnel
+    /// left open.
+    #[tracing::instrument(name = "server", skip_all, fields(user = %state.username, server = %state.server_name, host = %state.host))]
+    pub async fn stop(&self, state: &ServerState) -> Result<script::Stopped> {
+        let stopped = self.stop_inner(state).await;
+        self.close_tunnel(&state.run_id, true, true);
+        stopped
+    }
+
+    pub(super) async fn stop_inner(&self, state: &ServerState) -> Result<script::Stopped> {
+        if let Ok(mut claims) = self.claims.lock() {
+            if let Some(mine) = claims.get_mut(&state.host) {
+                mine.remove(&state.port);
+            }
+        }
+        let Some(state) = self.adopt(state).await? else {
+            // Nothing was started: remove what prepare and certs left.
+            let target = self.state_target(state)?;
+            self.pool
+                .exec(
+                    &target,
+                    &self
+                        .command("/bin/sh -s")
+                        .stdin(self.guarded(state, adopt::remove_dir_script(&state.dir)?)?),
+                )
+                .await?
+                .check(&target)?;
+            metrics::server_gone(&state.run_id);
+            return Ok(script::Stopped::AlreadyGone);
+        };
+        let target = self.state_target(&state)?;
+        let proc_ = state.proc().ok_or_else(|| Error::Invalid {
+            what: "server state".into(),
+            reason: "incomplete".into(),
+        })?;
+        let grace = self.config.stop_grace.ceil() as u32;
+        let script = self.guarded(
+            &state,
+            script::stop_script(&proc_, grace, self.config.keep_log)?,
+        )?;
+        let cmd = Command::new("/bin/sh -s").stdin(script).timeout(
+            Config::duration(self.config.command_timeout)
+                .saturating_add(Duration::from_secs(u64::from(grace))),
+        );
+        let out = self.pool.exec(&target, &cmd).await?.check(&target)?;
+        let stopped = script::parse_stop(&String::from_utf8_lossy(&out.stdout))?;
+        metrics::server_gone(&state.run_id);
+        if let script::Stopped::Killed { escalated: true } = stopped {
+            metrics::stop_escalated(&state.host);
+        }
+        Ok(stopped)
+    }
+}
