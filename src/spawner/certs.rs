@@ -8,6 +8,13 @@ use crate::config::Config;
 use crate::error::Result;
 use crate::ssh::Upload;
 
+impl Prepared {
+    /// DNS name and IP alt names for the host's TLS certificate.
+    pub fn alt_names(&self) -> Vec<String> {
+        alt_names(&self.state.address, &self.facts.hostname, &self.state.host)
+    }
+}
+
 /// Alt names for a certificate valid for a host reached at `address`.
 pub fn alt_names(address: &str, hostname: &str, display: &str) -> Vec<String> {
     let mut names = Vec::new();

@@ -20,16 +20,18 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use tokio::sync::oneshot;
+
 use crate::config::{Config, HostConfig};
 use crate::error::{Error, Result};
 use crate::metrics;
 
 use crate::plan::hosts::{HostFacts, Requirements};
 use crate::plan::limits::Limits;
+use crate::plan::script::{Proc, ProcStatus};
 use crate::plan::state::{check_host_port, ServerState};
 use crate::ssh::{Command, Pool, Target};
-use poll::PollQueue;
-use tunnels::ServerTunnels;
+use crate::ssh::{LocalForward, RemoteForward};
 
 mod admin;
 mod certs;
@@ -81,6 +83,23 @@ type FactsReads = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;
 
 /// Ports recently handed to starts, by host display name, with when.
 type PortClaims = HashMap<String, HashMap<u16, Instant>>;
+
+/// Where a queued poll gets its answer.
+type PollReply = oneshot::Sender<Result<ProcStatus>>;
+
+/// Polls waiting for one exec on one target.
+#[derive(Default)]
+struct PollQueue {
+    pending: Vec<(Proc, PollReply)>,
+    draining: bool,
+}
+
+/// The tunnels of one server; dropping them closes them.
+#[derive(Default)]
+struct ServerTunnels {
+    local: Option<LocalForward>,
+    hub: Option<RemoteForward>,
+}
 
 /// The lifecycle, shared by every spawn of a hub. Clones share everything.
 #[derive(Clone)]

@@ -1,7 +1,7 @@
 //! Is a server running: polls of servers on one host and login batched
 //! into one exec, and adopting a server whose launch never reported its pid.
 
-use super::Spawner;
+use super::{PollQueue, PollReply, Spawner};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics;
@@ -29,15 +29,6 @@ pub enum PollOutcome {
     },
     /// The host could not be asked: say nothing about the server.
     Unknown(Error),
-}
-
-type PollReply = oneshot::Sender<Result<ProcStatus>>;
-
-/// Polls waiting for one exec on one target.
-#[derive(Default)]
-pub(super) struct PollQueue {
-    pending: Vec<(Proc, PollReply)>,
-    draining: bool,
 }
 
 /// Most servers polled in one exec.

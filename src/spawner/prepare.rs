@@ -16,7 +16,6 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
-use super::certs::alt_names;
 use super::progress::{plural, short_reason, Progress};
 use super::{SpawnRequest, Spawner};
 
@@ -34,11 +33,6 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// DNS name and IP alt names for the host's TLS certificate.
-    pub fn alt_names(&self) -> Vec<String> {
-        alt_names(&self.state.address, &self.facts.hostname, &self.state.host)
-    }
-
     /// Facts of the chosen host.
     pub fn facts(&self) -> &HostFacts {
         &self.facts

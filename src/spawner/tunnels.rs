@@ -3,17 +3,10 @@
 //! a restart on the ports the state records.
 
 use super::prepare::Prepared;
-use super::Spawner;
+use super::{ServerTunnels, Spawner};
 use crate::error::{Error, Result};
 use crate::plan::state::{check_host_port, ServerState};
 use crate::ssh::{LocalForward, RemoteForward};
-
-/// The tunnels of one server; dropping them closes them.
-#[derive(Default)]
-pub(super) struct ServerTunnels {
-    local: Option<LocalForward>,
-    hub: Option<RemoteForward>,
-}
 
 impl Spawner {
     /// Hub tunnel: ask sshd on the prepared host to listen on its loopback and
