@@ -103,10 +103,6 @@ pub struct Config {
     /// is left of its `start_timeout` instead.
     #[serde(default = "d_ready_timeout")]
     pub ready_timeout: f64,
-    /// Deprecated and ignored (a fixed wait after the launch, replaced by
-    /// `ready_timeout`); still accepted so that older files load.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub launch_settle: Option<f64>,
     /// Channels per SSH connection (sshd's MaxSessions).
     #[serde(default = "d_max_sessions")]
     pub max_sessions_per_connection: usize,
@@ -195,16 +191,12 @@ fn d_command() -> Vec<String> {
 /// `rust=True`, sent by `_config_json` under the same name (a test of the
 /// Python package compares the two lists through
 /// `ssh_spawner._core.config_fields`).
-pub const NOT_FROM_HUB: [(&str, &str); 3] = [
+pub const NOT_FROM_HUB: [(&str, &str); 2] = [
     (
         "ready_timeout",
         "each start passes what is left of Spawner.start_timeout",
     ),
     ("command", "each start passes Spawner.cmd and its arguments"),
-    (
-        "launch_settle",
-        "deprecated and ignored; the class warns about it itself",
-    ),
 ];
 
 impl Config {
@@ -581,10 +573,13 @@ prologue = ["module load python"]
         }
         let c: Config = toml::from_str(&format!("ready_timeout = 0\n{MIN}")).unwrap();
         c.validate().unwrap();
-        // A file from before it still loads; the old option is ignored.
-        let c: Config = toml::from_str(&format!("launch_settle = 0.3\n{MIN}")).unwrap();
-        c.validate().unwrap();
-        assert_eq!(c.launch_settle, Some(0.3));
+        // The fixed wait it replaced is gone from the file format (the hub
+        // class still accepts and ignores it, with a warning): a file that
+        // sets it is refused with its name.
+        let err = toml::from_str::<Config>(&format!("launch_settle = 0.3\n{MIN}"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("launch_settle"), "{err}");
     }
 
     #[test]

@@ -129,12 +129,6 @@ impl Spawner {
     /// A spawner with its own connection pool. Call inside a tokio runtime.
     pub fn new(config: Config) -> Result<Spawner> {
         config.validate()?;
-        if let Some(v) = config.launch_settle {
-            tracing::warn!(
-                launch_settle = v,
-                "launch_settle is deprecated and ignored: a start now waits until the server listens on its port or exits (ready_timeout, or what is left of the hub's start_timeout)"
-            );
-        }
         let pool = Pool::new(config.pool_options());
         for h in &config.hosts {
             metrics::name_host(crate::ssh::host_label(&h.address, h.port), h.display_name());
