@@ -1,5 +1,6 @@
 //! The remote scripts read some host output in shell, not in Rust:
-//! `/proc/PID/stat` and `status` (every script's `rs` and `ru`), `ss -Hltne`
+//! `/proc/PID/stat` and `status` (every script's `rs` and `ru`, and the adopt
+//! script's own `cat`), `ss -Hltne`
 //! (`listening`, the launch's port check and readiness wait), `ps -e -o pid=
 //! -o ppid= -o pgid=` (stop's `snap`) and `systemctl --user` (stop's
 //! systemd scope). These tests run those pieces of the generated scripts with
@@ -12,6 +13,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
+use ssh_spawner::plan::adopt::adopt_script;
 use ssh_spawner::plan::script::{poll_script, ready_check_script, stop_script, Proc};
 
 fn dir(path: &str) -> String {
@@ -218,4 +220,38 @@ fn stop_reads_the_scope_from_systemctl() {
         calls,
         "[--user is-active --quiet -- jupyterhub-ssh-5f0c1d2e3a4b6978.scope]"
     );
+}
+
+/// The adopt script's own reading of `/proc/PID/stat` (it runs `cat`, not
+/// `rs`), on a fixture: its state, pgid and start time, or `nothing`.
+fn adopt_reads(name: &str) -> String {
+    let script = adopt_script(
+        "/home/tb-alice/.jupyterhub-ssh/5f0c1d2e3a4b6978",
+        "5f0c1d2e3a4b6978",
+    )
+    .unwrap();
+    let start = script
+        .find("rest=${stat##*) }\n")
+        .expect("the stat parsing");
+    let end = script[start..]
+        .find("shift 19; start=$1\n")
+        .expect("its end")
+        + start
+        + 19;
+    let part = &script[start..end];
+    sh(&format!(
+        "no() {{ echo nothing; exit 0; }}\n\
+         stat=$(cat '{fix}')\n\
+         {part}\
+         echo \"$state $pgid $start\"\n",
+        fix = dir(&format!("proc/{name}/stat")),
+    ))
+}
+
+#[test]
+fn adopt_reads_stat_lines_with_a_hostile_comm_too() {
+    assert_eq!(adopt_reads("hostile-newline"), "S 7417 1259877\n");
+    assert_eq!(adopt_reads("hostile-fake-fields"), "S 7426 1259917\n");
+    assert_eq!(adopt_reads("zombie-hostile"), "nothing\n");
+    assert_eq!(adopt_reads("sleep"), "S 8965 1261654\n");
 }
