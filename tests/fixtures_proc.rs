@@ -1,9 +1,8 @@
 //! The remote scripts read some host output in shell, not in Rust:
-//! `/proc/PID/stat` and `status` (every script's `rs` and `ru`, and the adopt
-//! script's own `cat`), `ss -Hltne`
-//! (`listening`, the launch's port check and readiness wait), `ps -e -o pid=
-//! -o ppid= -o pgid=` (stop's `snap`) and `systemctl --user` (stop's
-//! systemd scope). These tests run those pieces of the generated scripts with
+//! `/proc/PID/stat` and `status` (every script's `rs` and `ru`, and the
+//! adopt script's own `cat`), `ss -Hltne` (`listening`, the launch's port
+//! check and readiness wait), `ps -e -o pid= -o ppid= -o pgid=` (stop's
+//! `snap`) and `systemctl --user` (stop's systemd scope). These tests run those pieces of the generated scripts with
 //! the local `/bin/sh` on what real hosts printed (`fixtures/proc`,
 //! `fixtures/ss`, `fixtures/ps`, `fixtures/systemd`), with `ss`, `ps` and
 //! `systemctl` replaced by shell functions that replay a fixture. The script
