@@ -22,11 +22,13 @@ use crate::metrics;
 use crate::plan::adopt;
 use crate::plan::health;
 use crate::plan::hosts::{self, Candidate, HostFacts, Requirements, Strategy};
+use crate::plan::launch::{self, LaunchSpec};
 use crate::plan::limits::{self, Limits};
+use crate::plan::poll::{self, Proc, ProcStatus};
 use crate::plan::ports::{self, choose_port, PortProbe};
 use crate::plan::retry;
-use crate::plan::script::{self, LaunchSpec, Proc, ProcStatus};
 use crate::plan::state::{check_host_port, ServerState, STATE_VERSION};
+use crate::plan::{quote, stop};
 use crate::ssh::{Command, LocalForward, Pool, RemoteForward, Target, Upload};
 
 mod ready;
@@ -229,7 +231,7 @@ pub enum PollOutcome {
         /// Exit status, if known.
         status: Option<i32>,
         /// Why it counts as gone.
-        reason: script::ExitReason,
+        reason: poll::ExitReason,
     },
     /// The host could not be asked: say nothing about the server.
     Unknown(Error),
@@ -252,7 +254,7 @@ struct PollQueue {
     draining: bool,
 }
 
-pub use crate::plan::adopt::RUN_ENV;
+pub use crate::plan::run::RUN_ENV;
 
 /// Most servers polled in one exec.
 const POLL_CHUNK: usize = 500;
@@ -1095,8 +1097,8 @@ impl Spawner {
             check_port,
             dir_made,
         };
-        let script = script::launch_script(&spec)?;
-        let launch_command = script::launch_command(&spec)?;
+        let script = launch::launch_script(&spec)?;
+        let launch_command = launch::launch_command(&spec)?;
         progress.emit(
             45,
             format!(
@@ -1118,7 +1120,7 @@ impl Spawner {
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         match out.status {
             Some(0) => {}
-            Some(script::PORT_TAKEN) => {
+            Some(launch::PORT_TAKEN) => {
                 return Err(Error::PortTaken {
                     host: state.host.clone(),
                     port: state.port,
@@ -1131,7 +1133,7 @@ impl Spawner {
                 out.check(&target)?;
             }
         }
-        let launched = script::parse_launch(&stdout)?;
+        let launched = launch::parse_launch(&stdout)?;
         let pid = launched.pid;
         let mut state = state.clone();
         state.record(launched);
@@ -1147,7 +1149,7 @@ impl Spawner {
             self.wait_listening(&target, &state, ready.saturating_sub(started.elapsed()))
                 .await?
         } else {
-            script::launch_listening(&stdout)
+            launch::launch_listening(&stdout)
         };
         let took = started.elapsed();
         tracing::debug!(
@@ -1575,7 +1577,7 @@ impl Spawner {
             return Ok(None);
         }
         let mut s = state.clone();
-        s.record(script::parse_launch(&stdout)?);
+        s.record(launch::parse_launch(&stdout)?);
         Ok(Some(s))
     }
 
@@ -1594,7 +1596,7 @@ impl Spawner {
                 Ok(None) => {
                     return PollOutcome::Exited {
                         status: None,
-                        reason: script::ExitReason::Gone,
+                        reason: poll::ExitReason::Gone,
                     }
                 }
                 Err(e) => return PollOutcome::Unknown(e),
@@ -1675,13 +1677,13 @@ impl Spawner {
     /// host is finished by [`Spawner::clean_up_later`], not by a tunnel
     /// left open.
     #[tracing::instrument(name = "server", skip_all, fields(user = %state.username, server = %state.server_name, host = %state.host))]
-    pub async fn stop(&self, state: &ServerState) -> Result<script::Stopped> {
+    pub async fn stop(&self, state: &ServerState) -> Result<stop::Stopped> {
         let stopped = self.stop_inner(state).await;
         self.close_tunnel(&state.run_id, true, true);
         stopped
     }
 
-    async fn stop_inner(&self, state: &ServerState) -> Result<script::Stopped> {
+    async fn stop_inner(&self, state: &ServerState) -> Result<stop::Stopped> {
         if let Ok(mut claims) = self.claims.lock() {
             if let Some(mine) = claims.get_mut(&state.host) {
                 mine.remove(&state.port);
@@ -1700,7 +1702,7 @@ impl Spawner {
                 .await?
                 .check(&target)?;
             metrics::server_gone(&state.run_id);
-            return Ok(script::Stopped::AlreadyGone);
+            return Ok(stop::Stopped::AlreadyGone);
         };
         let target = self.state_target(&state)?;
         let proc_ = state.proc().ok_or_else(|| Error::Invalid {
@@ -1710,16 +1712,16 @@ impl Spawner {
         let grace = self.config.stop_grace.ceil() as u32;
         let script = self.guarded(
             &state,
-            script::stop_script(&proc_, grace, self.config.keep_log)?,
+            stop::stop_script(&proc_, grace, self.config.keep_log)?,
         )?;
         let cmd = Command::new("/bin/sh -s").stdin(script).timeout(
             Config::duration(self.config.command_timeout)
                 .saturating_add(Duration::from_secs(u64::from(grace))),
         );
         let out = self.pool.exec(&target, &cmd).await?.check(&target)?;
-        let stopped = script::parse_stop(&String::from_utf8_lossy(&out.stdout))?;
+        let stopped = stop::parse_stop(&String::from_utf8_lossy(&out.stdout))?;
         metrics::server_gone(&state.run_id);
-        if let script::Stopped::Killed { escalated: true } = stopped {
+        if let stop::Stopped::Killed { escalated: true } = stopped {
             metrics::stop_escalated(&state.host);
         }
         Ok(stopped)
@@ -1779,7 +1781,7 @@ impl Spawner {
             .map(|h| self.target(h, username))
             .collect::<Result<Vec<_>>>()?;
         let command = self.config.command.first().cloned().unwrap_or_default();
-        let command = script::quote(&command, "command")?;
+        let command = quote::quote(&command, "command")?;
         let results = futures_join(self.config.hosts.iter().zip(&targets).map(|(h, t)| {
             let command = command.clone();
             async move {
@@ -1923,12 +1925,12 @@ async fn drain_polls(
         execs.fetch_add(1, Ordering::Relaxed);
         let round = Instant::now();
         let result = async {
-            let script = script::poll_script(&procs)?;
+            let script = poll::poll_script(&procs)?;
             let out = pool
                 .exec(&target, &cmd.clone().stdin(script))
                 .await?
                 .check(&target)?;
-            script::parse_poll(&String::from_utf8_lossy(&out.stdout), &procs)
+            poll::parse_poll(&String::from_utf8_lossy(&out.stdout), &procs)
         }
         .await;
         metrics::poll_round(&target.host_label(), round.elapsed());
@@ -1958,7 +1960,7 @@ async fn drain_polls(
 /// [`Error::ServerExited`] from a launch script's (or the ready check's)
 /// failure report, `None` when `stdout` is not one.
 fn server_exited(host: &str, stdout: &str) -> Option<Error> {
-    let (status, log_tail) = script::parse_launch_failure(stdout)?;
+    let (status, log_tail) = launch::parse_launch_failure(stdout)?;
     Some(Error::ServerExited {
         host: host.to_string(),
         status: status
