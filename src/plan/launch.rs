@@ -100,7 +100,8 @@ pub struct Launched {
     pub boot_id: String,
 }
 
-/// The launch script.
+/// The launch script: `sh/launch.sh` (which says how, step by step, and
+/// what each step costs) behind a preamble of the spec's values.
 ///
 /// It creates `dir` (0700, and its parent), refuses to start when `port` is
 /// listening (when `check_port`; prints `port-taken`, exits [`PORT_TAKEN`]),

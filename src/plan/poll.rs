@@ -87,7 +87,8 @@ pub fn ready_check_script(p: &Proc, port: u16) -> Result<String> {
     Ok(pre.script(&[sh::LIB, sh::READY]))
 }
 
-/// The poll script for many servers of ONE remote user on one host; one
+/// The poll script (`sh/poll.sh`) for many servers of ONE remote user on
+/// one host; one
 /// exec answers all.
 ///
 /// Prints one line per server: `RUN_ID STATE [STATUS]`, STATE one of

@@ -30,7 +30,7 @@ impl std::fmt::Display for Stopped {
     }
 }
 
-/// The stop script for one server.
+/// The stop script (`sh/stop.sh`) for one server.
 ///
 /// It signals nothing unless the recorded pid is verified to be ours: same
 /// boot, same start time, same real uid, not a zombie. The wrapper counts
