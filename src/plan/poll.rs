@@ -88,8 +88,7 @@ pub fn ready_check_script(p: &Proc, port: u16) -> Result<String> {
 }
 
 /// The poll script (`sh/poll.sh`) for many servers of ONE remote user on
-/// one host; one
-/// exec answers all.
+/// one host; one exec answers all.
 ///
 /// Prints one line per server: `RUN_ID STATE [STATUS]`, STATE one of
 /// `running exited zombie reused rebooted gone`, STATUS the number in
