@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ssh_spawner::config::Config;
-use ssh_spawner::plan::script::{self, Proc};
+use ssh_spawner::plan::poll::{self, Proc};
 use ssh_spawner::plan::state::ServerState;
 use ssh_spawner::spawner::{PollOutcome, Progress, SpawnRequest, Spawner};
 use ssh_spawner::ssh::Command;
@@ -104,14 +104,14 @@ async fn main() {
             .map(|p| {
                 let (pool, target, p) = (sp.pool().clone(), target.clone(), p.clone());
                 tokio::spawn(async move {
-                    let script = script::poll_script(std::slice::from_ref(&p)).expect("script");
+                    let script = poll::poll_script(std::slice::from_ref(&p)).expect("script");
                     let out = pool
                         .exec(&target, &Command::new("/bin/sh -s").stdin(script))
                         .await
                         .expect("exec");
-                    let parsed = script::parse_poll(&String::from_utf8_lossy(&out.stdout), &[p])
+                    let parsed = poll::parse_poll(&String::from_utf8_lossy(&out.stdout), &[p])
                         .expect("parse");
-                    assert_eq!(parsed[0].1, script::ProcStatus::Running);
+                    assert_eq!(parsed[0].1, poll::ProcStatus::Running);
                 })
             })
             .collect();

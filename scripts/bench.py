@@ -1309,7 +1309,7 @@ waited a fixed `launch_settle` (0.3 s) after the pid; that option is gone
 ### The launch, step by step
 
 One warm launch (`Spawner::launch`, the script of
-`plan::script::launch_script`) on a host, in order. Costs are from timing
+`plan::launch::launch_script`) on a host, in order. Costs are from timing
 the script run locally by a session leader (as sshd runs it) with parts cut
 off (`exit 0` inserted), 150-300 runs each, and from `strace -f -ttt` of
 sshd on a testbed node: read them as proportions.
@@ -1421,7 +1421,7 @@ exits (the start then fails with its status and log, as before), so
 `start()` returns when the server listens and the hub's first check
 succeeds.
 
-A stop is the stop script (`plan::script::stop_script`): SIGTERM to the
+A stop is the stop script (`plan::stop::stop_script`): SIGTERM to the
 server's group and descendants, then a look every 0.1 s until they are gone
 (SIGKILL after `stop_grace`); most of it is the single-user server's own
 shutdown. Each look needs the host's process table. It used to be read with

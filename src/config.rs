@@ -480,35 +480,9 @@ fn check_unix_user(user: &str) -> Result<()> {
     }
 }
 
-/// A size as people write it: `2G`, `512M`, `1.5G`, `1048576` (bytes).
-pub fn parse_size(text: &str) -> Result<u64> {
-    let t = text.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => {
-                    return Err(invalid(
-                        format!("size {text:?}"),
-                        "unit must be K, M, G or T",
-                    ))
-                }
-            };
-            (&t[..i], m)
-        }
-        _ => (t, 1),
-    };
-    match num.parse::<f64>() {
-        Ok(v) if v.is_finite() && v >= 0.0 => Ok((v * mult as f64) as u64),
-        _ => Err(invalid(
-            format!("size {text:?}"),
-            "expected a number with an optional K, M, G or T",
-        )),
-    }
-}
+/// A size as people write it (the rule lives with the plan's other size
+/// helpers, which read it too).
+pub use crate::plan::hosts::parse_size;
 
 /// Fill `{username}` after validating the value.
 pub fn fill(template: &str, username: &str) -> Result<String> {

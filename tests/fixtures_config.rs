@@ -92,7 +92,6 @@ fn what_the_file_leaves_out_gets_the_defaults() {
     assert_eq!(c.host_key_policy, HostKeyPolicy::Strict);
     assert_eq!(c.auth_timeout, 10.0);
     assert_eq!(c.ready_timeout, 60.0);
-    assert_eq!(c.launch_settle, None);
     assert_eq!(c.max_connections_per_host, 4);
     assert!(!c.tunnel && !c.hub_tunnel);
     assert_eq!(c.remote_user_for("alice").unwrap(), "alice");

@@ -8,11 +8,11 @@ use std::collections::BTreeSet;
 
 use ssh_spawner::plan::hosts::{
     facts_script, list_script, parse_facts, parse_list, rank, Candidate, HostFacts, Listed,
-    Requirements, Strategy, RUN_MARKER,
+    Requirements, Strategy,
 };
-use ssh_spawner::plan::limits::{decide, host_summary, EnforcementMode, Limits};
+use ssh_spawner::plan::limits::{decide, host_summary, EnforcementMode, LimitPlan, Limits};
 use ssh_spawner::plan::ports::listening_ports;
-use ssh_spawner::plan::script::LimitPlan;
+use ssh_spawner::plan::run::RUN_MARKER;
 
 fn fixture(path: &str) -> String {
     let p = format!("{}/fixtures/{path}", env!("CARGO_MANIFEST_DIR"));
@@ -40,10 +40,14 @@ fn the_facts_script_is_the_one_that_printed_the_fixtures() {
     // fixtures/facts/README.md: the script ran was facts_script(None) of
     // this tree; its lines are what the parser below is fed.
     let script = facts_script(None);
+    // (Captured at cff859e, when the script was Rust text; since then it is
+    // src/plan/sh/facts.sh with its values in a preamble: the lines that
+    // print what the fixtures hold are the same.)
     for line in [
-        "printf 'servers=%s\\n' \"$(pgrep -fc 'ssh-spawner-ru[n]:' 2>/dev/null || true)\"",
+        "run_pattern='ssh-spawner-ru[n]:'",
+        "printf 'servers=%s\\n' \"$(pgrep -fc \"$run_pattern\" 2>/dev/null || true)\"",
         "if command -v systemd-run >/dev/null 2>&1 && systemctl --user show-environment >/dev/null 2>&1; then",
-        "echo '--- proc-net-tcp'",
+        "tcp_mark='--- proc-net-tcp'",
         "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null",
     ] {
         assert!(script.contains(line), "facts script lost {line:?}");

@@ -1,19 +1,16 @@
 //! The remote scripts read some host output in shell, not in Rust:
-//! `/proc/PID/stat` and `status` (every script's `rs` and `ru`, and the
-//! adopt script's own `cat`), `ss -Hltne` (`listening`, the launch's port
-//! check and readiness wait), `ps -e -o pid= -o ppid= -o pgid=` (stop's
-//! `snap`) and `systemctl --user` (stop's systemd scope). These tests run those pieces of the generated scripts with
-//! the local `/bin/sh` on what real hosts printed (`fixtures/proc`,
-//! `fixtures/ss`, `fixtures/ps`, `fixtures/systemd`), with `ss`, `ps` and
-//! `systemctl` replaced by shell functions that replay a fixture. The script
-//! text comes from the crate's public script builders, so these run exactly
-//! what a host runs.
+//! `/proc/PID/stat` and `status` (`read_stat`, `read_uid` and `is_live` of
+//! `src/plan/sh/lib.sh`, which every script shares, adopt's included),
+//! `ss -Hltne` (`is_listening`: the launch's port check and the ready
+//! check), `ps -e -o pid= -o ppid= -o pgid=` (stop's `snapshot_procs`) and
+//! `systemctl --user` (stop's systemd scope). These tests run those pieces
+//! of the shell files the scripts are assembled from with the local
+//! `/bin/sh` on what real hosts printed (`fixtures/proc`, `fixtures/ss`,
+//! `fixtures/ps`, `fixtures/systemd`), with `ss`, `ps` and `systemctl`
+//! replaced by shell functions that replay a fixture.
 
 use std::io::Write;
 use std::process::{Command, Stdio};
-
-use ssh_spawner::plan::adopt::adopt_script;
-use ssh_spawner::plan::script::{poll_script, ready_check_script, stop_script, Proc};
 
 fn dir(path: &str) -> String {
     format!("{}/fixtures/{path}", env!("CARGO_MANIFEST_DIR"))
@@ -44,6 +41,12 @@ fn sh(script: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// One of the shell files the remote scripts are assembled from.
+fn sh_file(name: &str) -> String {
+    let p = format!("{}/src/plan/sh/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{p}: {e}"))
+}
+
 /// The shell function `name` as the script defines it (from `name() {` to
 /// the first `}` alone on a line).
 fn function(script: &str, name: &str) -> String {
@@ -55,30 +58,19 @@ fn function(script: &str, name: &str) -> String {
     body[..end].to_string()
 }
 
-fn a_proc() -> Proc {
-    Proc {
-        run_id: "5f0c1d2e3a4b6978".into(),
-        pid: 17646,
-        pgid: 17638,
-        start_time: 1285454,
-        uid: 1001,
-        boot_id: "d49ccf43-46a3-4eb0-8ae3-8cb2b515151a".into(),
-        dir: "/home/tb-alice/.jupyterhub-ssh/5f0c1d2e3a4b6978".into(),
-    }
-}
-
-/// `rs` and `ru` (with `live`) on a fixture directory laid out like
-/// `/proc/PID`: they read `/proc/$1/stat`, so `../ABS/PATH` reaches it.
+/// `read_stat` and `read_uid` (with `is_live`) on a fixture directory laid
+/// out like `/proc/PID`: they read `/proc/$1/stat`, so `../ABS/PATH`
+/// reaches it.
 fn read_proc(name: &str) -> String {
-    // A poll of no server defines the helpers and runs nothing else.
-    let helpers = poll_script(&[]).unwrap();
+    // lib.sh defines the helpers and runs nothing else.
+    let helpers = sh_file("lib.sh");
     let at = format!("..{}", dir(&format!("proc/{name}")));
     sh(&format!(
         "{helpers}\
-         rs '{at}' || echo rs-failed\n\
-         if live; then l=live; else l=dead; fi\n\
+         read_stat '{at}' || echo read_stat-failed\n\
+         if is_live; then l=live; else l=dead; fi\n\
          printf '%s %s %s %s %s\\n' \"$s_state\" \"$s_ppid\" \"$s_pgrp\" \"$s_start\" \"$l\"\n\
-         if [ -e '{dir}/status' ]; then ru '{at}' && echo \"uid $s_uid\"; fi\n",
+         if [ -e '{dir}/status' ]; then read_uid '{at}' && echo \"uid $s_uid\"; fi\n",
         dir = dir(&format!("proc/{name}")),
     ))
 }
@@ -106,17 +98,17 @@ fn stat_lines_with_a_hostile_comm_are_read_after_the_last_paren() {
     assert_eq!(read_proc("sleep"), "S 8970 8965 1261654 live\nuid 1001\n");
 }
 
-/// `listening [UID]` from the ready check, with `ss` replaying `file` (what
+/// `is_listening [UID]` of lib.sh, with `ss` replaying `file` (what
 /// `ss -Hltne "sport = :PORT"` printed on node1). Also returns the
 /// arguments `ss` was called with.
 fn listening(file: &str, port: u16, uid: Option<u32>) -> (bool, String) {
-    let f = function(&ready_check_script(&a_proc(), port).unwrap(), "listening");
+    let f = function(&sh_file("lib.sh"), "is_listening");
     let out = sh(&format!(
         "calls=$(mktemp)\n\
          ss() {{ printf '%s' \"$*\" >>\"$calls\"; cat '{fix}'; }}\n\
          port={port} port_hex={port:04X} ss=ss\n\
          {f}\
-         if listening {uid}; then r=yes; else r=no; fi\n\
+         if is_listening {uid}; then r=yes; else r=no; fi\n\
          printf '%s\\n' \"$r\"; cat \"$calls\"; rm -f \"$calls\"\n",
         fix = dir(&format!("ss/{file}")),
         uid = uid.map(|u| u.to_string()).unwrap_or_default(),
@@ -146,13 +138,13 @@ fn ss_output_says_who_listens_on_a_port() {
 
 #[test]
 fn stop_takes_the_process_table_from_procps() {
-    let f = function(&stop_script(&a_proc(), 10, true).unwrap(), "snap");
+    let f = function(&sh_file("stop.sh"), "snapshot_procs");
     let fix = dir("ps/pid-ppid-pgid-node1.txt");
     let out = sh(&format!(
         "nl='\n'\nuse_ps=1 calls=$(mktemp)\n\
          ps() {{ printf '%s' \"$*\" >>\"$calls\"; cat '{fix}'; }}\n\
-         {f}snap\n\
-         printf '%s\\n%s\\n%s' \"$use_ps\" \"$(cat \"$calls\")\" \"$sn\"; rm -f \"$calls\"\n"
+         {f}snapshot_procs\n\
+         printf '%s\\n%s\\n%s' \"$use_ps\" \"$(cat \"$calls\")\" \"$snapshot\"; rm -f \"$calls\"\n"
     ));
     let mut parts = out.splitn(3, '\n');
     // procps' output passed the script's check: no fallback to /proc.
@@ -167,12 +159,12 @@ fn stop_takes_the_process_table_from_procps() {
 /// Stop's look at the run's systemd scope, with `systemctl` replaying what
 /// `systemctl --user` printed as tb-alice on `host` for the unit `unit`
 /// (`init` stands for a scope that is active, `missing` for one that is
-/// not there). Returns `sc` (the scope is in use), `cg` (its control group)
-/// and the calls made.
+/// not there). Returns `in_scope` (the scope is in use), `cg` (its control
+/// group) and the calls made.
 fn scope(host: &str, unit: &str) -> (String, String, String) {
-    let script = stop_script(&a_proc(), 10, true).unwrap();
-    let start = script.find("\nsc=\nscg=\n").expect("the scope block") + 1;
-    let end = script.find("\nbusy() {").expect("busy()");
+    let script = sh_file("stop.sh");
+    let start = script.find("\nin_scope=''\n").expect("the scope block") + 1;
+    let end = script.find("\n# scope_busy:").expect("scope_busy()");
     let block = &script[start..end];
     let d = dir(&format!("systemd/{host}"));
     let out = sh(&format!(
@@ -188,9 +180,9 @@ fn scope(host: &str, unit: &str) -> (String, String, String) {
            cat '{d}/'$n.stderr >&2\n\
            return $(cat '{d}/'$n.exit)\n\
          }}\n\
-         calls=$(mktemp) boot=b want=b unit=jupyterhub-ssh-5f0c1d2e3a4b6978.scope cg=unset\n\
+         calls=$(mktemp) ours=1 unit=jupyterhub-ssh-5f0c1d2e3a4b6978.scope cg=unset\n\
          {block}\n\
-         printf '%s\\n%s\\n%s\\n' \"$sc\" \"$cg\" \"$(cat \"$calls\")\"; rm -f \"$calls\"\n"
+         printf '%s\\n%s\\n%s\\n' \"$in_scope\" \"$cg\" \"$(cat \"$calls\")\"; rm -f \"$calls\"\n"
     ));
     let v: Vec<&str> = out.lines().collect();
     (v[0].to_string(), v[1].to_string(), v[2].to_string())
@@ -221,29 +213,28 @@ fn stop_reads_the_scope_from_systemctl() {
     );
 }
 
-/// The adopt script's own reading of `/proc/PID/stat` (it runs `cat`, not
-/// `rs`), on a fixture: its state, pgid and start time, or `nothing`.
+/// The adopt script's reading of the process in the pid file (the shared
+/// `read_stat` and `is_live`, then its own choice of fields), on a fixture:
+/// its state, pgid and start time, or `nothing`.
 fn adopt_reads(name: &str) -> String {
-    let script = adopt_script(
-        "/home/tb-alice/.jupyterhub-ssh/5f0c1d2e3a4b6978",
-        "5f0c1d2e3a4b6978",
-    )
-    .unwrap();
+    let script = sh_file("adopt.sh");
     let start = script
-        .find("rest=${stat##*) }\n")
-        .expect("the stat parsing");
+        .find("read_stat \"$pid\" || no\n")
+        .expect("the stat reading");
     let end = script[start..]
-        .find("shift 19; start=$1\n")
+        .find("start=$s_start pgid=$s_pgrp\n")
         .expect("its end")
         + start
-        + 19;
+        + "start=$s_start pgid=$s_pgrp\n".len();
     let part = &script[start..end];
     sh(&format!(
-        "no() {{ echo nothing; exit 0; }}\n\
-         stat=$(cat '{fix}')\n\
+        "{lib}\
+         no() {{ echo nothing; exit 0; }}\n\
+         pid='..{fix}'\n\
          {part}\
-         echo \"$state $pgid $start\"\n",
-        fix = dir(&format!("proc/{name}/stat")),
+         echo \"$s_state $pgid $start\"\n",
+        lib = sh_file("lib.sh"),
+        fix = dir(&format!("proc/{name}")),
     ))
 }
 

@@ -1,11 +1,10 @@
 //! What the launch, ready check, poll, stop and adopt scripts really printed
 //! (`fixtures/scripts`, see its README.md), read by their parsers in
-//! `plan::script`.
+//! `plan::launch`, `plan::poll` and `plan::stop`.
 
-use ssh_spawner::plan::script::{
-    launch_listening, parse_launch, parse_launch_failure, parse_poll, parse_stop, ExitReason,
-    Launched, Proc, ProcStatus, Stopped,
-};
+use ssh_spawner::plan::launch::{launch_listening, parse_launch, parse_launch_failure, Launched};
+use ssh_spawner::plan::poll::{parse_poll, ExitReason, Proc, ProcStatus};
+use ssh_spawner::plan::stop::{parse_stop, Stopped};
 use ssh_spawner::Error;
 
 fn fixture(path: &str) -> String {

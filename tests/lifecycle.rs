@@ -13,8 +13,9 @@ use common::{mode_of, rand_suffix, testbed, Scratch, Testbed, Undo};
 use ssh_spawner::config::Config;
 use ssh_spawner::plan::hosts::{HostFacts, Requirements, Strategy};
 use ssh_spawner::plan::limits::Limits;
-use ssh_spawner::plan::script::{ExitReason, Stopped};
+use ssh_spawner::plan::poll::ExitReason;
 use ssh_spawner::plan::state::{self, ServerState};
+use ssh_spawner::plan::stop::Stopped;
 use ssh_spawner::spawner::{
     CleanUpLater, PollOutcome, Progress, SpawnRequest, Spawner, StartOptions,
 };

@@ -7,10 +7,10 @@
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use ssh_spawner::config::{check_username, fill, Config};
-use ssh_spawner::plan::script::{
-    parse_launch, parse_launch_failure, parse_poll, parse_stop, poll_script, stop_script, Proc,
-};
+use ssh_spawner::plan::launch::{parse_launch, parse_launch_failure};
+use ssh_spawner::plan::poll::{parse_poll, poll_script, Proc};
 use ssh_spawner::plan::state;
+use ssh_spawner::plan::stop::{parse_stop, stop_script};
 
 /// A template: literal text with `{username}`, stray braces and other
 /// placeholders mixed in.

@@ -550,7 +550,7 @@ async fn a_remote_forwards_connections_end_with_it() {
 #[tokio::test]
 async fn a_stop_that_cannot_reach_the_host_still_closes_the_servers_tunnels() {
     use ssh_spawner::config::Config;
-    use ssh_spawner::plan::script::Stopped;
+    use ssh_spawner::plan::stop::Stopped;
     use ssh_spawner::spawner::{Progress, Spawner};
 
     let Some(tb) = testbed("a_stop_that_cannot_reach_the_host_still_closes_the_servers_tunnels")

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use ssh_spawner::config::{parse_size, Config};
 use ssh_spawner::plan::hosts::{human_bytes, Requirements};
 use ssh_spawner::plan::limits::Limits;
-use ssh_spawner::plan::script::ExitReason;
+use ssh_spawner::plan::poll::ExitReason;
 use ssh_spawner::plan::state::{self, ServerState};
 use ssh_spawner::spawner::{PollOutcome, Progress, SpawnRequest, Spawner};
 use ssh_spawner::ssh::{
@@ -517,7 +517,7 @@ fn parse_env_file(text: &str) -> std::result::Result<Vec<(String, String)>, (usi
         let Some((name, value)) = line.split_once('=') else {
             return Err((i + 1, "expected NAME=VALUE".into()));
         };
-        ssh_spawner::plan::script::check_env_name(name).map_err(|e| (i + 1, e.to_string()))?;
+        ssh_spawner::plan::quote::check_env_name(name).map_err(|e| (i + 1, e.to_string()))?;
         out.push((name.to_string(), value.to_string()));
     }
     Ok(out)

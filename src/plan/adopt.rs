@@ -4,68 +4,29 @@
 //! per-server directory, which the state names before launch, so the server
 //! is found from there instead of being orphaned.
 
-use super::script::quote;
+use super::run;
+use super::sh::{self, Preamble};
 use crate::error::Result;
-
-/// Environment variable naming the run in every process of a server.
-pub const RUN_ENV: &str = "SSH_SPAWNER_RUN";
 
 /// What the adopt script prints when nothing of that run is alive.
 pub const NOTHING: &str = "nothing";
 
 /// Prints the same `key=value` lines as the launch script for the process in
-/// `DIR/pid`, or [`NOTHING`].
-///
-/// A pid file can outlive its process (the server exited, the host
-/// rebooted) and its pid can then belong to another program of the same
-/// user, which stop would signal with its whole group. So the process is
-/// reported only when everything says it is this run's server:
-/// - the wrapper has not recorded an exit status;
-/// - the pid file was written during this boot (its mtime is after the
-///   boot time), and the process started no later than that (a process
-///   started after the pid file was written is a reused pid);
-/// - it is alive, not a zombie, and runs as this login;
-/// - its environment carries `SSH_SPAWNER_RUN=RUN_ID`, which the launch
-///   exports into every process of the run.
+/// `DIR/pid`, or [`NOTHING`]: only when everything says it is this run's
+/// server (`sh/adopt.sh` says what).
 pub fn adopt_script(dir: &str, run_id: &str) -> Result<String> {
-    let dir = quote(dir, "server directory")?;
-    let marker = quote(&format!("{}={run_id}", RUN_ENV), "run id")?;
-    Ok(format!(
-        r#"set -u
-d={dir}
-no() {{ echo {NOTHING}; exit 0; }}
-[ -e "$d/exit_status" ] && no
-pid=$(cat "$d/pid" 2>/dev/null) || pid=
-case $pid in ''|*[!0-9]*) no ;; esac
-[ "$pid" -gt 1 ] || no
-written=$(stat -c %Y -- "$d/pid" 2>/dev/null) || no
-btime=$(while read -r k v; do [ "$k" = btime ] && echo "$v"; done < /proc/stat)
-tck=$(getconf CLK_TCK 2>/dev/null) || tck=100
-case $written$btime$tck in *[!0-9]*|'') no ;; esac
-[ "$written" -ge "$btime" ] || no
-stat=$(cat "/proc/$pid/stat" 2>/dev/null) || no
-rest=${{stat##*) }}
-set -f
-set -- $rest
-set +f
-state=$1; pgid=$3
-case $state in Z|X) no ;; esac
-shift 19; start=$1
-case $start in ''|*[!0-9]*) no ;; esac
-[ $((btime + start / tck)) -le $((written + 1)) ] || no
-uid=$(while read -r k v _; do [ "$k" = Uid: ] && echo "$v"; done < "/proc/$pid/status")
-me=$(id -u)
-[ "$uid" = "$me" ] || no
-tr '\0' '\n' < "/proc/$pid/environ" 2>/dev/null | grep -qxF {marker} || no
-printf 'pid=%s\npgid=%s\nstart_time=%s\nuid=%s\nboot_id=%s\n' "$pid" "$pgid" "$start" "$uid" "$(cat /proc/sys/kernel/random/boot_id)"
-"#
-    ))
+    let mut p = Preamble::new();
+    p.value("d", dir, "server directory")?
+        .value("env_marker", &run::env_marker(run_id), "run id")?
+        .value("nothing", NOTHING, "nothing")?;
+    Ok(p.script(&[sh::LIB, sh::ADOPT]))
 }
 
 /// Removes a per-server directory in which nothing was started.
 pub fn remove_dir_script(dir: &str) -> Result<String> {
-    let dir = quote(dir, "server directory")?;
-    Ok(format!("set -u\nrm -rf -- {dir}\n"))
+    let mut p = Preamble::new();
+    p.value("d", dir, "server directory")?;
+    Ok(p.script(&[sh::REMOVE_DIR]))
 }
 
 #[cfg(test)]
@@ -73,6 +34,7 @@ mod tests {
     //! The adopt script run with the local `/bin/sh` against real processes.
 
     use super::*;
+    use crate::plan::run::RUN_ENV;
     use std::process::{Command, Stdio};
 
     fn adopt(dir: &std::path::Path, run_id: &str) -> String {

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use serde::{Deserialize, Serialize};
 
 use super::hosts::human_bytes;
-use crate::config::parse_size;
+use super::hosts::parse_size;
 use crate::error::{Error, Result};
 
 /// Form fields as a browser sends them: name → values.

@@ -10,11 +10,10 @@ use rand::seq::SliceRandom;
 use rand::Rng;
 
 use super::ports::listening_ports;
+use super::quote::{invalid, quote};
+use super::run::{marker_pattern, RUN_MARKER};
+use super::sh::{self, Preamble};
 use crate::error::{Error, Result};
-
-/// Marker in every server wrapper's argv, so servers can be counted and
-/// listed with `pgrep -f` by any user (argv is public; it holds no secret).
-pub const RUN_MARKER: &str = "ssh-spawner-run:";
 
 /// How the next server's host is chosen among those that fit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -72,45 +71,32 @@ impl HostFacts {
 
 const TCP_MARK: &str = "--- proc-net-tcp";
 
-/// The facts script. With `command_check`, it also runs the prologue in a
-/// subshell and reports whether the first word of the command is found.
+/// The facts script (`sh/facts.sh`). With `command_check` (the prologue
+/// and the command's first word, quoted with [`quote`]), it also runs the
+/// prologue in a subshell and reports whether the command is found.
 pub fn facts_script(command_check: Option<(&[String], &str)>) -> String {
-    let mut s = String::from(
-        r#"set -u
-LC_ALL=C; export LC_ALL
-printf 'hostname=%s\n' "$(cat /proc/sys/kernel/hostname)"
-printf 'home=%s\n' "$HOME"
-printf 'uid=%s\n' "$(id -u)"
-while read -r k v _; do
-  case $k in
-    MemTotal:) printf 'mem_total_kb=%s\n' "$v" ;;
-    MemAvailable:) printf 'mem_available_kb=%s\n' "$v" ;;
-  esac
-done < /proc/meminfo
-printf 'cpus=%s\n' "$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc)"
-read -r l1 _ < /proc/loadavg; printf 'load1=%s\n' "$l1"
-printf 'boot_id=%s\n' "$(cat /proc/sys/kernel/random/boot_id)"
-printf 'servers=%s\n' "$(pgrep -fc 'ssh-spawner-ru[n]:' 2>/dev/null || true)"
-if command -v systemd-run >/dev/null 2>&1 && systemctl --user show-environment >/dev/null 2>&1; then
-  echo systemd_user=yes; else echo systemd_user=no; fi
-if command -v prlimit >/dev/null 2>&1; then echo prlimit=yes; else echo prlimit=no; fi
-if env --default-signal=INT,QUIT true >/dev/null 2>&1; then echo default_signal=yes; else echo default_signal=no; fi
-"#,
-    );
-    if let Some((prologue, command)) = command_check {
-        s.push_str("if (\n");
-        for line in prologue {
-            s.push_str(line);
-            s.push('\n');
+    let mut p = Preamble::new();
+    // The marker pattern and the mark are this crate's: nothing to refuse.
+    p.quoted("run_pattern", &quote_known(&marker_pattern()))
+        .quoted("tcp_mark", &quote_known(TCP_MARK));
+    match command_check {
+        Some((prologue, command)) => {
+            p.flag("check_command", "1")
+                .quoted("command", command)
+                .function("ssp_prologue", prologue);
         }
-        s.push_str(&format!(
-            "command -v {command} ) >/dev/null 2>&1; then echo command=yes; else echo command=no; fi\n"
-        ));
+        None => {
+            p.flag("check_command", "0")
+                .quoted("command", "''")
+                .function("ssp_prologue", &[]);
+        }
     }
-    s.push_str(&format!(
-        "echo '{TCP_MARK}'\ncat /proc/net/tcp /proc/net/tcp6 2>/dev/null\n"
-    ));
-    s
+    p.script(&[sh::FACTS])
+}
+
+/// [`quote`] for a constant of this crate, which holds no NUL.
+fn quote_known(text: &str) -> String {
+    quote(text, "constant").unwrap_or_else(|_| "''".into())
 }
 
 /// Kibibytes as printed by /proc/meminfo, in bytes; `None` if not a number or too large.
@@ -199,9 +185,14 @@ pub struct Listed {
     pub run_id: String,
 }
 
-/// Lists every user's servers on a host: argv (and so the marker) is public.
+/// Lists every user's servers on a host: argv (and so the marker) is
+/// public. A command line for the login's shell (whatever it is), not a
+/// script of `sh/`.
 pub fn list_script() -> String {
-    "ps -eo pgid=,user:32=,etime=,args= | grep -e 'ssh-spawner-ru[n]:' || true\n".to_string()
+    format!(
+        "ps -eo pgid=,user:32=,etime=,args= | grep -e {} || true\n",
+        quote_known(&marker_pattern())
+    )
 }
 
 /// Parse what [`list_script`] printed; lines that do not match are skipped.
@@ -337,6 +328,36 @@ pub fn rank(
         }
     }
     Ok(fit)
+}
+
+/// A size as people write it: `2G`, `512M`, `1.5G`, `1048576` (bytes).
+pub fn parse_size(text: &str) -> Result<u64> {
+    let t = text.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => {
+                    return Err(invalid(
+                        format!("size {text:?}"),
+                        "unit must be K, M, G or T",
+                    ))
+                }
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    match num.parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 0.0 => Ok((v * mult as f64) as u64),
+        _ => Err(invalid(
+            format!("size {text:?}"),
+            "expected a number with an optional K, M, G or T",
+        )),
+    }
 }
 
 /// `3.1G`, `512M`: how people write memory sizes.

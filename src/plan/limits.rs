@@ -6,8 +6,32 @@
 //! exported as `MEM_LIMIT` / `CPU_LIMIT` by the hub either way.
 
 use super::hosts::{human_bytes, HostFacts};
-use super::script::LimitPlan;
+use super::quote::invalid;
 use crate::error::{Error, Result};
+
+/// How resource limits are enforced for one launch (decided by [`decide`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LimitPlan {
+    /// No enforcement.
+    None,
+    /// `systemd-run --user --scope --quiet --unit=UNIT -p MemoryMax=BYTES -p CPUQuota=PCT% -- ...`
+    ///
+    /// A property that is `None` is left out; with both left out the named
+    /// scope is still created, since the caller chose it over [`LimitPlan::None`].
+    Systemd {
+        /// Name of the transient scope unit.
+        unit: String,
+        /// `MemoryMax=` in bytes.
+        mem_max: Option<u64>,
+        /// `CPUQuota=` in percent of one CPU.
+        cpu_quota_percent: Option<u32>,
+    },
+    /// `prlimit --as=BYTES -- ...` (virtual memory cap).
+    Prlimit {
+        /// `--as=` in bytes.
+        address_space: Option<u64>,
+    },
+}
 
 /// The admin's choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -152,6 +176,61 @@ pub fn decide(
             LimitPlan::None,
             format!("{asked} not enforced (neither systemd nor prlimit on the host)"),
         )),
+    }
+}
+
+/// The words a launch puts before the server's argv to enforce `limits`
+/// (none for [`LimitPlan::None`]); Error::Invalid for a unit name or a
+/// limit no host would take.
+pub fn argv(limits: &LimitPlan) -> Result<Vec<String>> {
+    match limits {
+        LimitPlan::None => Ok(Vec::new()),
+        LimitPlan::Prlimit { address_space } => match address_space {
+            None => Ok(Vec::new()),
+            Some(0) => Err(invalid("address space limit", "must be more than 0 bytes")),
+            Some(n) => Ok(vec!["prlimit".into(), format!("--as={n}"), "--".into()]),
+        },
+        LimitPlan::Systemd {
+            unit,
+            mem_max,
+            cpu_quota_percent,
+        } => {
+            let unit_ok = !unit.is_empty()
+                && unit.len() <= 255
+                && !unit.starts_with('-')
+                && unit
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b":_.@-".contains(&b));
+            if !unit_ok {
+                return Err(invalid(
+                    format!("systemd unit name {unit:?}"),
+                    "must be 1 to 255 characters of A-Z, a-z, 0-9, ':', '_', '.', '@', '-' and not start with '-'",
+                ));
+            }
+            let mut w: Vec<String> = ["systemd-run", "--user", "--scope", "--quiet"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+            w.push(format!("--unit={unit}"));
+            match mem_max {
+                Some(0) => return Err(invalid("memory limit", "must be more than 0 bytes")),
+                Some(n) => {
+                    w.push("-p".into());
+                    w.push(format!("MemoryMax={n}"));
+                }
+                None => {}
+            }
+            match cpu_quota_percent {
+                Some(0) => return Err(invalid("CPU quota", "must be more than 0%")),
+                Some(p) => {
+                    w.push("-p".into());
+                    w.push(format!("CPUQuota={p}%"));
+                }
+                None => {}
+            }
+            w.push("--".into());
+            Ok(w)
+        }
     }
 }
 

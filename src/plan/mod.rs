@@ -3,8 +3,14 @@
 //! - [`hosts`]: what a host reports, and which host a server goes to.
 //! - [`health`]: which hosts answer, for every user at once.
 //! - [`ports`]: listening sockets from `/proc/net/tcp*`, and port choice.
-//! - [`limits`]: how memory and CPU limits are enforced on a host.
-//! - [`script`]: the launch, poll and stop scripts, and what they print.
+//! - [`limits`]: how memory and CPU limits are enforced on a host, and the
+//!   words a launch puts before the server's argv for that.
+//! - [`run`]: what names one run on a host (its id, directory, marker).
+//! - [`quote`]: values quoted for the remote shell, and env names.
+//! - [`sh`]: the remote scripts (`plan/sh/*.sh`) and how one is assembled.
+//! - [`launch`]: the launch script's inputs, its command and its parsers.
+//! - [`poll`]: the poll and ready-check scripts, and the poll's parser.
+//! - [`stop`]: the stop script and its parser.
 //! - [`adopt`]: finding a server whose start was interrupted.
 //! - [`form`]: the spawn options form, rendered and validated.
 //! - [`state`]: the versioned server state kept by the hub.
@@ -14,8 +20,15 @@ pub mod adopt;
 pub mod form;
 pub mod health;
 pub mod hosts;
+pub mod launch;
 pub mod limits;
+pub mod poll;
 pub mod ports;
+pub mod quote;
 pub mod retry;
-pub mod script;
+pub mod run;
+pub mod sh;
 pub mod state;
+pub mod stop;
+#[cfg(test)]
+pub(crate) mod testing;

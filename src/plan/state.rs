@@ -10,7 +10,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::script::{Launched, Proc};
+use super::launch::Launched;
+use super::poll::Proc;
+use super::run::is_run_id;
+use super::sh::{self, Preamble};
 use crate::error::{Cause, Error, Result};
 
 /// The version this build writes.
@@ -136,13 +139,7 @@ impl ServerState {
         {
             return Err(bad(format!("bad address {:?}", self.address)));
         }
-        if self.run_id.is_empty()
-            || self.run_id.len() > 64
-            || !self
-                .run_id
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        {
+        if !is_run_id(&self.run_id) {
             return Err(bad(format!("bad run id {:?}", self.run_id)));
         }
         if !self.dir.starts_with('/')
@@ -218,14 +215,17 @@ fn state_rel(state_dir: &str) -> &str {
 /// unless the directory is `$HOME/STATE_DIR/RUN_ID` of the login it runs as.
 pub fn host_guard(state: &ServerState, state_dir: &str) -> Result<String> {
     state.check_dir_layout(state_dir)?;
-    let expected = crate::plan::script::quote(
+    let mut p = Preamble::new();
+    p.value(
+        "guard_suffix",
         &format!("/{}/{}", state_rel(state_dir), state.run_id),
         "state_dir",
-    )?;
-    let dir = crate::plan::script::quote(&state.dir, "server directory")?;
-    Ok(format!(
-        "g_h=${{HOME%/}}\nif [ \"$g_h\"{expected} != {dir} ]; then\n  echo \"ssh-spawner: refusing: \"{dir}\" is not $g_h\"{expected}\" (the server directory must be under this login's home)\" >&2\n  exit {GUARD_REFUSED}\nfi\n"
-    ))
+    )?
+    .value("guard_dir", &state.dir, "server directory")?
+    .number("guard_refused", GUARD_REFUSED);
+    // A prefix, not a `main` of its own: a transfer cut short in it is a
+    // syntax error (an `if` left open) or runs only the check.
+    Ok(p.into_text() + &sh::code(sh::GUARD))
 }
 
 /// Exit status of a script whose [`host_guard`] refused the directory.

@@ -5,7 +5,7 @@ use super::{futures_join, Spawner};
 use crate::error::{Error, Result};
 use crate::plan::hosts;
 use crate::plan::limits;
-use crate::plan::script;
+use crate::plan::quote;
 
 /// One row of `ssh-spawner check`.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -60,7 +60,7 @@ impl Spawner {
             .map(|h| self.target(h, username))
             .collect::<Result<Vec<_>>>()?;
         let command = self.config.command.first().cloned().unwrap_or_default();
-        let command = script::quote(&command, "command")?;
+        let command = quote::quote(&command, "command")?;
         let results = futures_join(self.config.hosts.iter().zip(&targets).map(|(h, t)| {
             let command = command.clone();
             async move {

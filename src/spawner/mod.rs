@@ -28,7 +28,7 @@ use crate::metrics;
 
 use crate::plan::hosts::{HostFacts, Requirements};
 use crate::plan::limits::Limits;
-use crate::plan::script::{Proc, ProcStatus};
+use crate::plan::poll::{Proc, ProcStatus};
 use crate::plan::state::{check_host_port, ServerState};
 use crate::ssh::{Command, Pool, Target};
 use crate::ssh::{LocalForward, RemoteForward};
@@ -76,7 +76,7 @@ type FactsCache = HashMap<(String, String), (Instant, HostFacts)>;
 type StatusCell = Arc<tokio::sync::OnceCell<std::result::Result<HostFacts, String>>>;
 type StatusCache = HashMap<(String, String), (Instant, StatusCell)>;
 
-pub use crate::plan::adopt::RUN_ENV;
+pub use crate::plan::run::RUN_ENV;
 
 /// A lock per (host, remote user) held while its facts are read.
 type FactsReads = HashMap<(String, String), Arc<tokio::sync::Mutex<()>>>;

@@ -6,7 +6,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::plan::adopt;
-use crate::plan::script::{self, Proc, ProcStatus};
+use crate::plan::launch;
+use crate::plan::poll::{self, Proc, ProcStatus};
 use crate::plan::state::ServerState;
 use crate::ssh::{Command, Pool, Target};
 use std::collections::HashMap;
@@ -25,7 +26,7 @@ pub enum PollOutcome {
         /// Exit status, if known.
         status: Option<i32>,
         /// Why it counts as gone.
-        reason: script::ExitReason,
+        reason: poll::ExitReason,
     },
     /// The host could not be asked: say nothing about the server.
     Unknown(Error),
@@ -59,7 +60,7 @@ impl Spawner {
             return Ok(None);
         }
         let mut s = state.clone();
-        s.record(script::parse_launch(&stdout)?);
+        s.record(launch::parse_launch(&stdout)?);
         Ok(Some(s))
     }
 
@@ -78,7 +79,7 @@ impl Spawner {
                 Ok(None) => {
                     return PollOutcome::Exited {
                         status: None,
-                        reason: script::ExitReason::Gone,
+                        reason: poll::ExitReason::Gone,
                     }
                 }
                 Err(e) => return PollOutcome::Unknown(e),
@@ -186,12 +187,12 @@ async fn drain_polls(
         execs.fetch_add(1, Ordering::Relaxed);
         let round = Instant::now();
         let result = async {
-            let script = script::poll_script(&procs)?;
+            let script = poll::poll_script(&procs)?;
             let out = pool
                 .exec(&target, &cmd.clone().stdin(script))
                 .await?
                 .check(&target)?;
-            script::parse_poll(&String::from_utf8_lossy(&out.stdout), &procs)
+            poll::parse_poll(&String::from_utf8_lossy(&out.stdout), &procs)
         }
         .await;
         metrics::poll_round(&target.host_label(), round.elapsed());

@@ -14,7 +14,7 @@
 //! - turns start 10 ms apart and back off to
 //!   [`crate::plan::ports::ready_probe_delay`]'s 200 ms, and 1 s after 5 s;
 //! - once the port accepts, or the server has exited, one command on the
-//!   host ([`script::ready_check_script`]: `sh` and `ss`) tells whether the
+//!   host ([`poll::ready_check_script`]: `sh` and `ss`) tells whether the
 //!   listener is the server's (its login's uid; another user's listener is
 //!   never taken for it) or reports the exit status and the log's tail;
 //! - without a kept SFTP session (its connection too busy to give it a
@@ -23,14 +23,14 @@
 //!   login on the host at once, waits and hub polls batched together.
 //!
 //! A host where sshd will not forward (the port probe could not tell) keeps
-//! the launch script's own wait ([`crate::plan::script::LaunchSpec::ready_cs`]).
+//! the launch script's own wait ([`crate::plan::launch::LaunchSpec::ready_cs`]).
 
 use std::time::{Duration, Instant};
 
 use super::{PollOutcome, Spawner};
 use crate::error::{Error, Result};
 use crate::plan::state::ServerState;
-use crate::plan::{self, script};
+use crate::plan::{self, launch, poll};
 use crate::ssh::Target;
 
 /// How often the server is polled when no kept SFTP session can tell an
@@ -134,13 +134,13 @@ impl Spawner {
         }
     }
 
-    /// One [`script::ready_check_script`] on the host: `true` when the
+    /// One [`poll::ready_check_script`] on the host: `true` when the
     /// server's own socket listens on its port.
     async fn ready_check(
         &self,
         target: &Target,
         state: &ServerState,
-        proc_: &script::Proc,
+        proc_: &poll::Proc,
     ) -> Result<bool> {
         let out = self
             .pool
@@ -148,16 +148,16 @@ impl Spawner {
                 target,
                 &self
                     .command("/bin/sh -s")
-                    .stdin(script::ready_check_script(proc_, state.port)?),
+                    .stdin(poll::ready_check_script(proc_, state.port)?),
             )
             .await?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status == Some(script::LAUNCH_FAILED) {
+        if out.status == Some(launch::LAUNCH_FAILED) {
             if let Some(e) = super::start::server_exited(&state.host, &stdout) {
                 return Err(e);
             }
         }
         out.check(target)?;
-        Ok(script::launch_listening(&stdout))
+        Ok(launch::launch_listening(&stdout))
     }
 }

@@ -8,10 +8,10 @@ use super::{SpawnRequest, Spawner, RUN_ENV};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics;
+use crate::plan::launch::{self, LaunchSpec};
 use crate::plan::limits;
 use crate::plan::ports::{self, PortProbe};
 use crate::plan::retry;
-use crate::plan::script::{self, LaunchSpec};
 use crate::plan::state::ServerState;
 use crate::ssh::{LocalForward, Target};
 use std::sync::atomic::Ordering;
@@ -203,8 +203,8 @@ impl Spawner {
             check_port,
             dir_made,
         };
-        let script = script::launch_script(&spec)?;
-        let launch_command = script::launch_command(&spec)?;
+        let script = launch::launch_script(&spec)?;
+        let launch_command = launch::launch_command(&spec)?;
         progress.emit(
             45,
             format!(
@@ -226,7 +226,7 @@ impl Spawner {
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         match out.status {
             Some(0) => {}
-            Some(script::PORT_TAKEN) => {
+            Some(launch::PORT_TAKEN) => {
                 return Err(Error::PortTaken {
                     host: state.host.clone(),
                     port: state.port,
@@ -239,7 +239,7 @@ impl Spawner {
                 out.check(&target)?;
             }
         }
-        let launched = script::parse_launch(&stdout)?;
+        let launched = launch::parse_launch(&stdout)?;
         let pid = launched.pid;
         let mut state = state.clone();
         state.record(launched);
@@ -255,7 +255,7 @@ impl Spawner {
             self.wait_listening(&target, &state, ready.saturating_sub(started.elapsed()))
                 .await?
         } else {
-            script::launch_listening(&stdout)
+            launch::launch_listening(&stdout)
         };
         let took = started.elapsed();
         tracing::debug!(
@@ -464,7 +464,7 @@ impl Spawner {
 /// [`Error::ServerExited`] from a launch script's (or the ready check's)
 /// failure report, `None` when `stdout` is not one.
 pub(super) fn server_exited(host: &str, stdout: &str) -> Option<Error> {
-    let (status, log_tail) = script::parse_launch_failure(stdout)?;
+    let (status, log_tail) = launch::parse_launch_failure(stdout)?;
     Some(Error::ServerExited {
         host: host.to_string(),
         status: status

@@ -7,8 +7,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::plan::adopt;
-use crate::plan::script;
 use crate::plan::state::ServerState;
+use crate::plan::stop;
 use crate::ssh::Command;
 use std::time::Duration;
 use tracing::Instrument;
@@ -75,13 +75,13 @@ impl Spawner {
     /// host is finished by [`Spawner::clean_up_later`], not by a tunnel
     /// left open.
     #[tracing::instrument(name = "server", skip_all, fields(user = %state.username, server = %state.server_name, host = %state.host))]
-    pub async fn stop(&self, state: &ServerState) -> Result<script::Stopped> {
+    pub async fn stop(&self, state: &ServerState) -> Result<stop::Stopped> {
         let stopped = self.stop_inner(state).await;
         self.close_tunnel(&state.run_id, true, true);
         stopped
     }
 
-    pub(super) async fn stop_inner(&self, state: &ServerState) -> Result<script::Stopped> {
+    pub(super) async fn stop_inner(&self, state: &ServerState) -> Result<stop::Stopped> {
         if let Ok(mut claims) = self.claims.lock() {
             if let Some(mine) = claims.get_mut(&state.host) {
                 mine.remove(&state.port);
@@ -100,7 +100,7 @@ impl Spawner {
                 .await?
                 .check(&target)?;
             metrics::server_gone(&state.run_id);
-            return Ok(script::Stopped::AlreadyGone);
+            return Ok(stop::Stopped::AlreadyGone);
         };
         let target = self.state_target(&state)?;
         let proc_ = state.proc().ok_or_else(|| Error::Invalid {
@@ -110,16 +110,16 @@ impl Spawner {
         let grace = self.config.stop_grace.ceil() as u32;
         let script = self.guarded(
             &state,
-            script::stop_script(&proc_, grace, self.config.keep_log)?,
+            stop::stop_script(&proc_, grace, self.config.keep_log)?,
         )?;
         let cmd = Command::new("/bin/sh -s").stdin(script).timeout(
             Config::duration(self.config.command_timeout)
                 .saturating_add(Duration::from_secs(u64::from(grace))),
         );
         let out = self.pool.exec(&target, &cmd).await?.check(&target)?;
-        let stopped = script::parse_stop(&String::from_utf8_lossy(&out.stdout))?;
+        let stopped = stop::parse_stop(&String::from_utf8_lossy(&out.stdout))?;
         metrics::server_gone(&state.run_id);
-        if let script::Stopped::Killed { escalated: true } = stopped {
+        if let stop::Stopped::Killed { escalated: true } = stopped {
             metrics::stop_escalated(&state.host);
         }
         Ok(stopped)

@@ -1,0 +1,49 @@
+# shellcheck shell=sh
+# The facts: everything a host choice needs, in one exec per host.
+#
+# Gets, from the preamble (src/plan/hosts.rs): `run_pattern` (a pattern for
+# the run marker that does not match itself), `check_command` (1: also
+# report whether `command` is found after the prologue), `command` (the
+# server's program), `tcp_mark` (the line before /proc/net/tcp*), and the
+# function `ssp_prologue` (the admin's prologue lines).
+#
+# Prints `key=value` lines (hostname, home, uid, mem_total_kb,
+# mem_available_kb, cpus, load1, boot_id, servers, systemd_user, prlimit,
+# default_signal, and command when asked), then `$tcp_mark` and the
+# contents of /proc/net/tcp and tcp6; exits 0.
+#
+# The preamble's values: read with `$`, as the shell has no other way.
+# shellcheck disable=SC2154
+set -u
+LC_ALL=C; export LC_ALL
+printf 'hostname=%s\n' "$(cat /proc/sys/kernel/hostname)"
+printf 'home=%s\n' "$HOME"
+printf 'uid=%s\n' "$(id -u)"
+while read -r k v _; do
+  case $k in
+    MemTotal:) printf 'mem_total_kb=%s\n' "$v" ;;
+    MemAvailable:) printf 'mem_available_kb=%s\n' "$v" ;;
+  esac
+done < /proc/meminfo
+printf 'cpus=%s\n' "$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc)"
+read -r l1 _ < /proc/loadavg; printf 'load1=%s\n' "$l1"
+printf 'boot_id=%s\n' "$(cat /proc/sys/kernel/random/boot_id)"
+printf 'servers=%s\n' "$(pgrep -fc "$run_pattern" 2>/dev/null || true)"
+if command -v systemd-run >/dev/null 2>&1 && systemctl --user show-environment >/dev/null 2>&1; then
+  echo systemd_user=yes; else echo systemd_user=no; fi
+if command -v prlimit >/dev/null 2>&1; then echo prlimit=yes; else echo prlimit=no; fi
+if env --default-signal=INT,QUIT true >/dev/null 2>&1; then echo default_signal=yes; else echo default_signal=no; fi
+# command_found PROGRAM: whether PROGRAM is found once the prologue ran (in
+# a subshell: nothing it does stays); the prologue is a function, so it
+# cannot change PROGRAM.
+command_found() {
+  (
+    ssp_prologue
+    command -v "$1"
+  ) >/dev/null 2>&1
+}
+if [ "$check_command" = 1 ]; then
+  if command_found "$command"; then echo command=yes; else echo command=no; fi
+fi
+echo "$tcp_mark"
+cat /proc/net/tcp /proc/net/tcp6 2>/dev/null
