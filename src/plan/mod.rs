@@ -6,6 +6,8 @@
 //! - [`limits`]: how memory and CPU limits are enforced on a host.
 //! - [`script`]: the launch, poll and stop scripts, and what they print.
 //! - [`adopt`]: finding a server whose start was interrupted.
+//! - [`journal`]: the hub's journal entries, and what a sweep and the
+//!   pending-stop retrier do with them.
 //! - [`form`]: the spawn options form, rendered and validated.
 //! - [`state`]: the versioned server state kept by the hub.
 //! - [`retry`]: another port, another host, or give up after a failed launch.
@@ -14,6 +16,7 @@ pub mod adopt;
 pub mod form;
 pub mod health;
 pub mod hosts;
+pub mod journal;
 pub mod limits;
 pub mod ports;
 pub mod retry;

@@ -263,7 +263,9 @@ pub fn check_env_name(name: &str) -> Result<()> {
     }
 }
 
-fn check_run_id(run_id: &str) -> Result<()> {
+/// The run-id rule: 1 to 64 characters of a-z, 0-9 and `-` (a run id names
+/// a directory on the host and a file in the hub's journal).
+pub fn check_run_id(run_id: &str) -> Result<()> {
     let ok = !run_id.is_empty()
         && run_id.len() <= 64
         && run_id
