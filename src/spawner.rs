@@ -30,6 +30,7 @@ use crate::plan::state::{check_host_port, ServerState, STATE_VERSION};
 use crate::ssh::{Command, LocalForward, Pool, RemoteForward, Target, Upload};
 
 mod ready;
+pub mod watch;
 
 /// One step of a spawn, for the progress bar.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
