@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+pub mod families;
+
 /// Upper bounds (seconds) of the spawn duration buckets.
 pub const SPAWN_BUCKETS: &[f64] = &[0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
 /// Upper bounds (seconds) of the poll round buckets.
