@@ -87,12 +87,25 @@ fn bridge_stats() -> (u64, u64, u64) {
     bridge::stats()
 }
 
-/// Queued log records: (level, target, message).
-static LOGS: OnceLock<Mutex<VecDeque<(String, String, String)>>> = OnceLock::new();
+/// A queued log record: (Python `logging` level, target, message).
+type Record = (u32, String, String);
+
+/// Queued log records.
+static LOGS: OnceLock<Mutex<VecDeque<Record>>> = OnceLock::new();
 const MAX_QUEUED_LOGS: usize = 10_000;
 
-fn logs() -> &'static Mutex<VecDeque<(String, String, String)>> {
+fn logs() -> &'static Mutex<VecDeque<Record>> {
     LOGS.get_or_init(|| Mutex::new(VecDeque::new()))
+}
+
+/// The Python `logging` level of a tracing level (TRACE is logged as DEBUG).
+fn python_level(level: &tracing::Level) -> u32 {
+    match *level {
+        tracing::Level::ERROR => 40,
+        tracing::Level::WARN => 30,
+        tracing::Level::INFO => 20,
+        _ => 10,
+    }
 }
 
 /// A tracing layer that queues events for Python. Each record carries the
@@ -213,7 +226,7 @@ where
                 q.pop_front();
             }
             q.push_back((
-                meta.level().to_string(),
+                python_level(meta.level()),
                 meta.target().to_string(),
                 fields.0,
             ));
@@ -221,9 +234,10 @@ where
     }
 }
 
-/// Take the queued log records: a list of (level, target, message).
+/// Take the queued log records: a list of (Python `logging` level, target,
+/// message).
 #[pyfunction]
-fn drain_logs() -> Vec<(String, String, String)> {
+fn drain_logs() -> Vec<Record> {
     logs()
         .lock()
         .map(|mut q| q.drain(..).collect())
@@ -608,6 +622,45 @@ impl Core {
             .iter()
             .map(|h| h.display_name().to_string())
             .collect()
+    }
+
+    /// The options form's bounds, as JSON (`plan::form::Bounds`): the hosts
+    /// a user may choose (`user_hosts`, or else every configured host), each
+    /// a configured host's name, and the limits.
+    fn form_bounds(
+        &self,
+        user_hosts: Vec<String>,
+        mem_limit_max: Option<u64>,
+        cpu_limit_max: Option<f64>,
+        mem_limit_default: Option<u64>,
+        cpu_limit_default: Option<f64>,
+    ) -> PyResult<String> {
+        let names = self.host_names();
+        let hosts = if user_hosts.is_empty() {
+            names.clone()
+        } else {
+            user_hosts
+        };
+        let unknown: Vec<&str> = hosts
+            .iter()
+            .filter(|h| !names.contains(h))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(SpawnerError::new_err(format!(
+                "SSHSpawner.user_hosts: {} not in SSHSpawner.hosts (names: {})",
+                unknown.join(", "),
+                names.join(", ")
+            )));
+        }
+        let bounds = form::Bounds {
+            hosts,
+            mem_limit_max,
+            cpu_limit_max,
+            mem_limit_default,
+            cpu_limit_default,
+        };
+        serde_json::to_string(&bounds).map_err(|e| SpawnerError::new_err(e.to_string()))
     }
 
     /// The options form's HTML for `username`: the hosts in `bounds.hosts`

@@ -52,20 +52,13 @@ metrics.register(lambda: list(_CORES.values()))
 # user_options keys set by a spawner wrapping this one (wrapspawner's
 # ProfilesSpawner): left to it, not refused as unknown options.
 _WRAPPER_OPTIONS = frozenset({"profile"})
-_LEVELS = {
-    "ERROR": logging.ERROR,
-    "WARN": logging.WARNING,
-    "INFO": logging.INFO,
-    "DEBUG": logging.DEBUG,
-    "TRACE": logging.DEBUG,
-}
 
 
 async def _pump_logs(log: logging.Logger) -> None:
     """Move the core's log records into the hub's logger."""
     while True:
         for level, target, message in _core.drain_logs():
-            log.log(_LEVELS.get(level, logging.INFO), "[%s] %s", target, message)
+            log.log(level, "[%s] %s", target, message)
         await asyncio.sleep(0.25)
 
 
@@ -415,23 +408,16 @@ class SSHSpawner(Spawner):
     # ---- user options (the form and the REST API) -------------------------
 
     def _bounds_json(self) -> str:
-        names = self.core.host_names()
-        hosts = list(self.user_hosts) or names
-        unknown = [h for h in hosts if h not in names]
-        if unknown:
-            raise ValueError(
-                f"SSHSpawner.user_hosts: {', '.join(unknown)} not in SSHSpawner.hosts"
-                f" (names: {', '.join(names)})"
+        try:
+            return self.core.form_bounds(
+                list(self.user_hosts),
+                self.user_mem_limit_max,
+                self.user_cpu_limit_max,
+                self.mem_limit or None,
+                self.cpu_limit or None,
             )
-        return json.dumps(
-            {
-                "hosts": hosts,
-                "mem_limit_max": self.user_mem_limit_max,
-                "cpu_limit_max": self.user_cpu_limit_max,
-                "mem_limit_default": self.mem_limit or None,
-                "cpu_limit_default": self.cpu_limit or None,
-            }
-        )
+        except _core.SpawnerError as e:  # a misnamed user_hosts
+            raise ValueError(str(e)) from None
 
     def _options_from_form_fields(self, form_data):
         """Check the submitted form on the hub; a refused value raises with a
