@@ -54,11 +54,15 @@ metrics.register(lambda: list(_CORES.values()))
 _WRAPPER_OPTIONS = frozenset({"profile"})
 
 
-async def _pump_logs(log: logging.Logger) -> None:
+def _drain_logs(log: logging.Logger) -> None:
     """Move the core's log records into the hub's logger."""
+    for level, target, message in _core.drain_logs():
+        log.log(level, "[%s] %s", target, message)
+
+
+async def _pump_logs(log: logging.Logger) -> None:
     while True:
-        for level, target, message in _core.drain_logs():
-            log.log(level, "[%s] %s", target, message)
+        _drain_logs(log)
         await asyncio.sleep(0.25)
 
 
@@ -705,6 +709,7 @@ class SSHSpawner(Spawner):
         self._tell_hub_api()
         before = self._state_json
         status, after = await self.core.watch_poll(self._watch, before)
+        _drain_logs(self.log)  # what the poll found is logged before the hub acts on it
         if self._state_json == before:
             # A tunnel that moved to another local port: see get_url().
             self._state_json = after
