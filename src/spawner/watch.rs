@@ -278,3 +278,84 @@ impl Watch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A spawner whose one host refuses every connection, a launched state
+    /// on it, and a watch journaling into a fresh directory.
+    fn setup(grace_ms: u64) -> (Spawner, ServerState, String, Watch, std::path::PathBuf) {
+        let c: Config = toml::from_str(
+            "known_hosts = \"/nonexistent\"\nkey_path = \"/nonexistent\"\nconnect_timeout = 2.0\n\
+             [[hosts]]\naddress = \"127.0.0.1\"\nport = 1\n",
+        )
+        .unwrap();
+        let sp = Spawner::new(c).unwrap();
+        let json = r#"{"username": "ann", "host": "127.0.0.1", "address": "127.0.0.1", "ssh_port": 1,
+            "remote_user": "ann", "port": 20000, "run_id": "0123456789abcdef",
+            "dir": "/home/ann/.jupyterhub-ssh/0123456789abcdef", "pid": 4242, "pgid": 4242,
+            "start_time": 99, "uid": 1000, "boot_id": "b"}"#;
+        let st = state::decode(json).unwrap();
+        sp.check_state(&st).unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "ssh-spawner-watch-test-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let watch = Watch::new(WatchSettings {
+            log_name: "ann".into(),
+            grace: Duration::from_millis(grace_ms),
+            journal: Journal::new(dir.to_str().unwrap()),
+            retry: Duration::from_secs(3600),
+        });
+        (sp, st, json.to_string(), watch, dir)
+    }
+
+    fn pending_stops(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir.join("stops"))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_host_keeps_the_server_for_the_grace_then_leaves_a_pending_stop() {
+        let (sp, st, json, watch, dir) = setup(300);
+        let (answer, kept) = watch.poll(&sp, st.clone(), json.clone()).await;
+        assert_eq!(
+            answer, None,
+            "within the grace the server is reported running"
+        );
+        assert_eq!(kept, json);
+        assert!(pending_stops(&dir).is_empty());
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let (answer, _) = watch.poll(&sp, st.clone(), json.clone()).await;
+        assert_eq!(answer, Some(1), "past the grace it is reported stopped");
+        assert_eq!(pending_stops(&dir), ["0123456789abcdef.json"]);
+        // From then on: stopped, without asking the host again.
+        let t0 = Instant::now();
+        assert_eq!(watch.poll(&sp, st, json).await.0, Some(1));
+        assert!(t0.elapsed() < Duration::from_millis(100));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_first_poll_after_a_restart_waits_out_the_grace() {
+        let (sp, st, json, watch, dir) = setup(300);
+        watch.loaded();
+        let t0 = Instant::now();
+        let (answer, _) = watch.poll(&sp, st, json).await;
+        assert!(
+            t0.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(answer, Some(1));
+        assert_eq!(pending_stops(&dir), ["0123456789abcdef.json"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
