@@ -794,14 +794,6 @@ fn config_fields() -> (Vec<&'static str>, Vec<(&'static str, &'static str)>) {
     )
 }
 
-/// Everything the core counted in this process, as JSON (see
-/// `metrics::Snapshot`); `python/ssh_spawner/metrics.py` exports it.
-#[pyfunction]
-fn metrics_snapshot() -> PyResult<String> {
-    serde_json::to_string(&crate::metrics::snapshot())
-        .map_err(|e| SpawnerError::new_err(e.to_string()))
-}
-
 /// The metric families to export now (see `metrics::families`); `pool`:
 /// (host, connections, sessions) of every core's pool.
 #[pyfunction]
@@ -825,7 +817,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(journal::claim_run, m)?)?;
     m.add_function(wrap_pyfunction!(drain_logs, m)?)?;
     m.add_function(wrap_pyfunction!(validate_options, m)?)?;
-    m.add_function(wrap_pyfunction!(metrics_snapshot, m)?)?;
     m.add_function(wrap_pyfunction!(metric_families, m)?)?;
     m.add_function(wrap_pyfunction!(config_fields, m)?)?;
     m.add_function(wrap_pyfunction!(bridge_stats, m)?)?;
