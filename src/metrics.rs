@@ -1,8 +1,8 @@
 //! What the core counts for the hub's Prometheus metrics (docs/metrics.md).
 //!
-//! The core only counts, in one process-wide table; the Python side reads a
-//! [`Snapshot`] and exports it with `prometheus_client` on the hub's own
-//! `/hub/metrics`. Counting never fails and never blocks on I/O: a poisoned
+//! The core only counts, in one process-wide table; [`families`] turns a
+//! [`Snapshot`] into metric families, which the Python side exports with
+//! `prometheus_client` on the hub's own `/hub/metrics`. Counting never fails and never blocks on I/O: a poisoned
 //! lock only loses a count.
 
 use std::collections::BTreeMap;
