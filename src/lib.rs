@@ -15,6 +15,9 @@
 //! - [`config`] holds the options and fills templates with validated names.
 //! - [`error`] is the one error type; each variant names the host and user and
 //!   says what an admin can do about it.
+//! - [`journal`] keeps the hub's journal of starts in flight and of pending
+//!   stops on disk; [`pending`] sweeps it after a restart and retries the
+//!   pending stops in the background.
 //!
 //! Host keys are always verified against a known_hosts file; the only
 //! relaxation is the opt-in `accept-new` policy, which records a host seen for
@@ -27,7 +30,9 @@
 
 pub mod config;
 pub mod error;
+pub mod journal;
 pub mod metrics;
+pub mod pending;
 pub mod plan;
 pub mod spawner;
 pub mod ssh;

@@ -1,8 +1,8 @@
 //! What the core counts for the hub's Prometheus metrics (docs/metrics.md).
 //!
-//! The core only counts, in one process-wide table; the Python side reads a
-//! [`Snapshot`] and exports it with `prometheus_client` on the hub's own
-//! `/hub/metrics`. Counting never fails and never blocks on I/O: a poisoned
+//! The core only counts, in one process-wide table; [`families`] turns a
+//! [`Snapshot`] into metric families, which the Python side exports with
+//! `prometheus_client` on the hub's own `/hub/metrics`. Counting never fails and never blocks on I/O: a poisoned
 //! lock only loses a count.
 
 use std::collections::BTreeMap;
@@ -10,6 +10,8 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use serde::Serialize;
+
+pub mod families;
 
 /// Upper bounds (seconds) of the spawn duration buckets.
 pub const SPAWN_BUCKETS: &[f64] = &[0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0];
@@ -81,6 +83,9 @@ pub struct Snapshot {
     /// Background probes of down hosts by (host, outcome: `answered` or
     /// `no_answer`).
     pub host_probes: Vec<(String, String, u64)>,
+    /// Journal entries of starts in flight handled after a hub restart, by
+    /// outcome: `stopped`, `forgotten`, `failed` (each listed from the start).
+    pub journal_swept: Vec<(String, u64)>,
 }
 
 #[derive(Default)]
@@ -96,6 +101,7 @@ struct Table {
     down: BTreeMap<String, f64>,
     held: BTreeMap<String, f64>,
     probes: BTreeMap<(String, String), u64>,
+    swept: BTreeMap<String, u64>,
 }
 
 fn unix(t: std::time::SystemTime) -> f64 {
@@ -214,6 +220,11 @@ pub fn host_probe(host_label: &str, answered: bool) {
     });
 }
 
+/// Journal entries a sweep handled: `outcome` is `stopped`, `forgotten` or `failed`.
+pub fn journal_swept(outcome: &str, n: u64) {
+    with(|t| *t.swept.entry(outcome.to_string()).or_default() += n);
+}
+
 /// Everything counted so far.
 pub fn snapshot() -> Snapshot {
     let Ok(t) = table().lock() else {
@@ -250,6 +261,14 @@ pub fn snapshot() -> Snapshot {
             .iter()
             .map(|((h, o), n)| (h.clone(), o.clone(), *n))
             .collect(),
+        journal_swept: {
+            let mut swept: BTreeMap<String, u64> = ["stopped", "forgotten", "failed"]
+                .into_iter()
+                .map(|o| (o.to_string(), 0))
+                .collect();
+            swept.extend(t.swept.iter().map(|(o, n)| (o.clone(), *n)));
+            swept.into_iter().collect()
+        },
     }
 }
 

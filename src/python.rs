@@ -30,9 +30,10 @@ use crate::plan::hosts::Requirements;
 use crate::plan::limits::Limits;
 use crate::plan::retry;
 use crate::plan::state;
-use crate::spawner::{self, PollOutcome, SpawnRequest, Spawner};
+use crate::spawner::{self, SpawnRequest, Spawner};
 
 mod bridge;
+mod journal;
 
 create_exception!(
     _core,
@@ -86,12 +87,25 @@ fn bridge_stats() -> (u64, u64, u64) {
     bridge::stats()
 }
 
-/// Queued log records: (level, target, message).
-static LOGS: OnceLock<Mutex<VecDeque<(String, String, String)>>> = OnceLock::new();
+/// A queued log record: (Python `logging` level, target, message).
+type Record = (u32, String, String);
+
+/// Queued log records.
+static LOGS: OnceLock<Mutex<VecDeque<Record>>> = OnceLock::new();
 const MAX_QUEUED_LOGS: usize = 10_000;
 
-fn logs() -> &'static Mutex<VecDeque<(String, String, String)>> {
+fn logs() -> &'static Mutex<VecDeque<Record>> {
     LOGS.get_or_init(|| Mutex::new(VecDeque::new()))
+}
+
+/// The Python `logging` level of a tracing level (TRACE is logged as DEBUG).
+fn python_level(level: &tracing::Level) -> u32 {
+    match *level {
+        tracing::Level::ERROR => 40,
+        tracing::Level::WARN => 30,
+        tracing::Level::INFO => 20,
+        _ => 10,
+    }
 }
 
 /// A tracing layer that queues events for Python. Each record carries the
@@ -212,7 +226,7 @@ where
                 q.pop_front();
             }
             q.push_back((
-                meta.level().to_string(),
+                python_level(meta.level()),
                 meta.target().to_string(),
                 fields.0,
             ));
@@ -220,9 +234,10 @@ where
     }
 }
 
-/// Take the queued log records: a list of (level, target, message).
+/// Take the queued log records: a list of (Python `logging` level, target,
+/// message).
 #[pyfunction]
-fn drain_logs() -> Vec<(String, String, String)> {
+fn drain_logs() -> Vec<Record> {
     logs()
         .lock()
         .map(|mut q| q.drain(..).collect())
@@ -584,32 +599,6 @@ impl Core {
         })
     }
 
-    /// `("running", None, "")`, `("exited", status, reason)`, `("unknown", None, error)`
-    /// (no answer) or `("invalid", None, error)` (a state it will not act on).
-    fn poll<'py>(&self, py: Python<'py>, state_json: &str) -> PyResult<Bound<'py, PyAny>> {
-        let st = state::decode(state_json).map_err(py_err)?;
-        let sp = self.0.clone();
-        // A state the core refuses to act on (forged, corrupted): no waiting
-        // for its host to answer, no exec at all.
-        let refused = sp.check_state(&st).err();
-        bridge::spawn(py, async move {
-            if let Some(e) = refused {
-                return Ok(("invalid".to_string(), None, e.to_string()));
-            }
-            Ok(match sp.poll(&st).await {
-                // A restarted hub listens on the server's tunnel ports again.
-                PollOutcome::Running => match sp.ensure_tunnels(&st).await {
-                    Ok(()) => ("running".to_string(), None, String::new()),
-                    Err(e) => ("unknown".to_string(), None, e.to_string()),
-                },
-                PollOutcome::Exited { status, reason } => {
-                    ("exited".to_string(), status, format!("{reason:?}"))
-                }
-                PollOutcome::Unknown(e) => ("unknown".to_string(), None, e.to_string()),
-            })
-        })
-    }
-
     /// Stop the server; returns what was done.
     fn stop<'py>(&self, py: Python<'py>, state_json: &str) -> PyResult<Bound<'py, PyAny>> {
         let st = state::decode(state_json).map_err(py_err)?;
@@ -620,19 +609,6 @@ impl Core {
         })
     }
 
-    /// The local port this process's tunnel to a run listens on, if any.
-    fn tunnel_port(&self, run_id: &str) -> Option<u16> {
-        self.0.local_tunnel_port(run_id)
-    }
-
-    /// Keep trying to stop an abandoned start in the background.
-    fn clean_up_later(&self, state_json: &str) -> PyResult<()> {
-        let st = state::decode(state_json).map_err(py_err)?;
-        let _guard = bridge::runtime()?.enter();
-        self.0.clean_up_later(st);
-        Ok(())
-    }
-
     /// Display names of the configured hosts, in configuration order.
     fn host_names(&self) -> Vec<String> {
         self.0
@@ -641,6 +617,45 @@ impl Core {
             .iter()
             .map(|h| h.display_name().to_string())
             .collect()
+    }
+
+    /// The options form's bounds, as JSON (`plan::form::Bounds`): the hosts
+    /// a user may choose (`user_hosts`, or else every configured host), each
+    /// a configured host's name, and the limits.
+    fn form_bounds(
+        &self,
+        user_hosts: Vec<String>,
+        mem_limit_max: Option<u64>,
+        cpu_limit_max: Option<f64>,
+        mem_limit_default: Option<u64>,
+        cpu_limit_default: Option<f64>,
+    ) -> PyResult<String> {
+        let names = self.host_names();
+        let hosts = if user_hosts.is_empty() {
+            names.clone()
+        } else {
+            user_hosts
+        };
+        let unknown: Vec<&str> = hosts
+            .iter()
+            .filter(|h| !names.contains(h))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() {
+            return Err(SpawnerError::new_err(format!(
+                "SSHSpawner.user_hosts: {} not in SSHSpawner.hosts (names: {})",
+                unknown.join(", "),
+                names.join(", ")
+            )));
+        }
+        let bounds = form::Bounds {
+            hosts,
+            mem_limit_max,
+            cpu_limit_max,
+            mem_limit_default,
+            cpu_limit_default,
+        };
+        serde_json::to_string(&bounds).map_err(|e| SpawnerError::new_err(e.to_string()))
     }
 
     /// The options form's HTML for `username`: the hosts in `bounds.hosts`
@@ -692,13 +707,52 @@ impl Core {
         })
     }
 
-    /// `ssh-spawner check` as JSON.
-    fn check<'py>(&self, py: Python<'py>, username: String) -> PyResult<Bound<'py, PyAny>> {
-        let sp = self.0.clone();
-        bridge::spawn(py, async move {
-            let rows = sp.check(&username).await?;
-            serde_json::to_string(&rows).map_err(|e| Failure::Message(e.to_string()))
-        })
+    /// Write `state_json` to the journal in `journal_dir` (durably, before
+    /// its launch); returns its run id. Fails with "cannot write the start
+    /// journal in DIR: why".
+    fn journal_write<'py>(
+        &self,
+        py: Python<'py>,
+        journal_dir: &str,
+        state_json: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        journal::write(py, journal_dir, state_json)
+    }
+
+    /// Remove these runs' entries from the journal (in the background).
+    fn journal_forget(&self, journal_dir: &str, run_ids: Vec<String>) -> PyResult<()> {
+        journal::forget(journal_dir, run_ids)
+    }
+
+    /// Start, unless they run, the retrier of the pending stops in
+    /// `journal_dir` (every `retry` seconds) and, with `sweep` (the hub has
+    /// loaded every saved state), the sweep of the journal, once per process.
+    fn background(&self, journal_dir: &str, retry: f64, sweep: bool) -> PyResult<()> {
+        journal::background(&self.0, journal_dir, retry, sweep)
+    }
+
+    /// Record a pending stop of `state_json` (`why`: what happened) and retry
+    /// it until its host answers; returns whether it was recorded on disk.
+    fn stop_later<'py>(
+        &self,
+        py: Python<'py>,
+        journal_dir: &str,
+        state_json: String,
+        why: String,
+        retry: f64,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        journal::stop_later(py, &self.0, journal_dir, state_json, why, retry)
+    }
+
+    /// What `poll()` returns for the server (None: running; else its exit
+    /// status), and the state to keep: see `spawner::watch`.
+    fn watch_poll<'py>(
+        &self,
+        py: Python<'py>,
+        watch: &journal::Watch,
+        state_json: String,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        journal::poll(py, &self.0, watch, state_json)
     }
 }
 
@@ -735,12 +789,11 @@ fn config_fields() -> (Vec<&'static str>, Vec<(&'static str, &'static str)>) {
     )
 }
 
-/// Everything the core counted in this process, as JSON (see
-/// `metrics::Snapshot`); `python/ssh_spawner/metrics.py` exports it.
+/// The metric families to export now (see `metrics::families`); `pool`:
+/// (host, connections, sessions) of every core's pool.
 #[pyfunction]
-fn metrics_snapshot() -> PyResult<String> {
-    serde_json::to_string(&crate::metrics::snapshot())
-        .map_err(|e| SpawnerError::new_err(e.to_string()))
+fn metric_families(pool: Vec<(String, usize, usize)>) -> Vec<crate::metrics::families::Family> {
+    crate::metrics::families::families(&crate::metrics::snapshot(), &pool)
 }
 
 /// The `ssh_spawner._core` module.
@@ -755,9 +808,11 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Progress>()?;
     m.add_class::<StartSteps>()?;
     m.add_class::<Step>()?;
+    m.add_class::<journal::Watch>()?;
+    m.add_function(wrap_pyfunction!(journal::claim_run, m)?)?;
     m.add_function(wrap_pyfunction!(drain_logs, m)?)?;
     m.add_function(wrap_pyfunction!(validate_options, m)?)?;
-    m.add_function(wrap_pyfunction!(metrics_snapshot, m)?)?;
+    m.add_function(wrap_pyfunction!(metric_families, m)?)?;
     m.add_function(wrap_pyfunction!(config_fields, m)?)?;
     m.add_function(wrap_pyfunction!(bridge_stats, m)?)?;
     Ok(())

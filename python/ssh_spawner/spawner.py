@@ -13,8 +13,6 @@ import html
 import inspect
 import json
 import logging
-import os
-import threading
 import time
 from urllib.parse import urlsplit
 
@@ -37,7 +35,6 @@ from traitlets import (
 )
 
 from . import _core, metrics
-from .journal import Journal, is_alive, stops_to_retry, this_process, to_sweep
 
 try:  # JupyterHub >= 6: a policy failure, logged without a traceback
     from jupyterhub.spawner import SpawnException
@@ -48,38 +45,24 @@ except ImportError:  # JupyterHub 5
 # spawners of a hub share it.
 _CORES: dict[str, _core.Core] = {}
 _LOG_PUMP: asyncio.Task | None = None
-# Run ids whose state this hub process loaded from its database, and the
-# journal directories already swept (once per hub process).
-_CLAIMED: set[str] = set()
-_SWEPT: dict[str, asyncio.Task] = {}
-# The task retrying the pending stops of a journal directory (one per hub
-# process), and the event that wakes it when a stop is added.
-_STOPPERS: dict[str, tuple[asyncio.Task, asyncio.Event]] = {}
+_HUB_SEEN = False  # see _hub_starting
 # The hub's /hub/metrics shows the spawner's metrics from the moment the hub
 # loads this class (docs/metrics.md).
 metrics.register(lambda: list(_CORES.values()))
 # user_options keys set by a spawner wrapping this one (wrapspawner's
 # ProfilesSpawner): left to it, not refused as unknown options.
 _WRAPPER_OPTIONS = frozenset({"profile"})
-_LEVELS = {
-    "ERROR": logging.ERROR,
-    "WARN": logging.WARNING,
-    "INFO": logging.INFO,
-    "DEBUG": logging.DEBUG,
-    "TRACE": logging.DEBUG,
-}
 
 
-async def _blocking(fn, *args):
-    """Run a blocking call (file I/O, fsync) in a thread, off the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+def _drain_logs(log: logging.Logger) -> None:
+    """Move the core's log records into the hub's logger."""
+    for level, target, message in _core.drain_logs():
+        log.log(level, "[%s] %s", target, message)
 
 
 async def _pump_logs(log: logging.Logger) -> None:
-    """Move the core's log records into the hub's logger."""
     while True:
-        for level, target, message in _core.drain_logs():
-            log.log(_LEVELS.get(level, logging.INFO), "[%s] %s", target, message)
+        _drain_logs(log)
         await asyncio.sleep(0.25)
 
 
@@ -378,210 +361,67 @@ class SSHSpawner(Spawner):
             except _core.SpawnerError as e:
                 raise ValueError(f"SSHSpawner configuration: {e}") from None
         if _LOG_PUMP is None or _LOG_PUMP.done():
-            _LOG_PUMP = asyncio.get_running_loop().create_task(_pump_logs(self.log))
+            with contextlib.suppress(RuntimeError):  # no running loop: no pump yet
+                _LOG_PUMP = asyncio.get_running_loop().create_task(_pump_logs(self.log))
         return core
 
     _state_json = None  # the core's server state, JSON text
     _prepared = None  # host and port chosen for the spawn in progress
     _progress = None
-    _unreachable_since = None
-    _freshly_loaded = False
     _launching = False
-    _cleaned_up = None  # state JSON of an exited server already cleaned up
-    _pending_stop = None  # state JSON reported stopped and left to a pending stop
     _journaled = ()  # run ids this spawner wrote to the journal, not yet in the db
+    _watcher = None  # the core's poll state (unreachable grace, restart, pending stop)
 
-    # ---- journal of starts in flight -------------------------------------
+    @property
+    def _watch(self) -> _core.Watch:
+        if self._watcher is None:
+            self._watcher = _core.Watch(
+                self._log_name, self.unreachable_grace, self.journal_dir, self.pending_stop_retry
+            )
+        return self._watcher
+
+    # ---- journal of starts in flight and pending stops (the core's) -------
 
     async def _journal_write(self, state_json: str) -> None:
-        journal = Journal(self.journal_dir)
         try:
-            run_id = await _blocking(journal.write, state_json)
-        except (OSError, ValueError) as e:
+            run_id = await self.core.journal_write(self.journal_dir, state_json)
+        except _core.SpawnerError as e:
             # Launching without the entry could orphan the server: refuse.
-            raise self._spawn_error(
-                RuntimeError(f"cannot write the start journal in {journal.dir}: {e}")
-            ) from None
+            raise self._spawn_error(e) from None
         if run_id not in self._journaled:
             self._journaled = (*self._journaled, run_id)
 
     def _journal_forget(self) -> None:
-        """Remove this spawner's entries (in a thread when the loop runs:
-        clear_state, which calls it, is not a coroutine)."""
-        journal, run_ids = Journal(self.journal_dir), self._journaled
-        self._journaled = ()
-        if not run_ids:
-            return
+        run_ids, self._journaled = self._journaled, ()
+        if run_ids:
+            self.core.journal_forget(self.journal_dir, list(run_ids))
 
-        def remove():
-            for run_id in run_ids:
-                journal.remove(run_id)
-
-        try:
-            asyncio.get_running_loop().run_in_executor(None, remove)
-        except RuntimeError:  # no event loop: nothing to block
-            remove()
-
-    def _sweep_journal_once(self) -> None:
-        """After a restart: stop the runs a killed hub launched but never
-        saved. Runs once per hub process, after init_spawners has loaded every
-        saved state (so _CLAIMED holds every run id the database knows)."""
-        journal = Journal(self.journal_dir)
-        key = str(journal.dir)
-        if key not in _SWEPT:
-            _SWEPT[key] = asyncio.get_running_loop().create_task(self._sweep(journal))
-
-    async def _sweep(self, journal: Journal) -> None:
-        try:
-            await self._sweep_entries(journal)
-        except Exception:  # a background task: its failure must be seen
-            self.log.exception("SSHSpawner journal: the sweep of %s failed", journal.dir)
-
-    async def _sweep_entries(self, journal: Journal) -> None:
-        entries, bad = await _blocking(journal.read_all)
-        for path, why in bad:
-            self.log.error("SSHSpawner journal: ignoring %s: %s", path, why)
-        me = this_process()
-        alive = {e.writer for e in entries if e.writer != me and is_alive(e.writer)}
-        stop, forget = to_sweep(entries, set(_CLAIMED), me, alive)
-        for e in forget:
-            await _blocking(journal.remove, e.run_id)
-        metrics.journal_swept("forgotten", len(forget))
-        for e in stop:
-            try:
-                result = await self.core.stop(e.state)
-                self.log.warning(
-                    "SSHSpawner journal: run %s was launched by a hub that died before"
-                    " saving it; stopped it (%s)",
-                    e.run_id,
-                    result,
-                )
-                await _blocking(journal.remove, e.run_id)
-                metrics.journal_swept("stopped")
-            except _core.SpawnerError as err:
-                metrics.journal_swept("failed")
-                # Kept in the journal: the next restart tries again.
-                self.log.error(
-                    "SSHSpawner journal: cannot stop orphaned run %s yet: %s", e.run_id, err
-                )
-                if err.unreachable and await self._stop_later(e.state, "orphaned start"):
-                    # A pending stop now: retried until the host answers.
-                    await _blocking(journal.remove, e.run_id)
-                # Otherwise kept in the journal: the next restart tries again.
-
-    # ---- pending stops (survive a hub restart) -----------------------------
-
-    def _stops_journal(self) -> Journal:
-        return Journal(os.path.join(os.path.expanduser(self.journal_dir), "stops"))
+    def _background(self, sweep: bool = False) -> None:
+        """The core's retrier of pending stops, and with ``sweep`` (the hub
+        has loaded every saved state: its first start or poll) the sweep of
+        the journal after a restart; each once per hub process."""
+        self.core.background(self.journal_dir, self.pending_stop_retry, sweep)
 
     async def _stop_later(self, state_json: str, why: str) -> bool:
-        """The hub forgets a server that may still run on a host that does not
-        answer: record a pending stop (durable before this returns) and retry
-        it in the background until the host answers, across hub restarts.
-        False if it could not be recorded (then it is retried in memory only,
-        for an hour)."""
-        journal = self._stops_journal()
-        try:
-            run_id = await _blocking(journal.write, state_json)
-        except (OSError, ValueError) as e:
-            self.log.error(
-                "SSHSpawner: cannot record the pending stop (%s) in %s: %s;"
-                " retrying in memory only (lost if the hub restarts)",
-                why,
-                journal.dir,
-                e,
-            )
-            self.core.clean_up_later(state_json)
-            return False
-        self.log.warning(
-            "SSHSpawner: pending stop of run %s (%s) recorded in %s; retried every %.0f s"
-            " until its host answers",
-            run_id,
-            why,
-            journal.dir,
-            self.pending_stop_retry,
+        """The hub forgets a server that may still run on a host that does
+        not answer: the core records a pending stop and retries it."""
+        return await self.core.stop_later(
+            self.journal_dir, state_json, why, self.pending_stop_retry
         )
-        self._ensure_stopper(wake=True)
-        return True
-
-    def _ensure_stopper(self, wake: bool = False) -> None:
-        """Start this process's retrier of pending stops (once per journal)."""
-        journal = self._stops_journal()
-        key = str(journal.dir)
-        running = _STOPPERS.get(key)
-        if running is None or running[0].done():
-            event = asyncio.Event()
-            task = asyncio.get_running_loop().create_task(self._retry_stops(journal, event))
-            running = _STOPPERS[key] = (task, event)
-        if wake:
-            running[1].set()
-
-    async def _retry_stops(self, journal: Journal, wake: asyncio.Event) -> None:
-        failing: set[str] = set()  # runs whose failure was logged already
-        while True:
-            wake.clear()
-            try:
-                await self._retry_stops_once(journal, failing)
-            except Exception:  # a background task: its failure must be seen
-                self.log.exception("SSHSpawner: retrying the pending stops in %s", journal.dir)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(wake.wait(), self.pending_stop_retry)
-
-    async def _retry_stops_once(self, journal: Journal, failing: set[str]) -> None:
-        entries, bad = await _blocking(journal.read_all)
-        for path, why in bad:
-            if str(path) not in failing:
-                failing.add(str(path))
-                self.log.error("SSHSpawner: ignoring pending stop %s: %s", path, why)
-        me = this_process()
-        alive = {e.writer for e in entries if e.writer != me and is_alive(e.writer)}
-        for e in stops_to_retry(entries, me, alive):
-            try:
-                result = await self.core.stop(e.state)
-            except _core.SpawnerError as err:
-                if err.kind == "invalid":
-                    # Never valid again: nothing to act on.
-                    self.log.error(
-                        "SSHSpawner: dropping the pending stop of run %s: %s", e.run_id, err
-                    )
-                    await _blocking(journal.remove, e.run_id)
-                elif e.run_id not in failing:
-                    failing.add(e.run_id)
-                    self.log.warning(
-                        "SSHSpawner: pending stop of run %s not done yet (%s); retrying",
-                        e.run_id,
-                        err,
-                    )
-                continue
-            await _blocking(journal.remove, e.run_id)
-            failing.discard(e.run_id)
-            self.log.info(
-                "SSHSpawner: finished the pending stop of run %s on %s (%s)",
-                e.run_id,
-                json.loads(e.state).get("host"),
-                result,
-            )
 
     # ---- user options (the form and the REST API) -------------------------
 
     def _bounds_json(self) -> str:
-        names = self.core.host_names()
-        hosts = list(self.user_hosts) or names
-        unknown = [h for h in hosts if h not in names]
-        if unknown:
-            raise ValueError(
-                f"SSHSpawner.user_hosts: {', '.join(unknown)} not in SSHSpawner.hosts"
-                f" (names: {', '.join(names)})"
+        try:
+            return self.core.form_bounds(
+                list(self.user_hosts),
+                self.user_mem_limit_max,
+                self.user_cpu_limit_max,
+                self.mem_limit or None,
+                self.cpu_limit or None,
             )
-        return json.dumps(
-            {
-                "hosts": hosts,
-                "mem_limit_max": self.user_mem_limit_max,
-                "cpu_limit_max": self.user_cpu_limit_max,
-                "mem_limit_default": self.mem_limit or None,
-                "cpu_limit_default": self.cpu_limit or None,
-            }
-        )
+        except _core.SpawnerError as e:  # a misnamed user_hosts
+            raise ValueError(str(e)) from None
 
     def _options_from_form_fields(self, form_data):
         """Check the submitted form on the hub; a refused value raises with a
@@ -763,8 +603,7 @@ class SSHSpawner(Spawner):
         journal of each state before its launch, pending stops for attempts
         abandoned on a host that did not answer."""
         began = time.monotonic()
-        self._sweep_journal_once()
-        self._ensure_stopper()
+        self._background(sweep=True)
         self._launching = True
         progress = self._progress_stream()
         try:
@@ -805,7 +644,6 @@ class SSHSpawner(Spawner):
             await recorder
             state = json.loads(self._state_json)
             self.port = state["port"]
-            self._unreachable_since = None
             if state.get("tunnel_port"):
                 return ("127.0.0.1", state["tunnel_port"])
             return (state["address"], self.port)
@@ -856,101 +694,26 @@ class SSHSpawner(Spawner):
             self.core.set_hub_api(self._hub_api_to(self._hub_api_url()))
 
     async def poll(self):
-        self._sweep_journal_once()
-        self._ensure_stopper()
+        """The core's answer (``spawner::watch``): a host that does not answer
+        keeps the server for ``unreachable_grace``, the first poll after a
+        restart waits for it, past the grace the server is reported stopped
+        and left to a pending stop."""
+        self._background(sweep=True)
         if self._state_json is None:
             return 0
         if self._launching:
             return None
-        if self._pending_stop == self._state_json:
-            # Reported stopped already (a pending stop): the hub polls once
-            # or twice more on its way to clearing the state.
-            return 1
         if self._journaled:
             # start() returned and the hub committed the state right after it.
             self._journal_forget()
         self._tell_hub_api()
-        status, code, detail = await self.core.poll(self._state_json)
-        # One line per poll (debug): tests and admins can count polls.
-        self.log.debug("%s: poll answered %s %s", self._log_name, status, detail)
-        if status == "running":
-            self._follow_tunnel_port()
-            if self._unreachable_since is not None:
-                self.log.info("%s: host answers again", self._log_name)
-            self._unreachable_since = None
-            self._freshly_loaded = False
-            return None
-        if status == "invalid":
-            # A forged or corrupted state: report the server stopped (the hub
-            # then clears the state) and touch nothing on any host.
-            self.log.error("%s: refusing the saved state: %s", self._log_name, detail)
-            self._freshly_loaded = False
-            return 1
-        if status == "exited":
-            self._freshly_loaded = False
-            self.log.info("%s: server is gone (%s)", self._log_name, detail)
-            await self._clean_up_exited()
-            return code if code is not None else 0
-        # The host did not answer: that says nothing about the server.
-        now = time.monotonic()
-        if self._unreachable_since is None:
-            self._unreachable_since = now
-            self.log.warning(
-                "%s: cannot reach the host (%s); keeping the server for up to %.0f s",
-                self._log_name,
-                detail,
-                self.unreachable_grace,
-            )
-        if self._freshly_loaded:
-            # Right after a hub restart the hub checks the URL as soon as poll
-            # says "running": wait for the host instead of losing the server.
-            self._freshly_loaded = False
-            while time.monotonic() - self._unreachable_since < self.unreachable_grace:
-                await asyncio.sleep(min(5.0, self.unreachable_grace))
-                status, code, detail = await self.core.poll(self._state_json)
-                self.log.debug("%s: poll answered %s %s", self._log_name, status, detail)
-                if status == "running":
-                    self._follow_tunnel_port()
-                    self.log.info("%s: host answers again", self._log_name)
-                    self._unreachable_since = None
-                    return None
-                if status == "exited":
-                    await self._clean_up_exited()
-                    return code if code is not None else 0
-        if time.monotonic() - self._unreachable_since < self.unreachable_grace:
-            return None
-        self.log.error(
-            "%s: host unreachable for %.0f s (%s); reporting the server stopped",
-            self._log_name,
-            time.monotonic() - self._unreachable_since,
-            detail,
-        )
-        # The hub clears the state without calling stop(): the server may
-        # still run, so stop it once the host answers again.
-        await self._stop_later(self._state_json, f"{self._log_name} reported stopped unreached")
-        self._pending_stop = self._state_json
-        return 1
-
-    def _follow_tunnel_port(self) -> None:
-        """After a hub restart the tunnel's old local port may have been taken
-        by another program: the core then listens on another one. Record it in
-        the state; get_url() gives the hub the new address, and the hub moves
-        the proxy route there."""
-        state = json.loads(self._state_json)
-        recorded = state.get("tunnel_port")
-        if not recorded:
-            return
-        port = self.core.tunnel_port(state["run_id"])
-        if port and port != recorded:
-            self.log.warning(
-                "%s: tunnel port %s was taken by another program; the server is reached"
-                " through port %s now",
-                self._log_name,
-                recorded,
-                port,
-            )
-            state["tunnel_port"] = port
-            self._state_json = json.dumps(state)
+        before = self._state_json
+        status, after = await self.core.watch_poll(self._watch, before)
+        _drain_logs(self.log)  # what the poll found is logged before the hub acts on it
+        if self._state_json == before:
+            # A tunnel that moved to another local port: see get_url().
+            self._state_json = after
+        return status
 
     async def get_url(self):
         """The server's URL as it is now. JupyterHub asks after a restart's
@@ -969,22 +732,8 @@ class SSHSpawner(Spawner):
             orm.state = self.get_state()
         return parts._replace(netloc=f"127.0.0.1:{port}").geturl()
 
-    async def _clean_up_exited(self) -> None:
-        """JupyterHub calls stop() only for a server poll() says is running, so
-        a server that exited on its own would leave its pid file and
-        certificates on the host: remove them (the log is kept) once."""
-        state = self._state_json
-        if state is None or self._cleaned_up == state:
-            return
-        self._cleaned_up = state
-        try:
-            result = await self.core.stop(state)
-            self.log.debug("%s: cleaned up after the server (%s)", self._log_name, result)
-        except _core.SpawnerError as e:
-            self.log.warning("%s: cannot clean up after the server: %s", self._log_name, e)
-
     async def stop(self, now=False):
-        self._ensure_stopper()
+        self._background()
         if self._state_json is None:
             return
         try:
@@ -1029,11 +778,11 @@ class SSHSpawner(Spawner):
             ssh = None
         if ssh:
             self._state_json = json.dumps(ssh)
-            self._freshly_loaded = True
+            self._watch.loaded()
             run_id = ssh.get("run_id")
             if isinstance(run_id, str):
                 # The database knows this run: the journal need not.
-                _CLAIMED.add(run_id)
+                _core.claim_run(run_id)
 
     def clear_state(self):
         super().clear_state()
@@ -1041,42 +790,32 @@ class SSHSpawner(Spawner):
         self._state_json = None
         self._prepared = None
         self._progress = None
-        self._unreachable_since = None
-        self._freshly_loaded = False
-        self._cleaned_up = None
-        self._pending_stop = None
+        self._watcher = None
 
 
-def _retry_pending_stops_at_hub_start(config) -> None:
-    """A restarted hub with no running server calls no spawner at all: start
-    the retrier of pending stops from the hub's configuration."""
+def _hub_starting() -> None:
+    """A restarted hub with no running server calls no spawner at all, so the
+    retrier of pending stops starts with the hub: JupyterHub looks the class
+    up again (``ssh_spawner.SSHSpawner``, see ``__init__``) when it loads
+    its configuration, inside ``JupyterHub.initialize()`` with its event
+    loop running (JupyterHub 5 and 6). Its first import happens earlier,
+    while the hub constructs itself, before both."""
+    global _HUB_SEEN
     try:
-        SSHSpawner(config=config, log=logging.getLogger("JupyterHub"))._ensure_stopper()
-    except Exception:  # noqa: BLE001 -- never break the hub
-        logging.getLogger("JupyterHub").exception(
-            "SSHSpawner: cannot start retrying the pending stops"
-        )
-
-
-def _watch_for_hub_start(timeout: float = 600.0) -> None:
-    """JupyterHub imports the spawner class while it constructs itself, before
-    its configuration is loaded and its event loop runs. Wait (in a daemon
-    thread, a few seconds in practice) until the hub has started its loop
-    (``JupyterHub.io_loop``), then start the retrier on that loop. In any
-    other process (a script, the tests) nothing ever starts and the thread
-    ends after ``timeout``."""
-    try:
+        loop = asyncio.get_running_loop()
         from jupyterhub.app import JupyterHub
-    except ImportError:
+    except (RuntimeError, ImportError):
         return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        app = JupyterHub.instance() if JupyterHub.initialized() else None
-        loop = getattr(app, "io_loop", None) if app is not None else None
-        if loop is not None:
-            loop.add_callback(_retry_pending_stops_at_hub_start, app.config)
-            return
-        time.sleep(0.5)
+    if _HUB_SEEN or not JupyterHub.initialized():
+        return
+    _HUB_SEEN = True
+    # Run once the configuration is loaded: the rest of initialize() runs
+    # before the loop takes its next callback.
+    loop.call_soon(_retry_pending_stops_at_hub_start, JupyterHub.instance())
 
 
-threading.Thread(target=_watch_for_hub_start, name="ssh-spawner-hub-start", daemon=True).start()
+def _retry_pending_stops_at_hub_start(app) -> None:
+    try:
+        SSHSpawner(config=app.config, log=app.log)._background()
+    except Exception:  # noqa: BLE001 -- never break the hub
+        app.log.exception("SSHSpawner: cannot start retrying the pending stops")

@@ -12,6 +12,8 @@
 //! - [`poll`]: the poll and ready-check scripts, and the poll's parser.
 //! - [`stop`]: the stop script and its parser.
 //! - [`adopt`]: finding a server whose start was interrupted.
+//! - [`journal`]: the hub's journal entries, and what a sweep and the
+//!   pending-stop retrier do with them.
 //! - [`form`]: the spawn options form, rendered and validated.
 //! - [`state`]: the versioned server state kept by the hub.
 //! - [`retry`]: another port, another host, or give up after a failed launch.
@@ -20,6 +22,7 @@ pub mod adopt;
 pub mod form;
 pub mod health;
 pub mod hosts;
+pub mod journal;
 pub mod launch;
 pub mod limits;
 pub mod poll;

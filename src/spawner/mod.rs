@@ -43,6 +43,7 @@ mod ready;
 mod start;
 mod stop;
 mod tunnels;
+pub mod watch;
 
 pub use admin::HostCheck;
 pub use certs::{alt_names, CertPaths};

@@ -1,0 +1,361 @@
+//! What the hub's `poll()` answers for one server, across polls: a host that
+//! does not answer says nothing about the server, so the server is reported
+//! running for `unreachable_grace`; right after a hub restart the first poll
+//! waits for the host that long (servers survive a switch reboot); past the
+//! grace the server is reported stopped and left to a pending stop
+//! ([`crate::pending`]), and is reported stopped from then on.
+//!
+//! One [`Watch`] per hub spawner, made anew when the hub clears its state.
+//! Every line is logged with the hub's name for the server first
+//! (`alice` or `alice:name`) and in the server's span, as the hub's own
+//! lines about it are.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing::Instrument;
+
+use super::{PollOutcome, Spawner};
+use crate::journal::Journal;
+use crate::pending;
+use crate::plan::state::{self, ServerState};
+
+/// The settings a watch needs from the hub.
+#[derive(Debug, Clone)]
+pub struct WatchSettings {
+    /// The hub's name for the server in log lines (`alice`, `alice:name`).
+    pub log_name: String,
+    /// `unreachable_grace`.
+    pub grace: Duration,
+    /// `journal_dir`.
+    pub journal: Journal,
+    /// `pending_stop_retry`.
+    pub retry: Duration,
+}
+
+/// One hub spawner's poll state.
+#[derive(Debug)]
+pub struct Watch {
+    settings: WatchSettings,
+    marks: Mutex<Marks>,
+}
+
+#[derive(Debug, Default)]
+struct Marks {
+    unreachable_since: Option<Instant>,
+    freshly_loaded: bool,
+    /// The state of an exited server already cleaned up after.
+    cleaned_up: Option<String>,
+    /// The state reported stopped and left to a pending stop.
+    pending_stop: Option<String>,
+}
+
+/// What one poll found.
+enum Answer {
+    Running,
+    Exited(Option<i32>, String),
+    Unknown(String),
+    Invalid(String),
+}
+
+impl Answer {
+    fn words(&self) -> (&'static str, &str) {
+        match self {
+            Answer::Running => ("running", ""),
+            Answer::Exited(_, d) => ("exited", d),
+            Answer::Unknown(d) => ("unknown", d),
+            Answer::Invalid(d) => ("invalid", d),
+        }
+    }
+}
+
+impl Watch {
+    /// A watch with nothing seen yet.
+    pub fn new(settings: WatchSettings) -> Watch {
+        Watch {
+            settings,
+            marks: Mutex::new(Marks::default()),
+        }
+    }
+
+    /// The hub loaded this server's state from its database (a restart).
+    pub fn loaded(&self) {
+        self.mark(|m| m.freshly_loaded = true);
+    }
+
+    fn mark<T>(&self, f: impl FnOnce(&mut Marks) -> T) -> Option<T> {
+        self.marks.lock().ok().map(|mut m| f(&mut m))
+    }
+
+    /// What `poll()` returns for the server `st` (its state saved as
+    /// `state_json`): None while it runs, else its exit status; and the
+    /// state to keep from now on (a tunnel that had to move to another local
+    /// port is recorded in it).
+    pub async fn poll(
+        &self,
+        sp: &Spawner,
+        st: ServerState,
+        state_json: String,
+    ) -> (Option<i32>, String) {
+        if self.mark(|m| m.pending_stop.as_deref() == Some(state_json.as_str())) == Some(true) {
+            // Reported stopped already (a pending stop): the hub polls once
+            // or twice more on its way to clearing the state.
+            return (Some(1), state_json);
+        }
+        let span = tracing::info_span!("server", user = %st.username, server = %st.server_name, host = %st.host);
+        self.poll_state(sp, st, state_json).instrument(span).await
+    }
+
+    async fn poll_state(
+        &self,
+        sp: &Spawner,
+        st: ServerState,
+        state_json: String,
+    ) -> (Option<i32>, String) {
+        let name = &self.settings.log_name;
+        let grace = self.settings.grace;
+        let answer = self.ask(sp, &st).await;
+        let detail = match answer {
+            Answer::Running => {
+                let state_json = self.follow_tunnel_port(sp, st, state_json);
+                return (self.answered(false), state_json);
+            }
+            Answer::Invalid(why) => return (self.invalid(&why), state_json),
+            Answer::Exited(code, why) => {
+                self.mark(|m| m.freshly_loaded = false);
+                tracing::info!("{name}: server is gone ({why})");
+                self.clean_up_exited(sp, &st, &state_json).await;
+                return (Some(code.unwrap_or(0)), state_json);
+            }
+            Answer::Unknown(detail) => detail,
+        };
+        // The host did not answer: that says nothing about the server.
+        let now = Instant::now();
+        let (since, fresh) = self
+            .mark(|m| {
+                let first = m.unreachable_since.is_none();
+                let since = *m.unreachable_since.get_or_insert(now);
+                (since, first, std::mem::take(&mut m.freshly_loaded))
+            })
+            .map(|(since, first, fresh)| {
+                if first {
+                    tracing::warn!(
+                        "{name}: cannot reach the host ({detail}); keeping the server for up to {:.0} s",
+                        grace.as_secs_f64()
+                    );
+                }
+                (since, fresh)
+            })
+            .unwrap_or((now, false));
+        if fresh {
+            // Right after a hub restart the hub checks the URL as soon as
+            // poll says "running": wait for the host instead of losing the
+            // server.
+            while since.elapsed() < grace {
+                tokio::time::sleep(grace.min(Duration::from_secs(5))).await;
+                match self.ask(sp, &st).await {
+                    Answer::Running => {
+                        let state_json = self.follow_tunnel_port(sp, st, state_json);
+                        return (self.answered(true), state_json);
+                    }
+                    Answer::Exited(code, _) => {
+                        self.clean_up_exited(sp, &st, &state_json).await;
+                        return (Some(code.unwrap_or(0)), state_json);
+                    }
+                    Answer::Unknown(_) | Answer::Invalid(_) => {}
+                }
+            }
+        }
+        if since.elapsed() < grace {
+            return (None, state_json);
+        }
+        tracing::error!(
+            "{name}: host unreachable for {:.0} s ({detail}); reporting the server stopped",
+            since.elapsed().as_secs_f64()
+        );
+        // The hub clears the state without calling stop(): the server may
+        // still run, so stop it once the host answers again.
+        let why = format!("{name} reported stopped unreached");
+        let s = &self.settings;
+        pending::stop_later(sp, &s.journal, state_json.clone(), &why, s.retry).await;
+        self.mark(|m| m.pending_stop = Some(state_json.clone()));
+        (Some(1), state_json)
+    }
+
+    /// One poll of the host, logged (a line per poll: tests and admins
+    /// count them).
+    async fn ask(&self, sp: &Spawner, st: &ServerState) -> Answer {
+        // A state the core refuses to act on (forged, corrupted): no waiting
+        // for its host to answer, no exec at all.
+        let answer = if let Err(e) = sp.check_state(st) {
+            Answer::Invalid(e.to_string())
+        } else {
+            match sp.poll(st).await {
+                // A restarted hub listens on the server's tunnel ports again.
+                PollOutcome::Running => match sp.ensure_tunnels(st).await {
+                    Ok(()) => Answer::Running,
+                    Err(e) => Answer::Unknown(e.to_string()),
+                },
+                PollOutcome::Exited { status, reason } => {
+                    Answer::Exited(status, format!("{reason:?}"))
+                }
+                PollOutcome::Unknown(e) => Answer::Unknown(e.to_string()),
+            }
+        };
+        let (status, detail) = answer.words();
+        tracing::debug!(
+            "{}: poll answered {status} {detail}",
+            self.settings.log_name
+        );
+        answer
+    }
+
+    /// The server answers: forget any outage. `waited`: the first poll after
+    /// a restart waited for the host.
+    fn answered(&self, waited: bool) -> Option<i32> {
+        let was_unreachable = self
+            .mark(|m| {
+                m.freshly_loaded = false;
+                m.unreachable_since.take().is_some()
+            })
+            .unwrap_or(false);
+        if was_unreachable || waited {
+            tracing::info!("{}: host answers again", self.settings.log_name);
+        }
+        None
+    }
+
+    /// A forged or corrupted state: report the server stopped (the hub then
+    /// clears the state) and touch nothing on any host.
+    fn invalid(&self, why: &str) -> Option<i32> {
+        tracing::error!(
+            "{}: refusing the saved state: {why}",
+            self.settings.log_name
+        );
+        self.mark(|m| m.freshly_loaded = false);
+        Some(1)
+    }
+
+    /// After a hub restart the tunnel's old local port may have been taken
+    /// by another program: the core then listens on another one. Record it
+    /// in the state; the hub's `get_url()` gives it the new address, and
+    /// the hub moves the proxy route there.
+    fn follow_tunnel_port(&self, sp: &Spawner, mut st: ServerState, state_json: String) -> String {
+        let Some(recorded) = st.tunnel_port else {
+            return state_json;
+        };
+        match sp.local_tunnel_port(&st.run_id) {
+            Some(port) if port != recorded => {
+                tracing::warn!(
+                    "{}: tunnel port {recorded} was taken by another program; the server is reached through port {port} now",
+                    self.settings.log_name
+                );
+                st.tunnel_port = Some(port);
+                state::encode(&st).unwrap_or(state_json)
+            }
+            _ => state_json,
+        }
+    }
+
+    /// The hub calls stop() only for a server poll() says is running, so a
+    /// server that exited on its own would leave its pid file and
+    /// certificates on the host: remove them (the log is kept), once.
+    async fn clean_up_exited(&self, sp: &Spawner, st: &ServerState, state_json: &str) {
+        let first = self
+            .mark(|m| {
+                let first = m.cleaned_up.as_deref() != Some(state_json);
+                m.cleaned_up = Some(state_json.to_string());
+                first
+            })
+            .unwrap_or(false);
+        if !first {
+            return;
+        }
+        let name = &self.settings.log_name;
+        match sp.stop(st).await {
+            Ok(done) => tracing::debug!("{name}: cleaned up after the server ({done})"),
+            Err(e) => tracing::warn!("{name}: cannot clean up after the server: {e}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    /// A spawner whose one host refuses every connection, a launched state
+    /// on it, and a watch journaling into a fresh directory.
+    fn setup(grace_ms: u64) -> (Spawner, ServerState, String, Watch, std::path::PathBuf) {
+        let c: Config = toml::from_str(
+            "known_hosts = \"/nonexistent\"\nkey_path = \"/nonexistent\"\nconnect_timeout = 2.0\n\
+             [[hosts]]\naddress = \"127.0.0.1\"\nport = 1\n",
+        )
+        .unwrap();
+        let sp = Spawner::new(c).unwrap();
+        let json = r#"{"username": "ann", "host": "127.0.0.1", "address": "127.0.0.1", "ssh_port": 1,
+            "remote_user": "ann", "port": 20000, "run_id": "0123456789abcdef",
+            "dir": "/home/ann/.jupyterhub-ssh/0123456789abcdef", "pid": 4242, "pgid": 4242,
+            "start_time": 99, "uid": 1000, "boot_id": "b"}"#;
+        let st = state::decode(json).unwrap();
+        sp.check_state(&st).unwrap();
+        let dir = std::env::temp_dir().join(format!(
+            "ssh-spawner-watch-test-{}-{:x}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let watch = Watch::new(WatchSettings {
+            log_name: "ann".into(),
+            grace: Duration::from_millis(grace_ms),
+            journal: Journal::new(dir.to_str().unwrap()),
+            retry: Duration::from_secs(3600),
+        });
+        (sp, st, json.to_string(), watch, dir)
+    }
+
+    fn pending_stops(dir: &std::path::Path) -> Vec<String> {
+        std::fs::read_dir(dir.join("stops"))
+            .map(|d| {
+                d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_host_keeps_the_server_for_the_grace_then_leaves_a_pending_stop() {
+        let (sp, st, json, watch, dir) = setup(300);
+        let (answer, kept) = watch.poll(&sp, st.clone(), json.clone()).await;
+        assert_eq!(
+            answer, None,
+            "within the grace the server is reported running"
+        );
+        assert_eq!(kept, json);
+        assert!(pending_stops(&dir).is_empty());
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        let (answer, _) = watch.poll(&sp, st.clone(), json.clone()).await;
+        assert_eq!(answer, Some(1), "past the grace it is reported stopped");
+        assert_eq!(pending_stops(&dir), ["0123456789abcdef.json"]);
+        // From then on: stopped, without asking the host again.
+        let t0 = Instant::now();
+        assert_eq!(watch.poll(&sp, st, json).await.0, Some(1));
+        assert!(t0.elapsed() < Duration::from_millis(100));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn the_first_poll_after_a_restart_waits_out_the_grace() {
+        let (sp, st, json, watch, dir) = setup(300);
+        watch.loaded();
+        let t0 = Instant::now();
+        let (answer, _) = watch.poll(&sp, st, json).await;
+        assert!(
+            t0.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(answer, Some(1));
+        assert_eq!(pending_stops(&dir), ["0123456789abcdef.json"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
