@@ -28,8 +28,8 @@ use crate::error::Error;
 use crate::journal::{live_writers, this_process, Journal};
 use crate::metrics;
 use crate::plan::journal::{stops_to_retry, to_sweep, Entry};
-use crate::plan::stop::Stopped;
 use crate::plan::state;
+use crate::plan::stop::Stopped;
 use crate::spawner::Spawner;
 
 #[derive(Default)]
