@@ -233,7 +233,10 @@ scope_busy() {
 # record the exit status once the server is gone, and TERMing that would
 # lose the status. Latecomers are still waited for and get KILL if they
 # outlast the grace period.
-n=0
+# Nothing of the tree yet: a stop that finds only the scope (the recorded
+# pid gone, the scope still running what the server left) signals the scope
+# alone, with `set -u` in force.
+n=0 in_group=0 alive=''
 if [ "$tree" != ' ' ]; then scan_tree; fi
 if [ "$n" = 0 ] && [ -z "$in_scope" ]; then
   echo gone

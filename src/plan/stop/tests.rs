@@ -232,6 +232,62 @@ fn stop_never_signals_a_process_it_cannot_verify() {
     drop(victim);
 }
 
+/// A run started in a systemd scope whose recorded pid is gone while the
+/// scope still holds processes (the server died, its kernels live on): the
+/// stop signals the scope and waits for it to empty (`systemctl` here a
+/// stand-in that empties the scope on TERM). It used to fail under `set -u`
+/// (the group flag and the survivors' list were read before any scan set
+/// them), so the hub kept retrying a stop that could never succeed.
+#[test]
+fn stop_of_a_scope_whose_server_is_gone_signals_the_scope() {
+    let tmp = Tmp::new();
+    let bin = tmp.join("fake-systemctl");
+    fs::create_dir_all(&bin).unwrap();
+    let (active, calls) = (tmp.join("scope-active"), tmp.join("calls"));
+    fs::write(&active, "").unwrap();
+    let fake = format!(
+        "#!/bin/sh\necho \"$*\" >>'{calls}'\n\
+         case $* in\n\
+           *is-active*) [ -e '{active}' ] ;;\n\
+           *kill*) rm -f '{active}' ;;\n\
+           *) exit 0 ;;\n\
+         esac\n"
+    );
+    fs::write(format!("{bin}/systemctl"), fake).unwrap();
+    fs::set_permissions(
+        format!("{bin}/systemctl"),
+        fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    // The recorded pid is this test's own, with another start time: not
+    // the server (it is gone), so nothing but the scope is signalled.
+    let me = std::process::id();
+    let st = stat(me).unwrap();
+    let p = Proc {
+        run_id: "scope-left".into(),
+        pid: me,
+        pgid: me,
+        start_time: st.start + 1,
+        uid: my_uid(),
+        boot_id: boot_id(),
+        dir: tmp.join("home/scope-left"),
+    };
+    fs::create_dir_all(&p.dir).unwrap();
+    let script = stop_script(&p, 1, false).unwrap();
+    let out = sh(&format!("PATH={bin}:$PATH; export PATH\n{script}"));
+    assert_eq!(out.status, 0, "{out:?}");
+    assert_eq!(
+        parse_stop(&out.stdout).unwrap(),
+        Stopped::Killed { escalated: false },
+        "{out:?}"
+    );
+    let calls = fs::read_to_string(&calls).unwrap();
+    assert!(calls.contains("kill --signal=TERM"), "{calls}");
+    assert!(!calls.contains("--signal=KILL"), "{calls}");
+    assert!(alive(me, Some(st.start)), "the test process was signalled");
+    assert!(!Path::new(&p.dir).exists());
+}
+
 #[test]
 fn the_stop_parser_accepts_good_output_and_refuses_garbage() {
     assert_eq!(
