@@ -13,25 +13,43 @@
 //! than configured refuses a channel; the pool then lowers that connection's
 //! capacity and moves on. Connections with no channel open for `idle_timeout`
 //! are closed by a background sweep.
+//!
+//! This file holds the bookkeeping: the pool, its slots (connections per
+//! target) and leases, connecting into a slot, queueing for a session slot,
+//! the counters and closing. The rest, one job a file:
+//!
+//! - `channels`: opening a session or a direct-tcpip channel, with what a
+//!   refusal means, and the port probe (`Pool::accepts`).
+//! - `kept_sftp`: the SFTP session a connection keeps open, and the file
+//!   operations made through it ([`Pool::make_dir`], [`Pool::path_exists`],
+//!   [`Pool::remove_empty_dir`]).
+//! - `forwards`: connections held for forwarding, the remote-forward
+//!   registry, and the tunnels' constructors ([`LocalForward::bind`],
+//!   [`RemoteForward::open`]).
+//! - `sweep`: closing idle connections in the background.
+//!
+//! [`LocalForward::bind`]: super::LocalForward::bind
+//! [`RemoteForward::open`]: super::RemoteForward::open
+
+mod channels;
+mod forwards;
+mod kept_sftp;
+mod sweep;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use russh::client::Msg;
 use russh::Channel;
-use russh_sftp::client::RawSftpSession;
-use russh_sftp::protocol::FileAttributes;
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::connect::{self, ConnectOptions, Connection, ForwardSink, ForwardTargets};
+use super::connect::{self, ConnectOptions, Connection, ForwardTargets};
 use super::health::HostWatch;
-use super::tunnel::{
-    BoxFut, CarryTo, ForwardLink, Hold, LocalForward, OpenChannel, RemoteForward, RequestForward,
-};
 use super::Target;
-use crate::error::{Cause, Error, Phase, Result};
+use crate::error::{Error, Phase, Result};
+use kept_sftp::Keep;
 
 /// Pool settings. `connect` holds the per-connection bounds and host-key policy.
 #[derive(Debug, Clone)]
@@ -123,127 +141,12 @@ struct Conn {
     kept: AtomicUsize,
 }
 
-/// The SFTP session a connection keeps open, so that a run directory is
-/// made with one request and no program started on the host. It holds a
-/// session slot from the moment it is tried until it is given up.
-enum Keep {
-    /// Not tried on this connection yet.
-    Untried,
-    /// Asked for ([`Pool::make_dir`]): opened next time a session is open on
-    /// the connection, so that sshd granting it proves it holds at least two
-    /// sessions and SFTP never takes a host's only one.
-    Wanted,
-    /// Being opened in the background.
-    Opening(OwnedSemaphorePermit),
-    /// Open: requests go to this sftp-server.
-    Open {
-        sftp: Arc<RawSftpSession>,
-        _slot: OwnedSemaphorePermit,
-    },
-    /// Not on this connection: sshd refused or failed it, a request failed
-    /// other than with a status, or sshd refused a session while it was
-    /// open (it holds fewer sessions than assumed).
-    Off,
-}
-
-/// Open a kept SFTP session on `conn` in the background (bounded by
-/// `timeout`) when one is wanted, unless the connection lacks a spare session
-/// slot. Called with a session open on the connection. Never waits.
-fn open_keep(conn: &Arc<Conn>, timeout: Duration) {
-    let Ok(mut keep) = conn.keep.lock() else {
-        return;
-    };
-    if !matches!(*keep, Keep::Wanted) {
-        return;
-    }
-    // Leave room for commands: only a connection with at least three slots
-    // and two of them free gives one to SFTP.
-    if conn.capacity.load(Ordering::Relaxed) < 3 || conn.sessions.available_permits() < 2 {
-        return;
-    }
-    let Ok(permit) = conn.sessions.clone().try_acquire_owned() else {
-        return;
-    };
-    *keep = Keep::Opening(permit);
-    conn.kept.store(1, Ordering::Relaxed);
-    drop(keep);
-    let conn = conn.clone();
-    tokio::spawn(async move {
-        let opened = tokio::time::timeout(timeout, async {
-            let channel = conn
-                .handle
-                .channel_open_session()
-                .await
-                .map_err(|e| e.to_string())?;
-            channel
-                .request_subsystem(true, "sftp")
-                .await
-                .map_err(|e| e.to_string())?;
-            let sftp = RawSftpSession::new(channel.into_stream());
-            sftp.set_timeout(timeout.as_secs().max(1));
-            sftp.init().await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(sftp)
-        })
-        .await
-        .unwrap_or_else(|_| Err(format!("no answer within {timeout:?}")));
-        let Ok(mut keep) = conn.keep.lock() else {
-            return;
-        };
-        // Given up while it opened (a session refused meanwhile): stay off.
-        let Keep::Opening(_) = &*keep else {
-            return;
-        };
-        match (opened, std::mem::replace(&mut *keep, Keep::Off)) {
-            (Ok(sftp), Keep::Opening(permit)) => {
-                *keep = Keep::Open {
-                    sftp: Arc::new(sftp),
-                    _slot: permit,
-                }
-            }
-            (Err(e), _) => {
-                conn.kept.store(0, Ordering::Relaxed);
-                tracing::debug!("no kept SFTP session on this connection ({e}); run directories are made by the launch script");
-            }
-            (Ok(_), _) => conn.kept.store(0, Ordering::Relaxed),
-        }
-    });
-}
-
 impl Conn {
     fn in_use(&self) -> usize {
         self.capacity
             .load(Ordering::Relaxed)
             .saturating_sub(self.sessions.available_permits())
             .saturating_sub(self.kept.load(Ordering::Relaxed))
-    }
-
-    /// The kept SFTP session, when it is open.
-    fn kept_sftp(&self) -> Option<Arc<RawSftpSession>> {
-        match &*self.keep.lock().ok()? {
-            Keep::Open { sftp, .. } => Some(sftp.clone()),
-            _ => None,
-        }
-    }
-
-    /// Ask for a kept SFTP session, opened with the next session.
-    fn want_keep(&self) {
-        if let Ok(mut keep) = self.keep.lock() {
-            if matches!(*keep, Keep::Untried) {
-                *keep = Keep::Wanted;
-            }
-        }
-    }
-
-    /// Give up the kept SFTP session for good (its slot comes back; sshd
-    /// frees its session once sftp-server has exited). Whether one was open
-    /// or opening.
-    fn drop_keep(&self) -> bool {
-        let Ok(mut keep) = self.keep.lock() else {
-            return false;
-        };
-        let was = std::mem::replace(&mut *keep, Keep::Off);
-        self.kept.store(0, Ordering::Relaxed);
-        matches!(was, Keep::Opening(_) | Keep::Open { .. })
     }
 
     fn touch(&self) {
@@ -280,42 +183,6 @@ impl Drop for SlotGuard {
     }
 }
 
-/// A pooled connection in use for forwarding. While it lives the idle sweep
-/// leaves the connection open.
-pub(crate) struct ForwardGuard {
-    conn: Arc<Conn>,
-}
-
-impl ForwardGuard {
-    fn new(conn: Arc<Conn>) -> ForwardGuard {
-        conn.forwards.fetch_add(1, Ordering::Relaxed);
-        ForwardGuard { conn }
-    }
-}
-
-impl ForwardLink for ForwardGuard {
-    fn is_closed(&self) -> bool {
-        self.conn.handle.is_closed()
-    }
-
-    fn cancel(self: Arc<Self>, port: u32) -> BoxFut<()> {
-        Box::pin(async move {
-            let _ = self
-                .conn
-                .handle
-                .cancel_tcpip_forward("127.0.0.1", port)
-                .await;
-        })
-    }
-}
-
-impl Drop for ForwardGuard {
-    fn drop(&mut self) {
-        self.conn.forwards.fetch_sub(1, Ordering::Relaxed);
-        self.conn.touch();
-    }
-}
-
 impl Pool {
     /// Make a pool. When called inside a tokio runtime, a background task
     /// closes idle connections; it ends when the last handle is dropped.
@@ -329,7 +196,7 @@ impl Pool {
             health: HostWatch::default(),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(sweep_idle(Arc::downgrade(&inner)));
+            rt.spawn(sweep::sweep_idle(Arc::downgrade(&inner)));
         }
         Pool { inner }
     }
@@ -407,383 +274,6 @@ impl Pool {
         }
     }
 
-    /// Open a session channel to `target`, reusing a pooled connection when one
-    /// has room. A dead pooled connection is replaced transparently once.
-    pub(crate) async fn open_session(&self, target: &Target) -> Result<Lease> {
-        let (channel, held) = self.open_channel(target, Open::Session).await?;
-        match held {
-            Held::Session(slot) => Ok(Lease { channel, slot }),
-            Held::Forward(_) => Err(Error::Invalid {
-                what: "session channel".into(),
-                reason: "opened without a session slot".into(),
-            }),
-        }
-    }
-
-    /// Open a direct-tcpip channel: sshd on `target` connects to
-    /// `host:port` (as seen from the host) and the channel carries the bytes.
-    /// It takes no session slot: a tunnel never waits behind commands.
-    pub(crate) async fn open_direct_tcpip(
-        &self,
-        target: &Target,
-        host: &str,
-        port: u16,
-    ) -> Result<(Channel<Msg>, ForwardGuard)> {
-        let (channel, held) = self
-            .open_channel(target, Open::DirectTcpip { host, port })
-            .await?;
-        match held {
-            Held::Forward(guard) => Ok((channel, guard)),
-            Held::Session(_) => Err(Error::Invalid {
-                what: "tunnel channel".into(),
-                reason: "opened on a session slot".into(),
-            }),
-        }
-    }
-
-    /// Whether something on `target` accepts TCP connections at `host:port`
-    /// (as the host sees it), asked of sshd with a direct-tcpip open that is
-    /// closed at once: sshd connects itself, nothing runs on the host.
-    /// `Some(true)`: something accepted; `Some(false)`: sshd's connect
-    /// failed (nothing listens there); `None`: sshd would not try
-    /// (forwarding prohibited, or another refusal). Like a tunnel it takes a
-    /// live pooled connection and no session slot; a dead one is replaced
-    /// once, and an error means the host could not be asked at all (the
-    /// same error a command would get).
-    pub(crate) async fn accepts(
-        &self,
-        target: &Target,
-        host: &str,
-        port: u16,
-    ) -> Result<Option<bool>> {
-        match self
-            .open_or_refusal(target, Open::DirectTcpip { host, port })
-            .await?
-        {
-            Ok((channel, _held)) => {
-                let _ = channel.close().await;
-                Ok(Some(true))
-            }
-            Err(russh::ChannelOpenFailure::ConnectFailed) => Ok(Some(false)),
-            Err(_) => Ok(None),
-        }
-    }
-
-    /// Make the directory `path` (mode 0700; `~/`-less paths are relative to
-    /// the home directory) on `target` with one request to the SFTP session
-    /// a live pooled connection keeps open: no program starts on the host.
-    /// `false` when it was not made that way, and the caller makes it
-    /// another way: no live connection (this never connects or waits for a
-    /// handshake), no kept session yet (one is then opened in the
-    /// background, for the next time), the directory exists or its parent
-    /// does not, or any failure.
-    pub async fn make_dir(&self, target: &Target, path: &str) -> bool {
-        // One request of a few bytes: an sftp-server slower than this is
-        // given up, and the launch script makes the directory instead (it
-        // copes with one that appears meanwhile).
-        let timeout = self.inner.opts.channel_timeout.min(Duration::from_secs(2));
-        let Some(conn) = self.live_conn(target) else {
-            return false;
-        };
-        let Some(sftp) = conn.kept_sftp() else {
-            conn.want_keep();
-            return false;
-        };
-        let attrs = FileAttributes {
-            permissions: Some(0o700),
-            ..FileAttributes::empty()
-        };
-        let path = path.strip_prefix("~/").unwrap_or(path);
-        match tokio::time::timeout(timeout, sftp.mkdir(path, attrs)).await {
-            Ok(Ok(_)) => true,
-            // The server's answer (it exists, the parent is missing): the
-            // session is fine.
-            Ok(Err(russh_sftp::client::error::Error::Status(status))) => {
-                tracing::debug!(host = %target.host_label(), user = %target.user, path,
-                    "SFTP mkdir: {}", status.error_message);
-                false
-            }
-            failed => {
-                let reason = match failed {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => format!("no answer within {timeout:?}"),
-                };
-                tracing::debug!(host = %target.host_label(), user = %target.user,
-                    "kept SFTP session failed ({reason}); giving it up on this connection");
-                conn.drop_keep();
-                false
-            }
-        }
-    }
-
-    /// Whether `path` exists on `target`, asked of the SFTP session a live
-    /// pooled connection keeps open (one request, no program started on the
-    /// host). `None` when it cannot be asked that way (no kept session, no
-    /// answer within a second, or any failure but "no such file").
-    pub async fn path_exists(&self, target: &Target, path: &str) -> Option<bool> {
-        let conn = self.live_conn(target)?;
-        let sftp = conn.kept_sftp()?;
-        let path = path.strip_prefix("~/").unwrap_or(path);
-        let wait = self.inner.opts.channel_timeout.min(Duration::from_secs(1));
-        match tokio::time::timeout(wait, sftp.stat(path)).await {
-            Ok(Ok(_)) => Some(true),
-            Ok(Err(russh_sftp::client::error::Error::Status(status)))
-                if status.status_code == russh_sftp::protocol::StatusCode::NoSuchFile =>
-            {
-                Some(false)
-            }
-            _ => None,
-        }
-    }
-
-    /// Remove the empty directory `path` on `target` through the kept SFTP
-    /// session, when there is one (a directory [`Pool::make_dir`] made for a
-    /// start that did not happen). Whether it was removed.
-    pub async fn remove_empty_dir(&self, target: &Target, path: &str) -> bool {
-        let Some(sftp) = self.live_conn(target).and_then(|c| c.kept_sftp()) else {
-            return false;
-        };
-        let path = path.strip_prefix("~/").unwrap_or(path);
-        matches!(
-            tokio::time::timeout(self.inner.opts.channel_timeout, sftp.rmdir(path)).await,
-            Ok(Ok(_))
-        )
-    }
-
-    /// A live connection to `target` that keeps an SFTP session open, or
-    /// else the least busy one; `None` when there is none or a handshake
-    /// holds the list.
-    fn live_conn(&self, target: &Target) -> Option<Arc<Conn>> {
-        let slot = self.slot(target);
-        let conns = slot.conns.try_lock().ok()?;
-        let live = || conns.iter().filter(|c| !c.handle.is_closed());
-        live()
-            .find(|c| c.kept_sftp().is_some())
-            .or_else(|| live().min_by_key(|c| c.in_use()))
-            .cloned()
-    }
-
-    /// The one path that opens a channel: a session takes a session slot
-    /// (queueing when every connection is full), a forward only a live
-    /// connection. A channel the server refuses for lack of sessions lowers
-    /// that connection's capacity; a dead pooled connection is replaced once.
-    async fn open_channel(&self, target: &Target, what: Open<'_>) -> Result<(Channel<Msg>, Held)> {
-        match self.open_or_refusal(target, what).await? {
-            Ok(opened) => Ok(opened),
-            Err(reason) => {
-                let (host, port) = match what {
-                    Open::DirectTcpip { host, port } => (host, port),
-                    Open::Session => ("session", 0),
-                };
-                Err(Error::Tunnel {
-                    what: format!("to {host}:{port} on {}", target.host_label()),
-                    reason: format!("sshd refused to connect ({reason:?}); is the server listening, and does sshd allow TCP forwarding?"),
-                    source: None,
-                })
-            }
-        }
-    }
-
-    /// [`Pool::open_channel`], with sshd's refusal of a direct-tcpip channel
-    /// given back as its reason (a session refused is handled here).
-    async fn open_or_refusal(
-        &self,
-        target: &Target,
-        what: Open<'_>,
-    ) -> Result<std::result::Result<(Channel<Msg>, Held), russh::ChannelOpenFailure>> {
-        let slot = self.slot(target);
-        let mut replaced_dead = false;
-        // Since when this caller waits for sshd to free a session.
-        let mut freeing: Option<Instant> = None;
-        loop {
-            let held = match what {
-                Open::Session => {
-                    let (conn, permit) = self.take_slot(target, &slot).await?;
-                    Held::Session(SlotGuard {
-                        conn,
-                        permit: Some(permit),
-                    })
-                }
-                Open::DirectTcpip { .. } => Held::Forward(self.forward_conn(target).await?),
-            };
-            let conn = held.conn().clone();
-            let opened = tokio::time::timeout(self.inner.opts.channel_timeout, async {
-                match what {
-                    Open::Session => conn.handle.channel_open_session().await,
-                    Open::DirectTcpip { host, port } => {
-                        conn.handle
-                            .channel_open_direct_tcpip(host, u32::from(port), "127.0.0.1", 0)
-                            .await
-                    }
-                }
-            })
-            .await;
-            match opened {
-                Ok(Ok(channel)) => {
-                    if let Open::Session = what {
-                        open_keep(&conn, self.inner.opts.channel_timeout);
-                    }
-                    return Ok(Ok((channel, held)));
-                }
-                Ok(Err(russh::Error::ChannelOpenFailure(reason))) => match (what, held) {
-                    (Open::DirectTcpip { .. }, _) => return Ok(Err(reason)),
-                    (Open::Session, Held::Session(slot_guard)) => {
-                        // sshd holds fewer sessions than we assumed. A kept
-                        // SFTP session is given up first (its slot comes
-                        // back once sshd has freed it).
-                        conn.drop_keep();
-                        let in_use_by_others = conn.in_use().saturating_sub(1);
-                        if in_use_by_others == 0 {
-                            // Nothing else of ours is open there: sshd has
-                            // yet to free a session just closed (OpenSSH
-                            // frees it after reading our close, so a
-                            // host with MaxSessions 1 refuses the next
-                            // command for a moment), or it holds none at
-                            // all. Ask again, briefly, before saying so.
-                            let since = *freeing.get_or_insert_with(Instant::now);
-                            if since.elapsed() < self.inner.opts.channel_timeout {
-                                drop(slot_guard);
-                                tokio::time::sleep(Duration::from_millis(5)).await;
-                                continue;
-                            }
-                            return Err(Error::Ssh {
-                                host: target.host_label(),
-                                user: target.user.clone(),
-                                reason: format!("the server refused to open a session: {reason:?}"),
-                                source: None,
-                            });
-                        }
-                        // Give up the slot for good and try elsewhere.
-                        slot_guard.forget();
-                        conn.capacity.fetch_sub(1, Ordering::Relaxed);
-                        tracing::debug!(host = %target.host_label(), user = %target.user,
-                            capacity = in_use_by_others, "server refused a channel; lowering this connection's capacity");
-                    }
-                    (Open::Session, Held::Forward(_)) => {}
-                },
-                Ok(Err(e)) => {
-                    drop(held);
-                    remove(&slot, &conn).await;
-                    if replaced_dead {
-                        return Err(Error::Ssh {
-                            host: target.host_label(),
-                            user: target.user.clone(),
-                            reason: e.to_string(),
-                            source: Cause::of(e),
-                        });
-                    }
-                    tracing::info!(host = %target.host_label(), user = %target.user,
-                        "pooled connection is dead ({e}); reconnecting");
-                    replaced_dead = true;
-                }
-                Err(_) => {
-                    // A connection that cannot open a channel in time is
-                    // presumed dead: the next caller gets a fresh one.
-                    drop(held);
-                    remove(&slot, &conn).await;
-                    return Err(Error::Timeout {
-                        host: target.host_label(),
-                        user: target.user.clone(),
-                        phase: Phase::Channel,
-                        after: self.inner.opts.channel_timeout,
-                    });
-                }
-            }
-        }
-    }
-
-    /// A live connection to `target` for forwarding, opened if there is
-    /// none. It takes no session slot and never queues behind sessions:
-    /// forwarding channels are not counted by sshd's MaxSessions.
-    async fn forward_conn(&self, target: &Target) -> Result<ForwardGuard> {
-        let slot = self.slot(target);
-        let arrived = Instant::now();
-        let mut conns = slot.conns.lock().await;
-        conns.retain(|c| !c.handle.is_closed());
-        if let Some(conn) = conns.iter().min_by_key(|c| c.in_use()) {
-            return Ok(ForwardGuard::new(conn.clone()));
-        }
-        let conn = self
-            .connect_into(target, &slot, &mut conns, arrived)
-            .await?;
-        Ok(ForwardGuard::new(conn))
-    }
-
-    /// Ask sshd on `target` to listen on its loopback at `port` (0: sshd
-    /// chooses) and carry each connection to the local `to` (`host:port`).
-    /// Returns the port and the connection the forward lives on: when that
-    /// connection dies, so does the forward; request it again.
-    pub(crate) async fn request_forward(
-        &self,
-        target: &Target,
-        port: u16,
-        to: &str,
-        sink: ForwardSink,
-    ) -> Result<(u16, ForwardGuard)> {
-        let guard = self.forward_conn(target).await?;
-        let what = || format!("from 127.0.0.1:{port} on {} to {to}", target.host_label());
-        // Known before sshd answers, so no connection arrives unclaimed.
-        if port != 0 {
-            self.set_forward_target(target, u32::from(port), Some(sink.clone()));
-        }
-        let granted = tokio::time::timeout(
-            self.inner.opts.channel_timeout,
-            guard
-                .conn
-                .handle
-                .tcpip_forward("127.0.0.1", u32::from(port)),
-        )
-        .await;
-        let fail = |reason: String, source: Option<Cause>| {
-            if port != 0 {
-                self.set_forward_target(target, u32::from(port), None);
-            }
-            Err(Error::Tunnel {
-                what: what(),
-                reason,
-                source,
-            })
-        };
-        let bound = match granted {
-            Ok(Ok(p)) => p,
-            Ok(Err(russh::Error::RequestDenied)) => {
-                return fail("sshd refused the forward (port taken on the host, or AllowTcpForwarding not `yes`/`remote`)".into(), None)
-            }
-            Ok(Err(e)) => return fail(e.to_string(), Cause::of(e)),
-            Err(_) => {
-                return fail(format!(
-                    "no answer within {:?}",
-                    self.inner.opts.channel_timeout
-                ), None)
-            }
-        };
-        // OpenSSH answers 0 when the requested port was not 0.
-        let bound = if bound == 0 { u32::from(port) } else { bound };
-        let Ok(bound16) = u16::try_from(bound) else {
-            return fail(format!("sshd reported port {bound}"), None);
-        };
-        if bound16 == 0 {
-            return fail("sshd reported no port".into(), None);
-        }
-        self.set_forward_target(target, bound, Some(sink));
-        Ok((bound16, guard))
-    }
-
-    /// Where connections to the remote forward on `port` go; `None` forgets it.
-    pub(crate) fn set_forward_target(&self, target: &Target, port: u32, to: Option<ForwardSink>) {
-        let key = (target.host_label(), port);
-        if let Ok(mut map) = self.inner.forwards.lock() {
-            match to {
-                Some(to) => {
-                    map.insert(key, to);
-                }
-                None => {
-                    map.remove(&key);
-                }
-            }
-        }
-    }
-
     /// Take a session slot on a live connection, opening one if needed.
     async fn take_slot(
         &self,
@@ -825,9 +315,7 @@ impl Pool {
             _ => Err(queue_timeout(target, opts)),
         }
     }
-}
 
-impl Pool {
     /// Open a new connection to `target` and add it to `conns` (the slot's
     /// list, locked by the caller, which is how callers that arrive during a
     /// handshake share it). A failure is remembered so callers that queued
@@ -912,100 +400,6 @@ impl Pool {
     }
 }
 
-/// What a channel is opened for.
-#[derive(Clone, Copy)]
-enum Open<'a> {
-    /// A session (exec, SFTP): takes a session slot.
-    Session,
-    /// A forwarding channel to `host:port` as seen from the host.
-    DirectTcpip { host: &'a str, port: u16 },
-}
-
-/// What keeps a channel's connection in use.
-enum Held {
-    Session(SlotGuard),
-    Forward(ForwardGuard),
-}
-
-impl Held {
-    fn conn(&self) -> &Arc<Conn> {
-        match self {
-            Held::Session(s) => &s.conn,
-            Held::Forward(f) => &f.conn,
-        }
-    }
-}
-
-/// The pool builds the tunnels: they get channel openers from it and know
-/// nothing of connections.
-impl LocalForward {
-    /// Listen on `127.0.0.1:local_port` (0: any free port) and carry every
-    /// connection to `remote_host:remote_port` as seen from `target`.
-    /// A taken port is a clear error naming it.
-    pub async fn bind(
-        pool: Pool,
-        target: Target,
-        local_port: u16,
-        remote_host: String,
-        remote_port: u16,
-    ) -> Result<LocalForward> {
-        let what = format!(
-            "127.0.0.1:{local_port} -> {remote_host}:{remote_port} on {}",
-            target.host_label()
-        );
-        let label = target.host_label();
-        let tally = pool.inner.tunnel_tasks.clone();
-        let open: OpenChannel = Arc::new(move || {
-            let (pool, target, host) = (pool.clone(), target.clone(), remote_host.clone());
-            Box::pin(async move {
-                let (channel, guard) = pool.open_direct_tcpip(&target, &host, remote_port).await?;
-                Ok((channel, Box::new(guard) as Hold))
-            })
-        });
-        LocalForward::listen(local_port, what, label, remote_port, open, tally).await
-    }
-}
-
-impl RemoteForward {
-    /// Ask sshd on `target` to listen on `127.0.0.1:port` (0: sshd chooses)
-    /// and carry connections to the local `to` (`host:port`). The first
-    /// request's failure is returned; later ones (after the connection was
-    /// replaced) are retried in the background with the same port.
-    pub async fn open(pool: Pool, target: Target, port: u16, to: String) -> Result<RemoteForward> {
-        let (sink, channels) = mpsc::unbounded_channel();
-        let (port, guard) = pool
-            .request_forward(&target, port, &to, sink.clone())
-            .await?;
-        let request: RequestForward = {
-            let (pool, target, to) = (pool.clone(), target.clone(), to.clone());
-            Arc::new(move |port| {
-                let (pool, target, to, sink) =
-                    (pool.clone(), target.clone(), to.clone(), sink.clone());
-                Box::pin(async move {
-                    let (port, guard) = pool.request_forward(&target, port, &to, sink).await?;
-                    Ok((port, Arc::new(guard) as Arc<dyn ForwardLink>))
-                })
-            })
-        };
-        let forget = {
-            let (pool, target) = (pool.clone(), target.clone());
-            Box::new(move || pool.set_forward_target(&target, u32::from(port), None))
-        };
-        Ok(RemoteForward::start(
-            port,
-            Arc::new(guard),
-            request,
-            channels,
-            CarryTo {
-                to,
-                label: target.host_label(),
-                tally: pool.inner.tunnel_tasks.clone(),
-            },
-            forget,
-        ))
-    }
-}
-
 fn queue_timeout(target: &Target, opts: &PoolOptions) -> Error {
     Error::Timeout {
         host: target.host_label(),
@@ -1032,53 +426,6 @@ async fn disconnect(conn: Arc<Conn>) {
         .handle
         .disconnect(russh::Disconnect::ByApplication, "", "en")
         .await;
-}
-
-/// Close connections that have had no channel for `idle_timeout`.
-async fn sweep_idle(inner: Weak<Inner>) {
-    let period = match inner.upgrade() {
-        Some(i) => {
-            (i.opts.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30))
-        }
-        None => return,
-    };
-    loop {
-        tokio::time::sleep(period).await;
-        let Some(inner) = inner.upgrade() else {
-            return;
-        };
-        let idle = inner.opts.idle_timeout;
-        let slots: Vec<Arc<Slot>> = match inner.slots.lock() {
-            Ok(map) => map.values().cloned().collect(),
-            Err(_) => continue,
-        };
-        drop(inner);
-        for slot in slots {
-            // Never wait behind a handshake: try again next round.
-            let Ok(mut conns) = slot.conns.try_lock() else {
-                continue;
-            };
-            let mut closing = Vec::new();
-            conns.retain(|c| {
-                let quiet = c
-                    .last_used
-                    .lock()
-                    .map(|t| t.elapsed() >= idle)
-                    .unwrap_or(false);
-                let busy = c.in_use() > 0 || c.forwards.load(Ordering::Relaxed) > 0;
-                let keep = !(c.handle.is_closed() || quiet && !busy);
-                if !keep {
-                    closing.push(c.clone());
-                }
-                keep
-            });
-            drop(conns);
-            for conn in closing {
-                tracing::debug!("closing idle SSH connection");
-                disconnect(conn).await;
-            }
-        }
-    }
 }
 
 #[cfg(test)]
