@@ -201,11 +201,6 @@ impl Pool {
         Pool { inner }
     }
 
-    /// The settings this pool was made with.
-    pub fn options(&self) -> &PoolOptions {
-        &self.inner.opts
-    }
-
     /// Which hosts answer, as this pool's connections found them
     /// ([`crate::plan::health`]).
     pub fn health(&self) -> &HostWatch {
