@@ -538,11 +538,6 @@ impl Core {
         self.0.set_hub_api(to).map_err(py_err)
     }
 
-    /// Tunnels open in this process: (local listeners, hub forwards).
-    fn tunnel_count(&self) -> (usize, usize) {
-        self.0.tunnel_count()
-    }
-
     /// Start the command on the prepared host, retrying another port or
     /// another host as the core's one start loop decides
     /// (`Spawner::start`); returns the state JSON of the server that runs.

@@ -1356,19 +1356,6 @@ impl Spawner {
             .map(|f| f.port())
     }
 
-    /// Tunnels currently open (local listeners, hub forwards).
-    pub fn tunnel_count(&self) -> (usize, usize) {
-        self.tunnels
-            .lock()
-            .map(|m| {
-                (
-                    m.values().filter(|t| t.local.is_some()).count(),
-                    m.values().filter(|t| t.hub.is_some()).count(),
-                )
-            })
-            .unwrap_or((0, 0))
-    }
-
     /// Prepare and launch in one go (the CLI's and the tests' start): see
     /// [`Spawner::start`]. `env` builds the environment for a given state (it
     /// contains the port). An attempt abandoned on a host that did not answer
