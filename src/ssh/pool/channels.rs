@@ -15,7 +15,7 @@ use super::forwards::ForwardGuard;
 use super::kept_sftp::open_keep;
 use super::{remove, Conn, Lease, Pool, SlotGuard};
 use crate::error::{Cause, Error, Phase, Result};
-use crate::ssh::Target;
+use crate::ssh::{host_label, Target};
 
 /// What a channel is opened for.
 #[derive(Clone, Copy)]
@@ -117,7 +117,7 @@ impl Pool {
                     Open::Session => ("session", 0),
                 };
                 Err(Error::Tunnel {
-                    what: format!("to {host}:{port} on {}", target.host_label()),
+                    what: format!("to {} on {}", host_label(host, port), target.host_label()),
                     reason: format!("sshd refused to connect ({reason:?}); is the server listening, and does sshd allow TCP forwarding?"),
                     source: None,
                 })

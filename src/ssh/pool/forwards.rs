@@ -15,7 +15,7 @@ use crate::ssh::connect::ForwardSink;
 use crate::ssh::tunnel::{
     BoxFut, CarryTo, ForwardLink, Hold, LocalForward, OpenChannel, RemoteForward, RequestForward,
 };
-use crate::ssh::Target;
+use crate::ssh::{host_label, Target};
 
 /// A pooled connection in use for forwarding. While it lives the idle sweep
 /// leaves the connection open.
@@ -161,7 +161,8 @@ impl LocalForward {
         remote_port: u16,
     ) -> Result<LocalForward> {
         let what = format!(
-            "127.0.0.1:{local_port} -> {remote_host}:{remote_port} on {}",
+            "127.0.0.1:{local_port} -> {} on {}",
+            host_label(&remote_host, remote_port),
             target.host_label()
         );
         let label = target.host_label();
