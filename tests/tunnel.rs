@@ -432,6 +432,9 @@ async fn spawner_tunnel_follows_the_server_across_a_hub_restart_and_closes_on_st
     let squatter = std::net::TcpListener::bind(("127.0.0.1", local)).unwrap();
     assert!(matches!(sp.poll(&state).await, PollOutcome::Running));
     sp.ensure_tunnels(&state).await.unwrap();
+    // One listener and no hub forward: the accept loop is the only tunnel
+    // task (it is counted before `ensure_tunnels` returns).
+    assert_eq!(sp.pool().stats().tunnel_tasks, 1);
     let moved = sp
         .local_tunnel_port(&state.run_id)
         .expect("the tunnel listens somewhere");
@@ -450,6 +453,7 @@ async fn spawner_tunnel_follows_the_server_across_a_hub_restart_and_closes_on_st
     sp.stop(&state).await.unwrap();
     assert_eq!(sp.local_tunnel_port(&state.run_id), None);
     assert!(TcpStream::connect(("127.0.0.1", local)).await.is_err());
+    tunnel_tasks_reach(sp.pool(), 0, "after stop").await;
     let dir = std::path::Path::new(&state.dir);
     if let Some(parent) = dir.parent() {
         let _ = std::fs::remove_dir_all(parent);
@@ -623,7 +627,7 @@ async fn a_stop_that_cannot_reach_the_host_still_closes_the_servers_tunnels() {
     };
     assert!(matches!(stopped, Stopped::Killed { .. }), "{stopped:?}");
     assert_eq!(sp.local_tunnel_port(&state.run_id), None);
-    tunnel_tasks_reach(sp.pool(), 0, "after the stop").await;
+    tunnel_tasks_reach(sp.pool(), 0, "after the stop that succeeded").await;
     let _ = std::fs::remove_dir_all(&state.dir);
 }
 

@@ -60,9 +60,13 @@ impl ConnectOptions {
 /// that asked for it carries them (and ends them when it is dropped).
 pub(crate) type ForwardSink = mpsc::UnboundedSender<Channel<Msg>>;
 
-/// The remote forwards of a pool: (host `address:port`, the port sshd
-/// listens on for us on the host's loopback) and their sinks. Every
-/// connection's handler consults it; forwards not in it are refused.
+/// The remote forwards of a pool: (the host's [`host_label`], the port
+/// sshd listens on for us on the host's loopback) and their sinks. Every
+/// connection's handler consults it; forwards not in it are refused. The
+/// pool and the handler both key it by [`host_label`], so they agree on an
+/// IPv6 address too.
+///
+/// [`host_label`]: super::host_label
 pub(crate) type ForwardTargets = Arc<Mutex<HashMap<(String, u32), ForwardSink>>>;
 
 /// The russh handler: checks the host key and hands forwarded connections
@@ -105,11 +109,7 @@ impl client::Handler for Client {
         reply: client::ChannelOpenHandle,
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
-        let label = if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        };
+        let label = super::host_label(&self.host, self.port);
         let sink = self
             .forwards
             .lock()
@@ -135,7 +135,7 @@ impl client::Handler for Client {
         &mut self,
         presented: &PublicKeyOrCertificate,
     ) -> Result<bool, Self::Error> {
-        let label = format!("{}:{}", self.host, self.port);
+        let label = super::host_label(&self.host, self.port);
         let key = match presented {
             PublicKeyOrCertificate::PublicKey { key, .. } => key,
             PublicKeyOrCertificate::Certificate(_) => {

@@ -75,3 +75,18 @@ pub fn host_label(address: &str, port: u16) -> String {
         format!("{address}:{port}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_host_label_brackets_an_ipv6_address_only() {
+        assert_eq!(host_label("198.18.0.11", 22), "198.18.0.11:22");
+        assert_eq!(host_label("node1.lab", 2222), "node1.lab:2222");
+        assert_eq!(host_label("fd00::5", 22), "[fd00::5]:22");
+        let target =
+            Target::new("::1", "alice", Identity::KeyFile("/nonexistent".into())).port(2222);
+        assert_eq!(target.host_label(), "[::1]:2222");
+    }
+}

@@ -5,7 +5,6 @@
 //! a secret never sits in a file wider than asked for, not even briefly.
 //! Missing parent directories are made with mode 0700.
 
-use std::path::Path;
 use std::time::Duration;
 
 use russh_sftp::client::SftpSession;
@@ -36,21 +35,6 @@ impl std::fmt::Debug for Upload {
             .field("bytes", &self.contents.len())
             .field("mode", &format_args!("{:o}", self.mode))
             .finish()
-    }
-}
-
-impl Upload {
-    /// Read a local file into an upload.
-    pub async fn from_file(local: &Path, remote: impl Into<String>, mode: u32) -> Result<Upload> {
-        let contents = tokio::fs::read(local).await.map_err(|e| Error::Invalid {
-            what: format!("local file {}", local.display()),
-            reason: e.to_string(),
-        })?;
-        Ok(Upload {
-            path: remote.into(),
-            contents,
-            mode,
-        })
     }
 }
 
@@ -88,30 +72,6 @@ impl Pool {
     /// `timeout` as a whole.
     pub async fn upload(&self, target: &Target, files: &[Upload], timeout: Duration) -> Result<()> {
         tokio::time::timeout(timeout, self.upload_unbounded(target, files))
-            .await
-            .map_err(|_| Error::Timeout {
-                host: target.host_label(),
-                user: target.user.clone(),
-                phase: Phase::Sftp,
-                after: timeout,
-            })?
-    }
-
-    /// Remove remote files (missing ones are fine), in one SFTP session.
-    pub async fn remove(&self, target: &Target, paths: &[String], timeout: Duration) -> Result<()> {
-        let work = async {
-            let (sftp, _slot) = self.sftp(target).await?;
-            for path in paths {
-                let p = remote_path(path);
-                if let Err(e) = sftp.remove_file(p).await {
-                    if sftp.try_exists(p).await.unwrap_or(true) {
-                        return Err(sftp_err(target, p, e));
-                    }
-                }
-            }
-            Ok(())
-        };
-        tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| Error::Timeout {
                 host: target.host_label(),
