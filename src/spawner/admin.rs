@@ -53,12 +53,7 @@ impl Spawner {
     /// Check every host as `username`: reachable, host key, auth, command
     /// found, free memory, load, servers. Hosts are checked at once.
     pub async fn check(&self, username: &str) -> Result<Vec<HostCheck>> {
-        let targets = self
-            .config
-            .hosts
-            .iter()
-            .map(|h| self.target(h, username))
-            .collect::<Result<Vec<_>>>()?;
+        let targets = self.all_targets(username)?;
         let command = self.config.command.first().cloned().unwrap_or_default();
         let command = quote::quote(&command, "command")?;
         let results = futures_join(self.config.hosts.iter().zip(&targets).map(|(h, t)| {
@@ -140,12 +135,7 @@ impl Spawner {
 
     /// Servers running on each host (all users), looked up as `username`.
     pub async fn list(&self, username: &str) -> Result<Vec<(String, Result<Vec<hosts::Listed>>)>> {
-        let targets = self
-            .config
-            .hosts
-            .iter()
-            .map(|h| self.target(h, username))
-            .collect::<Result<Vec<_>>>()?;
+        let targets = self.all_targets(username)?;
         let results = futures_join(targets.iter().map(|t| async move {
             let out = self
                 .pool

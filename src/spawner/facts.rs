@@ -26,13 +26,7 @@ impl Spawner {
         command_check: Option<(&[String], &str)>,
     ) -> Result<HostFacts> {
         let out = self
-            .pool
-            .exec(
-                target,
-                &self
-                    .command("/bin/sh -s")
-                    .stdin(hosts::facts_script(command_check)),
-            )
+            .run_script(target, hosts::facts_script(command_check))
             .await?
             .check(target)?;
         hosts::parse_facts(&String::from_utf8_lossy(&out.stdout))

@@ -30,7 +30,7 @@ use crate::plan::hosts::{HostFacts, Requirements};
 use crate::plan::limits::Limits;
 use crate::plan::poll::{Proc, ProcStatus};
 use crate::plan::state::{check_host_port, ServerState};
-use crate::ssh::{Command, Pool, Target};
+use crate::ssh::{Command, Output, Pool, Target};
 use crate::ssh::{LocalForward, RemoteForward};
 
 mod admin;
@@ -177,6 +177,23 @@ impl Spawner {
 
     pub(super) fn command(&self, text: impl Into<String>) -> Command {
         Command::new(text).timeout(Config::duration(self.config.command_timeout))
+    }
+
+    /// Run `script` on `target` as `/bin/sh -s` (the script on stdin, the
+    /// only channel for what it carries), within `command_timeout`.
+    pub(super) async fn run_script(&self, target: &Target, script: String) -> Result<Output> {
+        self.pool
+            .exec(target, &self.command("/bin/sh -s").stdin(script))
+            .await
+    }
+
+    /// The SSH targets of every configured host for `username`, in order.
+    pub(super) fn all_targets(&self, username: &str) -> Result<Vec<Target>> {
+        self.config
+            .hosts
+            .iter()
+            .map(|h| self.target(h, username))
+            .collect()
     }
 
     /// The SSH target for a user on a host.

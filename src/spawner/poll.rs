@@ -45,16 +45,8 @@ impl Spawner {
             return Ok(Some(state.clone()));
         }
         let target = self.state_target(state)?;
-        let out = self
-            .pool
-            .exec(
-                &target,
-                &self
-                    .command("/bin/sh -s")
-                    .stdin(self.guarded(state, adopt::adopt_script(&state.dir, &state.run_id)?)?),
-            )
-            .await?
-            .check(&target)?;
+        let script = self.guarded(state, adopt::adopt_script(&state.dir, &state.run_id)?)?;
+        let out = self.run_script(&target, script).await?.check(&target)?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if stdout.trim() == adopt::NOTHING {
             return Ok(None);

@@ -143,13 +143,7 @@ impl Spawner {
         proc_: &poll::Proc,
     ) -> Result<bool> {
         let out = self
-            .pool
-            .exec(
-                target,
-                &self
-                    .command("/bin/sh -s")
-                    .stdin(poll::ready_check_script(proc_, state.port)?),
-            )
+            .run_script(target, poll::ready_check_script(proc_, state.port)?)
             .await?;
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status == Some(launch::LAUNCH_FAILED) {

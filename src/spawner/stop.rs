@@ -90,15 +90,8 @@ impl Spawner {
         let Some(state) = self.adopt(state).await? else {
             // Nothing was started: remove what prepare and certs left.
             let target = self.state_target(state)?;
-            self.pool
-                .exec(
-                    &target,
-                    &self
-                        .command("/bin/sh -s")
-                        .stdin(self.guarded(state, adopt::remove_dir_script(&state.dir)?)?),
-                )
-                .await?
-                .check(&target)?;
+            let script = self.guarded(state, adopt::remove_dir_script(&state.dir)?)?;
+            self.run_script(&target, script).await?.check(&target)?;
             metrics::server_gone(&state.run_id);
             return Ok(stop::Stopped::AlreadyGone);
         };
