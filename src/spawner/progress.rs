@@ -33,7 +33,9 @@ impl Progress {
     /// Record an event.
     pub fn emit(&self, progress: u8, message: impl Into<String>) {
         let message = message.into();
-        tracing::info!(progress, "{message}");
+        // Logged under the spawner's own name whatever file emits it: admins
+        // and the tests follow a spawn by `[ssh_spawner::spawner]` lines.
+        tracing::info!(target: "ssh_spawner::spawner", progress, "{message}");
         if let Ok(mut e) = self.events.lock() {
             e.push(Event { progress, message });
         }
