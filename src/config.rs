@@ -13,6 +13,7 @@ use crate::error::{Error, Result};
 use crate::plan::hosts::Strategy;
 use crate::plan::limits::EnforcementMode;
 use crate::plan::ports::PortRange;
+use crate::plan::run::check_dir;
 use crate::ssh::{ConnectOptions, HostKeyPolicy, Identity, PoolOptions};
 
 /// One compute host.
@@ -328,9 +329,12 @@ impl Config {
         }
         let dir = self.state_dir.strip_prefix("~/").unwrap_or(&self.state_dir);
         // Per user, under the home directory: launch makes the parent 0700.
+        // Every launch checks `HOME/STATE_DIR/RUN` ([`check_dir`]; a
+        // trailing `/` is dropped before): a `state_dir` it would refuse
+        // (`~/./x`, `~/a//b`) is refused here, at load, not at every spawn.
         if dir.is_empty()
             || !self.state_dir.starts_with("~/")
-            || dir.split('/').any(|p| p == "..")
+            || check_dir(&format!("/home/user/{}/run", dir.trim_end_matches('/'))).is_err()
             || !dir
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || "/._-".contains(c))
@@ -627,6 +631,8 @@ prologue = ["module load python"]
             (&format!("remote_user = \"{{user}}\"\n{MIN}"), "placeholder"),
             (&format!("state_dir = \"../../etc\"\n{MIN}"), "state_dir"),
             (&format!("state_dir = \"/tmp/shared\"\n{MIN}"), "state_dir"),
+            (&format!("state_dir = \"~/./x\"\n{MIN}"), "state_dir"),
+            (&format!("state_dir = \"~/a//b\"\n{MIN}"), "state_dir"),
             (&format!("stop_grace = -1\n{MIN}"), "stop_grace"),
             (&format!("command_timeout = 0\n{MIN}"), "command_timeout"),
             (&format!("connect_timeout = 0\n{MIN}"), "time out at once"),

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use super::limits::{self, LimitPlan};
 use super::quote::{check_env_name, invalid, quote};
-use super::run::{self, check_dir, check_run_id};
+use super::run::{self, check_dir, check_run_id, is_boot_id};
 use super::sh::{self, excerpt, Preamble};
 use crate::error::Result;
 
@@ -232,10 +232,6 @@ pub fn launch_listening(stdout: &str) -> bool {
     stdout
         .lines()
         .any(|l| l.trim_end_matches('\r') == "listening=yes")
-}
-
-fn is_boot_id(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
 }
 
 /// Parse the launch script's stdout (status 0). Error::Invalid with the

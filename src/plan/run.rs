@@ -93,6 +93,14 @@ pub fn check_dir(dir: &str) -> Result<&str> {
     }
 }
 
+/// A host's boot id (`/proc/sys/kernel/random/boot_id`) as a launch reports
+/// it and a state records it: 1 to 64 characters of hex digits and `-`. It
+/// goes into every poll and stop script of its host and login, so one state
+/// with another value must never reach them.
+pub fn is_boot_id(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 64 && s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

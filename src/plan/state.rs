@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::launch::Launched;
 use super::poll::Proc;
-use super::run::is_run_id;
+use super::run::{is_boot_id, is_run_id};
 use super::sh::{self, Preamble};
 use crate::error::{Cause, Error, Result};
 
@@ -149,6 +149,11 @@ impl ServerState {
             || !self.dir.ends_with(&self.run_id)
         {
             return Err(bad(format!("bad server directory {:?}", self.dir)));
+        }
+        if let Some(b) = self.boot_id.as_deref().filter(|b| !is_boot_id(b)) {
+            // A NUL or a newline here would fail the poll script of every
+            // server of this host and login, not just this one.
+            return Err(bad(format!("bad boot id {b:?}")));
         }
         if matches!(self.pid, Some(0 | 1)) || matches!(self.pgid, Some(0 | 1)) {
             return Err(bad("pid 0 or 1 is never a server".into()));
@@ -291,7 +296,7 @@ mod tests {
             pgid: Some(4241),
             start_time: Some(123456),
             uid: Some(1001),
-            boot_id: Some("b00t".into()),
+            boot_id: Some("b007".into()),
             enforcement: Some("none".into()),
             tunnel_port: None,
             hub_forward_port: None,
@@ -441,6 +446,16 @@ mod tests {
             (
                 r#"{"username":"a","host":"n","address":"h","remote_user":"a","port":70000,"run_id":"r1","dir":"/h/r1"}"#,
                 "server state",
+            ),
+            // A boot id every poll of the host and login would carry: one bad
+            // state must fail alone, not the poll of its neighbours.
+            (
+                r#"{"username":"a","host":"n","address":"h","remote_user":"a","port":2,"run_id":"r1","dir":"/h/r1","pid":7,"boot_id":"ab\u0000cd"}"#,
+                "bad boot id",
+            ),
+            (
+                r#"{"username":"a","host":"n","address":"h","remote_user":"a","port":2,"run_id":"r1","dir":"/h/r1","pid":7,"boot_id":"ab'$(id)"}"#,
+                "bad boot id",
             ),
         ] {
             let err = decode(json).unwrap_err();
