@@ -671,7 +671,12 @@ class SSHSpawner(Spawner):
                 step.done()
 
     def _hub_api_url(self) -> str:
-        """The hub API URL the server is given (as in Spawner.get_env)."""
+        """The hub API URL the server is given, as Spawner.get_env builds it:
+        ``Spawner.environment`` overrides it last, so start and every poll
+        agree on where a hub tunnel carries."""
+        url = self.environment.get("JUPYTERHUB_API_URL")
+        if url is not None:
+            return str(url(self) if callable(url) else url)
         if self.hub_connect_url is not None:
             path = urlsplit(self.hub.api_url).path
             return self.hub_connect_url.rstrip("/") + "/" + path.lstrip("/")

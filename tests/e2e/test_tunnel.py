@@ -18,7 +18,14 @@ from urllib.parse import quote
 import pytest
 import requests
 
-from .conftest import E2E_SCOPES, REPO, assert_server_process, bed_fault, wait_until
+from .conftest import (
+    E2E_SCOPES,
+    REPO,
+    assert_server_process,
+    bed_fault,
+    wait_polls,
+    wait_until,
+)
 
 pytestmark = pytest.mark.any_hub  # see conftest.ANY_HUB
 
@@ -227,6 +234,45 @@ def test_hub_tunnel_for_a_host_that_cannot_reach_the_hub(testbed, hub_factory):
             10,
             what="the hub tunnel to close on stop",
         )
+
+
+def test_hub_tunnel_to_an_api_url_set_in_spawner_environment_survives_five_polls(
+    testbed, hub_factory
+):
+    """JupyterHub's documented override, ``Spawner.environment`` setting
+    JUPYTERHUB_API_URL, with ``hub_tunnel``: the tunnel carries to the
+    overridden address, and every poll expects that address too (each poll
+    used to expect the hub's own default instead, refuse the state at the
+    first poll and report a running server stopped)."""
+    hub = hub_factory(
+        {
+            "SSHSpawner.hosts": host_config(testbed, "node1"),
+            "SSHSpawner.hub_tunnel": True,
+            # The hub API on every address, announced on the bed's; the
+            # override names the hub machine's loopback instead.
+            "JupyterHub.hub_ip": "0.0.0.0",
+            "JupyterHub.hub_connect_ip": testbed["hub_address"],
+            "JupyterHub.load_roles": [
+                {"name": "e2e", "scopes": [*E2E_SCOPES, "tokens"], "services": ["e2e"]}
+            ],
+            "Spawner.poll_interval": 1,
+        },
+        start=False,
+    )
+    api = f"http://127.0.0.1:{hub.hub_port}/hub/api"
+    hub.start(**{"Spawner.environment": {"JUPYTERHUB_API_URL": api}})
+    mark = len(hub.log_text())
+    hub.spawn(BOB)
+    state = hub.ssh_state(BOB)
+    assert state["hub_forward_to"] == f"127.0.0.1:{hub.hub_port}", state
+    wait_polls(hub, BOB, 5, mark)
+    after = hub.log_text()[mark:]
+    assert "refusing" not in after, after[-2000:]
+    assert f"{BOB}: poll answered running" in after
+    assert hub.ssh_state(BOB)["run_id"] == state["run_id"]
+    # The server asks the hub API through the tunnel, at the overridden address.
+    assert status_with_fresh_token(hub, BOB) == 200
+    hub.stop_server(BOB)
 
 
 def test_internal_ssl_runs_end_to_end_through_both_tunnels(testbed, hub_factory, tmp_path):
