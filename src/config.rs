@@ -34,6 +34,10 @@ pub struct HostConfig {
     /// Shell lines run before the server starts on this host only (after the global prologue).
     #[serde(default)]
     pub prologue: Vec<String>,
+    /// Draining: no new server goes to this host; the servers already there
+    /// are polled and stopped as usual (maintenance, or before retiring it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
 }
 
 impl HostConfig {

@@ -5,7 +5,7 @@
 //! `prometheus_client` on the hub's own `/hub/metrics`. Counting never fails and never blocks on I/O: a poisoned
 //! lock only loses a count.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -80,6 +80,8 @@ pub struct Snapshot {
     pub hosts_down: Vec<(String, f64)>,
     /// Hosts held down after flapping, by host: until when (Unix seconds).
     pub hosts_held: Vec<(String, f64)>,
+    /// Display names of the configured hosts that are draining.
+    pub hosts_draining: BTreeSet<String>,
     /// Background probes of down hosts by (host, outcome: `answered` or
     /// `no_answer`).
     pub host_probes: Vec<(String, String, u64)>,
@@ -101,6 +103,8 @@ struct Table {
     down: BTreeMap<String, f64>,
     held: BTreeMap<String, f64>,
     probes: BTreeMap<(String, String), u64>,
+    /// Display names of the hosts that take no new servers.
+    draining: BTreeSet<String>,
     swept: BTreeMap<String, u64>,
 }
 
@@ -125,6 +129,18 @@ fn with(f: impl FnOnce(&mut Table)) {
 pub fn name_host(label: String, name: &str) {
     with(|t| {
         t.names.insert(label, name.to_string());
+    });
+}
+
+/// Whether the host `name` (display name) is draining in a spawner's
+/// configuration: it takes no new servers.
+pub fn host_draining(name: &str, draining: bool) {
+    with(|t| {
+        if draining {
+            t.draining.insert(name.to_string());
+        } else {
+            t.draining.remove(name);
+        }
     });
 }
 
@@ -256,6 +272,7 @@ pub fn snapshot() -> Snapshot {
         host_names: t.names.clone(),
         hosts_down: t.down.iter().map(|(h, s)| (h.clone(), *s)).collect(),
         hosts_held: t.held.iter().map(|(h, s)| (h.clone(), *s)).collect(),
+        hosts_draining: t.draining.clone(),
         host_probes: t
             .probes
             .iter()

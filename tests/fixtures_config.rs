@@ -51,25 +51,27 @@ fn the_labs_options_load_as_written() {
         c.command,
         ["/opt/conda/envs/jupyter/bin/jupyterhub-singleuser"]
     );
-    let plain = |address: &str, max_servers| HostConfig {
+    let plain = |address: &str, max_servers, drain| HostConfig {
         address: address.into(),
         port: 22,
         name: None,
         max_servers,
         prologue: vec![],
+        drain,
     };
     assert_eq!(
         c.hosts,
         [
-            plain("node1.lab.example.org", None),
-            plain("node2.lab.example.org", None),
-            plain("node3.lab.example.org", Some(20)),
+            plain("node1.lab.example.org", None, false),
+            plain("node2.lab.example.org", None, false),
+            plain("node3.lab.example.org", Some(20), true),
             HostConfig {
                 address: "10.0.0.13".into(),
                 port: 2222,
                 name: Some("gpu1".into()),
                 max_servers: Some(4),
                 prologue: vec!["module load cuda/12.2".into()],
+                drain: false,
             },
         ]
     );

@@ -242,16 +242,19 @@ fn host_choice_from_the_reported_facts() {
         Candidate {
             name: "node1",
             max_servers: Some(100),
+            draining: false,
             facts: Ok(&busy),
         },
         Candidate {
             name: "node1-earlier",
             max_servers: None,
+            draining: false,
             facts: Ok(&calmer),
         },
         Candidate {
             name: "node4",
             max_servers: None,
+            draining: false,
             facts: Ok(&idle),
         },
     ];

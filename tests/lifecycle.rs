@@ -1647,3 +1647,76 @@ async fn a_dead_host_costs_a_rush_one_connect_timeout_and_returns_as_soon_as_it_
     assert_eq!(p.state.host, "dead");
     sp.pool().close_all().await;
 }
+
+/// The admin drains a host that runs a server (`drain = true`, taking
+/// effect as after a hub restart: a new spawner with the new
+/// configuration). New spawns go to the other hosts, asking nothing of the
+/// drained one; one pinned to it is refused saying why. The server already
+/// there is still polled running, and stops cleanly.
+#[tokio::test]
+async fn a_draining_host_takes_no_new_server_and_its_running_one_stops_cleanly() {
+    let Some(tb) = testbed("a_draining_host_takes_no_new_server_and_its_running_one_stops_cleanly")
+    else {
+        return;
+    };
+    let alice = tb.alice().name.clone();
+    let before = Spawner::new(config(&tb)).unwrap();
+    let mut pinned = request(&alice);
+    pinned.host = Some("node1".into());
+    let (state, _guard) =
+        started(&before, &pinned, env_for(&alice, vec![]), &sleep_cmd(3001)).await;
+    assert_eq!(state.host, "node1");
+
+    let mut c = config(&tb);
+    c.hosts
+        .iter_mut()
+        .find(|h| h.display_name() == "node1")
+        .unwrap()
+        .drain = true;
+    let sp = Spawner::new(c).unwrap();
+    for _ in 0..4 {
+        let progress = Progress::new();
+        let (s, _g) = {
+            let s = sp
+                .spawn(
+                    &request(&alice),
+                    env_for(&alice, vec![]),
+                    &sleep_cmd(3002),
+                    &progress,
+                )
+                .await
+                .unwrap();
+            let g = common::StopOnPanic::new(&sp, &s);
+            (s, g)
+        };
+        assert_ne!(s.host, "node1", "a new server went to the draining host");
+        let said: Vec<String> = progress
+            .snapshot(0)
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert!(
+            said.iter()
+                .any(|m| m.contains("not asking node1 is draining (no new servers")),
+            "{said:?}"
+        );
+        sp.stop(&s).await.unwrap();
+    }
+    let err = sp
+        .prepare(&pinned, &Progress::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("node1, the host you chose, cannot take the server now")
+            && err.contains("draining (no new servers"),
+        "{err}"
+    );
+    // The server on it is still the spawner's to poll and to stop.
+    assert!(matches!(sp.poll(&state).await, PollOutcome::Running));
+    assert!(matches!(
+        sp.stop(&state).await.unwrap(),
+        Stopped::Killed { .. }
+    ));
+    assert!(matches!(sp.poll(&state).await, PollOutcome::Exited { .. }));
+}

@@ -77,7 +77,9 @@ class SSHSpawner(Spawner):
         Union([Unicode(), Dict()]),
         help="""The compute hosts. Each is a host name or address, or a dict with
         ``address`` and optionally ``port`` (SSH, default 22), ``name`` (shown to
-        users), ``max_servers`` and ``prologue`` (shell lines for that host only).
+        users), ``max_servers``, ``prologue`` (shell lines for that host only)
+        and ``drain`` (``True``: no new server goes there; the servers already
+        there are polled and stopped as usual).
         Example: ``["node1.lab", {"address": "10.0.0.12", "name": "gpu1", "max_servers": 8}]``.""",
     ).tag(config=True, rust=True)
 

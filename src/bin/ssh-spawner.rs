@@ -227,6 +227,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                         opt(r.limits.clone()),
                     );
                 }
+                for r in rows.iter().filter(|r| r.draining) {
+                    println!("\n{}: {}", r.host, ssh_spawner::plan::hosts::DRAINING);
+                }
                 for r in &rows {
                     if let Some(advice) = &r.limits_advice {
                         println!("\n{}: limits: {advice}", r.host);
@@ -427,13 +430,14 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             let sp = spawner(&cli.config)?;
             let hosts = sp.list(&user).await?;
             sp.pool().close_all().await;
+            let draining = |h: &str| sp.config().host(h).is_some_and(|c| c.drain);
             let mut failed = false;
             if cli.json {
                 let v: Vec<_> = hosts
                     .iter()
                     .map(|(h, r)| match r {
-                        Ok(l) => serde_json::json!({"host": h, "servers": l}),
-                        Err(e) => serde_json::json!({"host": h, "error": e.to_string()}),
+                        Ok(l) => serde_json::json!({"host": h, "draining": draining(h), "servers": l}),
+                        Err(e) => serde_json::json!({"host": h, "draining": draining(h), "error": e.to_string()}),
                     })
                     .collect();
                 failed = hosts.iter().any(|(_, r)| r.is_err());
@@ -444,6 +448,9 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                     "HOST", "PGID", "USER", "UPTIME"
                 );
                 for (h, r) in &hosts {
+                    if draining(h) {
+                        println!("{h:<10} {}", ssh_spawner::plan::hosts::DRAINING);
+                    }
                     match r {
                         Ok(list) => {
                             for l in list {

@@ -161,6 +161,16 @@ pub fn families(snap: &Snapshot, pool: &[(String, usize, usize)]) -> Vec<Family>
     ));
     out.push((
         "gauge",
+        "ssh_spawner_host_draining",
+        "1 when the configuration drains the host (drain = true): no new servers go there, the ones there are polled and stopped as usual",
+        vec!["host"],
+        configured
+            .iter()
+            .map(|h| plain(&[h], if snap.hosts_draining.contains(h) { 1.0 } else { 0.0 }))
+            .collect(),
+    ));
+    out.push((
+        "gauge",
         "ssh_spawner_host_down_since_seconds",
         "Unix time at which a host marked down stopped answering (only hosts down now)",
         vec!["host"],

@@ -311,8 +311,13 @@ pub fn render(rows: &[HostRow], bounds: &Bounds, current: &Choice) -> String {
             let name = escape(&row.name);
             let (detail, disabled) = match &row.status {
                 Ok(load) => (escape(&describe(load)), ""),
-                // Marked down for every user (plan::health): say since when.
-                Err(why) if why.starts_with("down since") || why.starts_with("answering again") => {
+                // Marked down for every user (plan::health): say since when;
+                // drained by the admin: say so.
+                Err(why)
+                    if why.starts_with("down since")
+                        || why.starts_with("answering again")
+                        || why.starts_with("draining") =>
+                {
                     (escape(why), " disabled")
                 }
                 Err(why) => (format!("not answering ({})", escape(why)), " disabled"),
@@ -553,6 +558,22 @@ mod tests {
             "{down}"
         );
         assert!(down.contains("value=\"node3\" disabled"), "{down}");
+        let drained = render(
+            &[HostRow {
+                name: "node2".into(),
+                status: Err(crate::plan::hosts::DRAINING.into()),
+            }],
+            &bounds(),
+            &Choice {
+                host: Some("node2".into()),
+                ..Choice::default()
+            },
+        );
+        assert!(
+            drained.contains("<strong>node2</strong>: draining (no new servers"),
+            "{drained}"
+        );
+        assert!(drained.contains("value=\"node2\" disabled>"), "{drained}");
         assert!(html.contains("value=\"auto\" checked"), "{html}");
         assert!(html.contains("from 128M to 8G; default 2G"), "{html}");
         assert!(html.contains("name=\"cpu_limit\""), "{html}");

@@ -233,6 +233,9 @@ pub struct Requirements {
     pub cpu_guarantee: Option<f64>,
 }
 
+/// Why a draining host takes no server, as spawns, the form and `check` say.
+pub const DRAINING: &str = "draining (no new servers; the ones there run on)";
+
 /// One configured host as the chooser sees it.
 #[derive(Debug, Clone)]
 pub struct Candidate<'a> {
@@ -240,12 +243,17 @@ pub struct Candidate<'a> {
     pub name: &'a str,
     /// Server cap from the configuration.
     pub max_servers: Option<usize>,
+    /// The configuration drains the host: it takes no new server.
+    pub draining: bool,
     /// Its facts, or why they could not be read.
     pub facts: std::result::Result<&'a HostFacts, String>,
 }
 
 /// Why a host was passed over, in words for the spawn page.
 fn unfit(c: &Candidate, req: &Requirements) -> Option<String> {
+    if c.draining {
+        return Some(DRAINING.into());
+    }
     let f = match &c.facts {
         Ok(f) => f,
         // Marked down for everyone (plan::health): the reason says since when.
@@ -449,16 +457,19 @@ mem_available_kb=3250585\ncpus=4\nload1=1.50\nboot_id=abc\nservers=2\nsystemd_us
             Candidate {
                 name: "node1",
                 max_servers: None,
+                draining: false,
                 facts: Ok(&a),
             },
             Candidate {
                 name: "node2",
                 max_servers: Some(5),
+                draining: false,
                 facts: Ok(&b),
             },
             Candidate {
                 name: "node3",
                 max_servers: None,
+                draining: false,
                 facts: Err("timed out".into()),
             },
         ];
@@ -474,22 +485,67 @@ mem_available_kb=3250585\ncpus=4\nload1=1.50\nboot_id=abc\nservers=2\nsystemd_us
     }
 
     #[test]
+    fn a_draining_host_takes_no_new_server_however_idle_it_is() {
+        let (idle, busy) = (facts(0, 64.0, 0.0), facts(9, 8.0, 1.9));
+        let cands = [
+            Candidate {
+                name: "idle",
+                max_servers: None,
+                draining: true,
+                facts: Ok(&idle),
+            },
+            Candidate {
+                name: "busy",
+                max_servers: None,
+                draining: false,
+                facts: Ok(&busy),
+            },
+        ];
+        let req = Requirements::default();
+        for strategy in [
+            Strategy::LeastLoaded,
+            Strategy::RoundRobin,
+            Strategy::Random,
+        ] {
+            for rr in 0..4 {
+                let order = rank(&cands, &req, strategy, rr, &mut rand::rng()).unwrap();
+                assert_eq!(order, vec![1], "{strategy:?} {rr}");
+            }
+        }
+        let err = rank(
+            &cands[..1],
+            &req,
+            Strategy::LeastLoaded,
+            0,
+            &mut rand::rng(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("no host can take a server: idle: {DRAINING}")
+        );
+    }
+
+    #[test]
     fn strategies_order_the_hosts_that_fit() {
         let (a, b, c) = (facts(3, 8.0, 3.0), facts(1, 8.0, 0.5), facts(1, 8.0, 0.1));
         let cands = [
             Candidate {
                 name: "a",
                 max_servers: None,
+                draining: false,
                 facts: Ok(&a),
             },
             Candidate {
                 name: "b",
                 max_servers: None,
+                draining: false,
                 facts: Ok(&b),
             },
             Candidate {
                 name: "c",
                 max_servers: None,
+                draining: false,
                 facts: Ok(&c),
             },
         ];

@@ -40,6 +40,8 @@ pub struct HostCheck {
     /// When the host does not answer: since when and why, as spawns see it
     /// (`down since 09:01:02 UTC (12 s ago): no answer within 10s`).
     pub down: Option<String>,
+    /// The configuration drains the host (`drain = true`): no new servers.
+    pub draining: bool,
 }
 
 impl HostCheck {
@@ -87,6 +89,7 @@ impl Spawner {
                     limits_advice: None,
                     error: None,
                     down: None,
+                    draining: h.drain,
                 };
                 c.down = self.host_down(&t);
                 match r {

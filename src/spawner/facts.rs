@@ -101,6 +101,9 @@ impl Spawner {
             .collect::<Result<Vec<_>>>()?;
         let results = futures_join(hosts.iter().zip(&targets).map(|(h, t)| async move {
             // A host marked down is shown as such, not asked again.
+            if h.drain {
+                return Err(hosts::DRAINING.to_string());
+            }
             if let Some(why) = self.host_down(t) {
                 return Err(why);
             }

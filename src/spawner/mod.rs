@@ -133,6 +133,7 @@ impl Spawner {
         let pool = Pool::new(config.pool_options());
         for h in &config.hosts {
             metrics::name_host(crate::ssh::host_label(&h.address, h.port), h.display_name());
+            metrics::host_draining(h.display_name(), h.drain);
         }
         Ok(Spawner {
             config: Arc::new(config),

@@ -6,7 +6,7 @@ use crate::config::{check_username, HostConfig};
 use crate::error::{Error, Result};
 use crate::metrics;
 use crate::plan::health;
-use crate::plan::hosts::{self, Candidate, HostFacts, Strategy};
+use crate::plan::hosts::{self, Candidate, HostFacts, Strategy, DRAINING};
 use crate::plan::limits::Limits;
 use crate::plan::ports::choose_port;
 use crate::plan::state::{ServerState, STATE_VERSION};
@@ -104,7 +104,10 @@ impl Spawner {
             vec![None; hosts.len()];
         let mut down = Vec::new();
         for (i, t) in targets.iter().enumerate() {
-            if let Some(why) = self.host_down(t) {
+            if hosts[i].drain {
+                down.push(format!("{} is {DRAINING}", hosts[i].display_name()));
+                facts[i] = Some(Err(DRAINING.into()));
+            } else if let Some(why) = self.host_down(t) {
                 down.push(format!("{} is {why}", hosts[i].display_name()));
                 facts[i] = Some(Err(why));
             }
@@ -236,6 +239,7 @@ impl Spawner {
             .map(|(h, f)| Candidate {
                 name: h.display_name(),
                 max_servers: h.max_servers,
+                draining: h.drain,
                 facts: f.as_ref().map_err(String::clone),
             })
             .collect();
