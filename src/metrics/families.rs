@@ -242,6 +242,22 @@ mod tests {
         );
         assert_eq!(get("ssh_spawner_ssh_connections")[0].2, 2.0);
         assert_eq!(get("ssh_spawner_host_up")[0].2, 0.0);
+        assert_eq!(get("ssh_spawner_host_draining")[0].2, 0.0);
+        snap.host_names.insert("10.0.0.2:22".into(), "node2".into());
+        snap.hosts_draining.insert("node2".into());
+        let fams = families(&snap, &[]);
+        let draining = &fams
+            .iter()
+            .find(|f| f.1 == "ssh_spawner_host_draining")
+            .unwrap()
+            .4;
+        assert_eq!(
+            draining,
+            &[
+                (vec!["node1".to_string()], vec![], 0.0),
+                (vec!["node2".to_string()], vec![], 1.0)
+            ]
+        );
         let polls = get("ssh_spawner_poll_round_duration_seconds");
         assert_eq!(polls[0].0, ["node1"]);
         assert_eq!(
