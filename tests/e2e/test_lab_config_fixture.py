@@ -33,7 +33,7 @@ def test_the_config_names_this_spawner_and_it_takes_every_option():
     assert sp.hosts == [
         "node1.lab.example.org",
         "node2.lab.example.org",
-        {"address": "node3.lab.example.org", "max_servers": 20},
+        {"address": "node3.lab.example.org", "max_servers": 20, "drain": True},
         {
             "address": "10.0.0.13",
             "port": 2222,
