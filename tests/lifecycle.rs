@@ -1720,3 +1720,124 @@ async fn a_draining_host_takes_no_new_server_and_its_running_one_stops_cleanly()
     ));
     assert!(matches!(sp.poll(&state).await, PollOutcome::Exited { .. }));
 }
+
+/// `ssh-spawner spawn` whose only host stops answering while the server
+/// starts (its packets dropped during the prologue): the server does start
+/// there. The CLI waits, bounded, for the clean-up of that abandoned start,
+/// and as the host still does not answer it prints the state, which `stop`
+/// takes once the host answers again: nothing of the run is left running.
+#[tokio::test]
+async fn a_cli_spawn_cut_off_mid_launch_prints_the_state_that_stops_what_it_started() {
+    let Some(tb) =
+        testbed("a_cli_spawn_cut_off_mid_launch_prints_the_state_that_stops_what_it_started")
+    else {
+        return;
+    };
+    let sshd = common::OwnSshd::start(&tb, &[]);
+    let scratch = Scratch::new("cli-cut");
+    let known_hosts = scratch.path("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        std::fs::read_to_string(&tb.known_hosts).unwrap()
+            + &std::fs::read_to_string(&sshd.known_hosts).unwrap(),
+    )
+    .unwrap();
+    let mut c = config(&tb);
+    c.known_hosts = known_hosts;
+    c.connect_timeout = 2.0;
+    c.command_timeout = 4.0;
+    c.stop_grace = 1.0;
+    // A state directory of its own: its first run directory is this spawn's.
+    let state_dir = format!(".jupyterhub-ssh-cli-cut-{}", rand_suffix());
+    c.state_dir = format!("~/{state_dir}");
+    let mut host: ssh_spawner::config::HostConfig =
+        toml::from_str(&format!("address = \"{}\"\nname = \"cut\"", sshd.address)).unwrap();
+    host.port = sshd.port;
+    // Time for the test to cut the host once the launch script runs there
+    // (a length no other test sleeps, to find the process by).
+    let pause = format!("3.{:03}", rand::random::<u16>() % 1000);
+    host.prologue = vec![format!("sleep {pause}")];
+    c.hosts = vec![host];
+    let cfg = scratch.path("spawner.toml");
+    std::fs::write(&cfg, toml::to_string(&c).unwrap()).unwrap();
+    let bin = env!("CARGO_BIN_EXE_ssh-spawner");
+    let user = tb.alice().name.clone();
+    let marker = (40_000 + rand::random::<u16>() % 20_000).to_string();
+    let mut child = std::process::Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["spawn", "--user", &user, "--", "sleep", &marker])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let lines = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut seen = Vec::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            seen.push(line);
+        }
+        seen
+    });
+    // The whole launch script has arrived once its prologue runs (the
+    // testbed's hosts share this machine's process table).
+    let began = || process_running(format!("sleep\0{pause}\0").as_bytes());
+    assert!(
+        common::until_true(Duration::from_secs(20), began).await,
+        "the launch never began"
+    );
+    let runs = std::path::Path::new("/home").join(&user).join(&state_dir);
+    sshd.blackhole();
+    let status = child.wait().unwrap();
+    let said = lines.join().unwrap();
+    assert_eq!(status.code(), Some(1), "{said:#?}");
+    let stop_line = said
+        .iter()
+        .find(|l| l.contains("run: ssh-spawner stop '"))
+        .unwrap_or_else(|| panic!("no state printed: {said:#?}"));
+    let state_json = stop_line
+        .split_once("ssh-spawner stop '")
+        .unwrap()
+        .1
+        .trim_end_matches('\'');
+    let state = state::decode(state_json).unwrap();
+    // The server did start: the prologue ran on, and then the command.
+    let running = || process_running(format!("sleep\0{marker}\0").as_bytes());
+    assert!(
+        common::until_true(Duration::from_secs(10), running).await,
+        "the server never started on the host"
+    );
+    sshd.heal();
+    let out = std::process::Command::new(bin)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["stop", state_json])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        common::until_true(Duration::from_secs(10), || !running()).await,
+        "the server outlived the stop"
+    );
+    // Only the log (keep_log) and the exit status are left of the run.
+    let left: BTreeSet<String> = std::fs::read_dir(&state.dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        left.iter().all(|f| f == "server.log" || f == "exit_status"),
+        "{left:?}"
+    );
+    let _ = std::fs::remove_dir_all(&runs);
+}

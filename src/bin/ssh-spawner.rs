@@ -13,7 +13,9 @@ use ssh_spawner::plan::hosts::{human_bytes, Requirements};
 use ssh_spawner::plan::limits::Limits;
 use ssh_spawner::plan::poll::ExitReason;
 use ssh_spawner::plan::state::{self, ServerState};
-use ssh_spawner::spawner::{PollOutcome, Progress, SpawnRequest, Spawner};
+use ssh_spawner::spawner::{
+    PollOutcome, Progress, SpawnRequest, Spawner, StartHooks, StartOptions,
+};
 use ssh_spawner::ssh::{
     Command, ConnectOptions, HostKeyPolicy, Identity, Pool, PoolOptions, Target,
 };
@@ -172,6 +174,67 @@ fn read_state(arg: &str) -> Result<ServerState, Error> {
         arg.to_string()
     };
     state::decode(&text)
+}
+
+/// The CLI's start hooks: an attempt abandoned on a host that stopped
+/// answering (its server may have started there) is cleaned up in the
+/// background as everywhere, and kept, so that the CLI waits for that
+/// before it exits and prints what it could not stop.
+#[derive(Default)]
+struct Abandoned(std::sync::Mutex<Vec<ServerState>>);
+
+impl StartHooks for Abandoned {
+    async fn launching(&self, _sp: &Spawner, _state: &ServerState) -> Result<(), Error> {
+        Ok(())
+    }
+
+    async fn abandoned(&self, sp: &Spawner, state: ServerState, why: String) {
+        eprintln!("ssh-spawner: {why}: stopping what it may have started there");
+        if let Ok(mut all) = self.0.lock() {
+            all.push(state.clone());
+        }
+        sp.clean_up_later(state);
+    }
+}
+
+impl Abandoned {
+    /// Wait for the clean-ups (at most twice a stop's own bound: the
+    /// connect and command timeouts and the grace), then print every
+    /// abandoned attempt not known to be stopped, with the state
+    /// `ssh-spawner stop` takes. The runtime ends with the CLI: nothing
+    /// would retry.
+    async fn finish(&self, sp: &Spawner) {
+        let all = self.0.lock().map(|a| a.clone()).unwrap_or_default();
+        if all.is_empty() {
+            return;
+        }
+        let c = sp.config();
+        let bound =
+            Duration::from_secs_f64(2.0 * (c.connect_timeout + c.command_timeout + c.stop_grace));
+        let until = tokio::time::Instant::now() + bound;
+        while all.iter().any(|s| sp.is_cleaning_up(&s.run_id))
+            && tokio::time::Instant::now() < until
+        {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for s in &all {
+            // A clean-up that ended may have given up: only a poll that
+            // finds nothing running there clears the attempt.
+            if !sp.is_cleaning_up(&s.run_id)
+                && matches!(sp.poll(s).await, PollOutcome::Exited { .. })
+            {
+                continue;
+            }
+            match state::encode(s) {
+                Ok(text) => eprintln!(
+                    "ssh-spawner: the start abandoned on {} is not known to be stopped (waited {bound:?}); \
+                     a server may be running there as {}: once the host answers, run: ssh-spawner stop '{text}'",
+                    s.host, s.remote_user
+                ),
+                Err(e) => eprintln!("ssh-spawner: {}: cannot print the state of run {}: {e}", s.host, s.run_id),
+            }
+        }
+    }
 }
 
 fn print_json(value: &impl serde::Serialize) {
@@ -359,9 +422,24 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 env.extend(extra.iter().cloned());
                 env
             };
-            let result = sp.spawn(&req, env_for, &command, &progress).await;
+            let abandoned = Abandoned::default();
+            let result = match sp.prepare(&req, &progress).await {
+                Ok(prepared) => {
+                    let opts = StartOptions {
+                        ready_until: None,
+                        hub_api: None,
+                        may_move: true,
+                    };
+                    sp.start(
+                        prepared, &req, env_for, &command, &progress, &opts, &abandoned,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
             progress.finish();
             let _ = printer.await;
+            abandoned.finish(&sp).await;
             let state = result?;
             sp.pool().close_all().await;
             if cli.json {

@@ -38,18 +38,35 @@ impl Spawner {
         let span = tracing::info_span!("server", user = %state.username, server = %state.server_name, host = %state.host);
         rt.spawn(
             async move {
+            let mut last = None;
             for _ in 0..120 {
                 match me.stop(&state).await {
                     Ok(_) => {
                         tracing::info!(host = %state.host, run = %state.run_id, "cleaned up after an abandoned start");
+                        last = None;
                         break;
                     }
-                    Err(e) if e.is_unreachable() => tokio::time::sleep(Duration::from_secs(30)).await,
+                    Err(e) if e.is_unreachable() => {
+                        last = Some(e);
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
                     Err(e) => {
-                        tracing::warn!(host = %state.host, run = %state.run_id, "cannot clean up an abandoned start: {e}");
+                        last = Some(e);
                         break;
                     }
                 }
+            }
+            if let Some(e) = last {
+                // Nothing tries again: say what may be left and where.
+                tracing::error!(
+                    host = %state.host,
+                    remote_user = %state.remote_user,
+                    run = %state.run_id,
+                    pid = ?state.pid,
+                    dir = %state.dir,
+                    "gave up cleaning up an abandoned start ({e}); a server may be left running there: stop it with `ssh-spawner stop` and this state: {}",
+                    crate::plan::state::encode(&state).unwrap_or_default()
+                );
             }
             me.close_tunnel(&state.run_id, true, true);
             if let Ok(mut c) = me.cleaning.lock() {
@@ -63,6 +80,15 @@ impl Spawner {
     /// Runs [`Spawner::clean_up_later`] is working on.
     pub fn cleaning_up(&self) -> usize {
         self.cleaning.lock().map(|c| c.len()).unwrap_or(0)
+    }
+
+    /// Whether [`Spawner::clean_up_later`] is still working on `run_id`
+    /// (it has neither stopped it nor given up).
+    pub fn is_cleaning_up(&self, run_id: &str) -> bool {
+        self.cleaning
+            .lock()
+            .map(|c| c.contains(run_id))
+            .unwrap_or(false)
     }
 
     /// Stop the server: TERM to its process group and descendants, KILL after

@@ -338,14 +338,15 @@ impl OwnSshd {
         );
     }
 
-    /// Drop every packet to this sshd's port, as a crashed host does: a
-    /// connection gets no answer at all (only this port: the host's own
-    /// sshd and everything else there are untouched).
+    /// Drop every packet to and from this sshd's port, as a crashed host
+    /// does: a new connection gets no answer at all, and one already made
+    /// carries nothing more either way (only this port: the host's own sshd
+    /// and everything else there are untouched).
     pub fn blackhole(&self) {
         let table = format!("ssbh{}", self.port);
         self.nft(&format!(
-            "table inet {table} {{\n chain input {{\n  type filter hook input priority 0;\n  tcp dport {} drop\n }}\n}}\n",
-            self.port
+            "table inet {table} {{\n chain input {{\n  type filter hook input priority 0;\n  tcp dport {port} drop\n }}\n chain output {{\n  type filter hook output priority 0;\n  tcp sport {port} drop\n }}\n}}\n",
+            port = self.port
         ));
         *self.table.lock().unwrap() = Some(table);
     }
