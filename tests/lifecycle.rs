@@ -63,6 +63,32 @@ fn config(tb: &Testbed) -> Config {
     c
 }
 
+/// [`config`] trusting the host key of `sshd` too (a known_hosts file in
+/// `scratch`), and a host entry named `name` for that sshd.
+fn with_own_sshd(
+    tb: &Testbed,
+    sshd: &common::OwnSshd,
+    scratch: &Scratch,
+    name: &str,
+) -> (Config, ssh_spawner::config::HostConfig) {
+    let known_hosts = scratch.path("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        std::fs::read_to_string(&tb.known_hosts).unwrap()
+            + &std::fs::read_to_string(&sshd.known_hosts).unwrap(),
+    )
+    .unwrap();
+    let mut c = config(tb);
+    c.known_hosts = known_hosts;
+    let mut host: ssh_spawner::config::HostConfig = toml::from_str(&format!(
+        "address = \"{}\"\nname = \"{name}\"",
+        sshd.address
+    ))
+    .unwrap();
+    host.port = sshd.port;
+    (c, host)
+}
+
 fn mocksu(tb: &Testbed) -> Vec<String> {
     vec![
         tb.python.display().to_string(),
@@ -1494,23 +1520,12 @@ async fn a_dead_host_costs_a_rush_one_connect_timeout_and_returns_as_soon_as_it_
     };
     let sshd = common::OwnSshd::start(&tb, &[]);
     let scratch = Scratch::new("deadhost");
-    let known_hosts = scratch.path("known_hosts");
-    std::fs::write(
-        &known_hosts,
-        std::fs::read_to_string(&tb.known_hosts).unwrap()
-            + &std::fs::read_to_string(&sshd.known_hosts).unwrap(),
-    )
-    .unwrap();
-    let mut c = config(&tb);
-    c.known_hosts = known_hosts;
+    let (mut c, dead) = with_own_sshd(&tb, &sshd, &scratch, "dead");
     // The connect timeout is long, so that waiting for the dead host could
     // not hide in the margins of a busy machine.
     c.connect_timeout = 20.0;
     c.facts_cache = 5.0;
     c.hosts.retain(|h| h.name.as_deref() != Some("node1"));
-    let mut dead: ssh_spawner::config::HostConfig =
-        toml::from_str(&format!("address = \"{}\"\nname = \"dead\"", sshd.address)).unwrap();
-    dead.port = sshd.port;
     c.hosts.push(dead);
     let label = format!("{}:{}", sshd.address, sshd.port);
     let sp = Spawner::new(c).unwrap();
@@ -1735,24 +1750,13 @@ async fn a_cli_spawn_cut_off_mid_launch_prints_the_state_that_stops_what_it_star
     };
     let sshd = common::OwnSshd::start(&tb, &[]);
     let scratch = Scratch::new("cli-cut");
-    let known_hosts = scratch.path("known_hosts");
-    std::fs::write(
-        &known_hosts,
-        std::fs::read_to_string(&tb.known_hosts).unwrap()
-            + &std::fs::read_to_string(&sshd.known_hosts).unwrap(),
-    )
-    .unwrap();
-    let mut c = config(&tb);
-    c.known_hosts = known_hosts;
+    let (mut c, mut host) = with_own_sshd(&tb, &sshd, &scratch, "cut");
     c.connect_timeout = 2.0;
     c.command_timeout = 4.0;
     c.stop_grace = 1.0;
     // A state directory of its own: its first run directory is this spawn's.
     let state_dir = format!(".jupyterhub-ssh-cli-cut-{}", rand_suffix());
     c.state_dir = format!("~/{state_dir}");
-    let mut host: ssh_spawner::config::HostConfig =
-        toml::from_str(&format!("address = \"{}\"\nname = \"cut\"", sshd.address)).unwrap();
-    host.port = sshd.port;
     // Time for the test to cut the host once the launch script runs there
     // (a length no other test sleeps, to find the process by).
     let pause = format!("3.{:03}", rand::random::<u16>() % 1000);
