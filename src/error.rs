@@ -309,6 +309,20 @@ pub enum Error {
         source: Cause,
     },
 
+    /// A saved server state this configuration does not let the spawner act
+    /// on (yet): written by a newer version, or naming a host, login or
+    /// directory today's configuration (and the configurations this hub ran
+    /// with before) could not have produced. It may become acceptable again
+    /// (an upgrade, the host put back), so it is kept, never taken for a
+    /// stopped server.
+    #[error("{what}: {reason}")]
+    Refused {
+        /// Which state (`server state of "alice" (pid 4242 on node2)`).
+        what: String,
+        /// Why, and what an admin can do.
+        reason: String,
+    },
+
     /// A value handed to this crate is not acceptable (names what and why).
     #[error("invalid {what}: {reason}")]
     Invalid {
@@ -349,6 +363,7 @@ impl Error {
             Error::ServerExited { .. } => "server_exited",
             Error::PortTaken { .. } => "port_taken",
             Error::Tunnel { .. } => "tunnel",
+            Error::Refused { .. } => "refused",
             Error::Invalid { .. } | Error::Malformed { .. } => "invalid",
         }
     }
@@ -463,6 +478,10 @@ mod tests {
                 reason: "r".into(),
                 source: None,
             },
+            Error::Refused {
+                what: "w".into(),
+                reason: "r".into(),
+            },
             Error::Invalid {
                 what: "w".into(),
                 reason: "r".into(),
@@ -491,6 +510,7 @@ mod tests {
                 | Error::ServerExited { .. }
                 | Error::PortTaken { .. }
                 | Error::Tunnel { .. }
+                | Error::Refused { .. }
                 | Error::Invalid { .. }
                 | Error::Malformed { .. } => {}
             }

@@ -16,11 +16,14 @@
 //!   pending-stop retrier do with them.
 //! - [`form`]: the spawn options form, rendered and validated.
 //! - [`state`]: the versioned server state kept by the hub.
+//! - [`trust`]: which saved states the spawner acts on, and where.
+//! - [`history`]: the configurations a hub ran with (for [`trust`]).
 //! - [`retry`]: another port, another host, or give up after a failed launch.
 
 pub mod adopt;
 pub mod form;
 pub mod health;
+pub mod history;
 pub mod hosts;
 pub mod journal;
 pub mod launch;
@@ -35,3 +38,4 @@ pub mod state;
 pub mod stop;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod trust;

@@ -126,10 +126,7 @@ impl ServerState {
             reason,
         };
         if self.version > STATE_VERSION {
-            return Err(bad(format!(
-                "written by a newer ssh-spawner (state version {}, this one reads up to {STATE_VERSION})",
-                self.version
-            )));
+            return Err(newer(self.version));
         }
         if self.address.is_empty()
             || self
@@ -258,14 +255,58 @@ pub fn check_host_port(text: &str) -> std::result::Result<(), String> {
     }
 }
 
-/// Read a state from the hub database (JSON text).
+/// The server's URL as the state says it is reached now: `url` (what the
+/// hub has) with its host and port replaced by the tunnel's local port, or
+/// else by the state's address and port (a host re-addressed since).
+pub fn server_url(state: &ServerState, url: &str) -> String {
+    let netloc = match state.tunnel_port {
+        Some(p) => format!("127.0.0.1:{p}"),
+        None if state.address.contains(':') => format!("[{}]:{}", state.address, state.port),
+        None => format!("{}:{}", state.address, state.port),
+    };
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    format!("{scheme}://{netloc}{}", &rest[end..])
+}
+
+/// Read a state from the hub database (JSON text) and check it
+/// ([`ServerState::validate`]).
 pub fn decode(json: &str) -> Result<ServerState> {
-    let state: ServerState = serde_json::from_str(json).map_err(|e| Error::Malformed {
-        what: "server state".into(),
-        source: Cause::new(e),
-    })?;
+    let state = decode_unchecked(json)?;
     state.validate()?;
     Ok(state)
+}
+
+/// Read a state without checking it (the poll's watch checks it and says
+/// what it refuses). A state of a newer version is [`Error::Refused`],
+/// whatever its shape: this version cannot tell whether its server runs.
+pub fn decode_unchecked(json: &str) -> Result<ServerState> {
+    serde_json::from_str::<ServerState>(json).map_err(|e| {
+        let version = serde_json::from_str::<serde_json::Value>(json)
+            .ok()
+            .and_then(|v| v.get("version").and_then(|v| v.as_u64()));
+        match version {
+            Some(v) if v > u64::from(STATE_VERSION) => newer(u32::try_from(v).unwrap_or(u32::MAX)),
+            _ => Error::Malformed {
+                what: "server state".into(),
+                source: Cause::new(e),
+            },
+        }
+    })
+}
+
+/// A state written by a newer version: kept, never taken for stopped.
+fn newer(version: u32) -> Error {
+    Error::Refused {
+        what: "server state".into(),
+        reason: format!(
+            "written by a newer ssh-spawner (state version {version}, this one reads up to \
+             {STATE_VERSION}); nothing is done to its server until the hub runs a version \
+             that reads it: upgrade ssh-spawner again"
+        ),
+    }
 }
 
 /// The JSON text stored in the hub database.
@@ -431,6 +472,8 @@ mod tests {
                 r#"{"version":9,"username":"a","host":"n","address":"h","remote_user":"a","port":2,"run_id":"r1","dir":"/h/r1"}"#,
                 "newer",
             ),
+            // A newer version may change the shape too: still "newer".
+            (r#"{"version":2,"servers":[]}"#, "upgrade ssh-spawner again"),
             (
                 r#"{"username":"a","host":"n","address":"h","remote_user":"a","port":2,"run_id":"../x","dir":"/h/r1"}"#,
                 "run id",
@@ -461,5 +504,19 @@ mod tests {
             let err = decode(json).unwrap_err();
             assert!(err.to_string().contains(needle), "{json}: {err}");
         }
+    }
+
+    #[test]
+    fn the_url_follows_the_tunnel_port_or_the_address() {
+        let mut s = sample();
+        let url = "http://198.18.0.11:23456/user/alice/";
+        assert_eq!(server_url(&s, url), url);
+        s.address = "10.0.9.11".into();
+        assert_eq!(server_url(&s, url), "http://10.0.9.11:23456/user/alice/");
+        s.address = "fd00::11".into();
+        assert_eq!(server_url(&s, url), "http://[fd00::11]:23456/user/alice/");
+        s.tunnel_port = Some(40001);
+        assert_eq!(server_url(&s, "https://x:1"), "https://127.0.0.1:40001");
+        assert_eq!(server_url(&s, "not a url"), "not a url");
     }
 }

@@ -148,6 +148,15 @@ pub fn check(entries: &[Entry], host: &str, port: u16, key: &PublicKey) -> Verdi
     }
 }
 
+/// Whether a plain line (not `@revoked`, not `@cert-authority`) records a
+/// key for `host:port`: the hub would know the host's key without asking it.
+pub fn lists(entries: &[Entry], host: &str, port: u16) -> bool {
+    let name = host_port_name(host, port);
+    entries
+        .iter()
+        .any(|e| e.marker == Marker::None && patterns_match(&e.patterns, &name))
+}
+
 /// Key algorithms recorded for a host, in file order, so the connection can
 /// prefer them during key exchange.
 pub fn recorded_algorithms(
