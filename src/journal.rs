@@ -13,7 +13,12 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::plan::history::History;
 use crate::plan::journal::{self as plan, Entry, Writer};
+
+/// The configuration history's file in the journal directory (not named
+/// `*.json`: that is an entry).
+pub const HISTORY_FILE: &str = "config-history";
 
 /// A journal directory (created 0700 on the first write; entries 0600).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -62,32 +67,65 @@ impl Journal {
         Ok(())
     }
 
+    /// The configurations the hub ran with (`config-history`), with
+    /// today's `remote_user` template and `state_dir` put first and the file
+    /// rewritten if that changed it. An unreadable file is replaced, and the
+    /// error says so (what it held is lost: servers started under those
+    /// values are then refused, never acted on as another login).
+    pub fn remember(&self, remote_user: &str, state_dir: &str) -> (History, Option<String>) {
+        let path = self.dir.join(HISTORY_FILE);
+        let mut problem = None;
+        let mut history = match fs::read_to_string(&path) {
+            Ok(text) => History::from_json(&text).unwrap_or_else(|e| {
+                problem = Some(format!(
+                    "{} is not a configuration history ({e}); starting it again",
+                    path.display()
+                ));
+                History::default()
+            }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => History::default(),
+            Err(e) => {
+                problem = Some(format!("cannot read {}: {e}", path.display()));
+                History::default()
+            }
+        };
+        if history.record(remote_user, state_dir) || problem.is_some() {
+            if let Err(e) = self.write_file(HISTORY_FILE, &history.to_json()) {
+                problem = Some(format!("cannot write {}: {e}", path.display()));
+            }
+        }
+        (history, problem)
+    }
+
+    /// Write `name` in the directory durably (0600, atomic rename). A stale
+    /// temporary file (a hub killed mid-write) is replaced; `create_new`
+    /// never follows a link planted under its name.
+    fn write_file(&self, name: &str, text: &str) -> io::Result<()> {
+        let path = self.dir.join(name);
+        let tmp = self.dir.join(format!(".{name}.tmp"));
+        self.ensure_dir()?;
+        match fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, &path)?;
+        fs::File::open(&self.dir)?.sync_all()
+    }
+
     /// Record a state written by `writer`; returns its run id. Durable
     /// before it returns. The error says what could not be done.
     pub fn write(&self, state_json: &str, writer: Writer) -> Result<String, String> {
         let (run_id, text) = plan::encode(state_json, writer)?;
-        let path = self.dir.join(plan::file_name(&run_id)?);
-        let tmp = self.dir.join(plan::temp_name(&run_id)?);
-        let write = || -> io::Result<()> {
-            self.ensure_dir()?;
-            // A stale temporary file (a hub killed mid-write) is replaced;
-            // create_new never follows a link planted under that name.
-            match fs::remove_file(&tmp) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
-            let mut f = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            drop(f);
-            fs::rename(&tmp, &path)?;
-            fs::File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(|e| e.to_string())?;
+        let name = plan::file_name(&run_id)?;
+        self.write_file(&name, &text).map_err(|e| e.to_string())?;
         Ok(run_id)
     }
 

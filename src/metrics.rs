@@ -55,6 +55,12 @@ impl Histogram {
     }
 }
 
+/// A saved state was refused: its server is reported running and nothing
+/// is done to it (see `spawner::watch`).
+pub fn state_refused() {
+    with(|t| t.refused += 1);
+}
+
 /// Everything counted so far. Hosts are display names where the core knows
 /// them (spawns, servers, stops); SSH-level figures are keyed by the host's
 /// `address:port` and named by [`Snapshot::host_names`] where a spawner
@@ -88,10 +94,14 @@ pub struct Snapshot {
     /// Journal entries of starts in flight handled after a hub restart, by
     /// outcome: `stopped`, `forgotten`, `failed` (each listed from the start).
     pub journal_swept: Vec<(String, u64)>,
+    /// Saved states refused (not acted on, reported running), each counted
+    /// once per hub spawner.
+    pub states_refused: u64,
 }
 
 #[derive(Default)]
 struct Table {
+    refused: u64,
     spawn: BTreeMap<(String, String), Histogram>,
     attempts: BTreeMap<String, u64>,
     failures: BTreeMap<(String, String), u64>,
@@ -251,6 +261,7 @@ pub fn snapshot() -> Snapshot {
         *running.entry(host.clone()).or_default() += 1;
     }
     Snapshot {
+        states_refused: t.refused,
         spawn_duration: t
             .spawn
             .iter()

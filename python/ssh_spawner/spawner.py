@@ -263,7 +263,11 @@ class SSHSpawner(Spawner):
         help="""Directory on the hub (relative to its working directory, like
         ``jupyterhub.sqlite``) for the journal of starts in flight: a hub killed
         in the middle of a start stops, once restarted, what it had launched but
-        not yet saved in its database. Created 0700, entries 0600.""",
+        not yet saved in its database; the pending stops (``stops/``); and the
+        ``remote_user`` templates and ``state_dir`` values the hub ran with
+        (``config-history``), so servers started under earlier ones are still
+        polled and stopped. Created 0700, files 0600. Keep it across hub
+        upgrades and moves, like the database.""",
     ).tag(config=True)
 
     options_form_enabled = Bool(
@@ -695,9 +699,9 @@ class SSHSpawner(Spawner):
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _tell_hub_api(self) -> None:
-        """A saved state's hub tunnel must carry to this hub's API, nowhere
-        else (a forged state is refused, not followed)."""
-        if self.hub_tunnel and self.hub is not None:
+        """A saved state's hub tunnel carries to this hub's API, nowhere else
+        (also for a server started before hub_tunnel was turned off)."""
+        if self.hub is not None:
             self.core.set_hub_api(self._hub_api_to(self._hub_api_url()))
 
     async def poll(self):
@@ -725,19 +729,15 @@ class SSHSpawner(Spawner):
     async def get_url(self):
         """The server's URL as it is now. JupyterHub asks after a restart's
         first poll and, if it differs from its database, moves the server
-        there (and its proxy route): a tunnel may listen on another port."""
+        there (and its proxy route): a tunnel may listen on another port, a
+        host may have a new address."""
         url = self.server.url
-        port = json.loads(self._state_json).get("tunnel_port") if self._state_json else None
-        if not port:
-            return url
-        parts = urlsplit(url)
-        if parts.port == port:
-            return url
+        now = _core.Core.server_url(self._state_json, url) if self._state_json else url
         orm = getattr(self, "orm_spawner", None)
-        if orm is not None:
+        if now != url and orm is not None:
             # Saved with the new address by the hub's commit that follows.
             orm.state = self.get_state()
-        return parts._replace(netloc=f"127.0.0.1:{port}").geturl()
+        return now
 
     async def stop(self, now=False):
         self._background()
@@ -747,9 +747,10 @@ class SSHSpawner(Spawner):
             result = await self.core.stop(self._state_json)
             self.log.info("%s: stopped (%s)", self._log_name, result)
         except _core.SpawnerError as e:
-            if e.unreachable:
+            if e.unreachable or e.kind == "refused":
                 # The hub forgets the server now; keep trying to stop it,
-                # also after a hub restart.
+                # also after a hub restart (a refused state: once the
+                # configuration accepts it).
                 await self._stop_later(self._state_json, f"stop of {self._log_name} unanswered")
             raise RuntimeError(self._redact(str(e))) from None
 

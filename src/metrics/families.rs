@@ -213,6 +213,13 @@ pub fn families(snap: &Snapshot, pool: &[(String, usize, usize)]) -> Vec<Family>
             .map(|(outcome, n)| plain(&[outcome], *n as f64))
             .collect(),
     ));
+    out.push((
+        "counter",
+        "ssh_spawner_states_refused",
+        "Saved server states the spawner would not act on (a newer version's, or naming a host, login or directory outside what the configuration and its history allow): each is reported running, nothing is done to it, and the hub log says what to do. Alert on any increase",
+        vec![],
+        vec![plain(&[], snap.states_refused as f64)],
+    ));
     out
 }
 

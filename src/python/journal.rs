@@ -7,11 +7,10 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 
-use super::{bridge, py_err, Failure};
+use super::{bridge, Failure};
 use crate::config::Config;
 use crate::journal::{this_process, Journal};
 use crate::pending;
-use crate::plan::state;
 use crate::spawner::watch::{self, WatchSettings};
 use crate::spawner::Spawner;
 
@@ -76,6 +75,9 @@ pub(super) fn forget(journal_dir: &str, run_ids: Vec<String>) -> PyResult<()> {
 pub(super) fn background(sp: &Spawner, journal_dir: &str, retry: f64, sweep: bool) -> PyResult<()> {
     let _guard = bridge::runtime()?.enter();
     let (journal, retry) = (Journal::new(journal_dir), Config::duration(retry));
+    // Before any state is checked: servers started under an earlier
+    // remote_user or state_dir are still acted on.
+    sp.remember(&journal);
     pending::ensure_retrier(sp, &journal, retry, false);
     if sweep {
         pending::sweep_once(sp, &journal, retry);
@@ -109,7 +111,9 @@ pub(super) fn poll<'py>(
     watch: &Watch,
     state_json: String,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let st = state::decode(&state_json).map_err(py_err)?;
     let (sp, watch) = (sp.clone(), watch.0.clone());
-    bridge::spawn(py, async move { Ok(watch.poll(&sp, st, state_json).await) })
+    bridge::spawn(
+        py,
+        async move { Ok(watch.poll_json(&sp, state_json).await) },
+    )
 }

@@ -85,7 +85,7 @@ impl Spawner {
                 mode: 0o600,
             },
         ];
-        let target = self.state_target(&prepared.state)?;
+        let (target, _) = self.state_target(&prepared.state).await?;
         self.pool
             .upload(
                 &target,

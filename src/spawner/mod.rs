@@ -5,15 +5,15 @@
 //! Start is two steps because JupyterHub must know host and port before it
 //! builds the environment and the certificates: [`Spawner::prepare`] picks
 //! them, [`Spawner::launch`] starts the command. If the port was taken in the
-//! meantime, launch says so ([`Error::PortTaken`]) and
+//! meantime, launch says so ([`crate::error::Error::PortTaken`]) and
 //! [`Spawner::repick_port`] chooses another.
 //!
 //! One file per job: [`progress`] (what a spawn tells its user), `facts`
 //! (reading and caching hosts' facts), `prepare` (host and port choice),
 //! `certs` (internal TLS), `start` (launch and the start loop), `ready`
 //! (waiting from the hub for a launched server to listen), `tunnels`,
-//! `poll`, `stop`, `admin` (`check`, `list`). [`Spawner`] itself holds the
-//! shared state and the checks every job makes on a saved state.
+//! `poll`, `stop`, `admin` (`check`, `list`), `trust` (which saved states
+//! it acts on, and where). [`Spawner`] itself holds the shared state.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -23,13 +23,13 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use crate::config::{Config, HostConfig};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::metrics;
 
+use crate::plan::history::History;
 use crate::plan::hosts::{HostFacts, Requirements};
 use crate::plan::limits::Limits;
 use crate::plan::poll::{Proc, ProcStatus};
-use crate::plan::state::{check_host_port, ServerState};
 use crate::ssh::{Command, Output, Pool, Target};
 use crate::ssh::{LocalForward, RemoteForward};
 
@@ -42,6 +42,7 @@ pub mod progress;
 mod ready;
 mod start;
 mod stop;
+mod trust;
 mod tunnels;
 pub mod watch;
 
@@ -120,6 +121,14 @@ pub struct Spawner {
     facts_reads: Arc<Mutex<FactsReads>>,
     /// See [`Spawner::set_hub_api`].
     hub_api: Arc<Mutex<Option<String>>>,
+    /// The configurations this hub ran with ([`Spawner::remember`]).
+    history: Arc<Mutex<History>>,
+    /// Journal directories whose history was read.
+    remembered: Arc<Mutex<std::collections::HashSet<std::path::PathBuf>>>,
+    /// known_hosts, read for a state naming a host no longer configured.
+    known_hosts: crate::ssh::known_hosts::Cache,
+    /// Run ids whose host standing was logged ([`Spawner::note_host`]).
+    noted: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Run ids [`Spawner::clean_up_later`] is working on.
     cleaning: Arc<Mutex<std::collections::HashSet<String>>>,
     /// See [`Spawner::set_ready_wait_on_host`].
@@ -130,6 +139,7 @@ impl Spawner {
     /// A spawner with its own connection pool. Call inside a tokio runtime.
     pub fn new(config: Config) -> Result<Spawner> {
         config.validate()?;
+        let history = History::now(&config.remote_user, &config.state_dir);
         let pool = Pool::new(config.pool_options());
         for h in &config.hosts {
             metrics::name_host(crate::ssh::host_label(&h.address, h.port), h.display_name());
@@ -147,6 +157,10 @@ impl Spawner {
             claims: Arc::new(Mutex::new(HashMap::new())),
             facts_reads: Arc::new(Mutex::new(HashMap::new())),
             hub_api: Arc::new(Mutex::new(None)),
+            history: Arc::new(Mutex::new(history)),
+            remembered: Arc::new(Mutex::new(Default::default())),
+            known_hosts: Default::default(),
+            noted: Arc::new(Mutex::new(Default::default())),
             cleaning: Arc::new(Mutex::new(Default::default())),
             ready_on_host: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
@@ -206,86 +220,6 @@ impl Spawner {
         )
         .port(host.port))
     }
-
-    /// Will poll and stop act on this state? It must be valid, and name the
-    /// remote user the configuration maps its hub user to: a forged or
-    /// corrupted state naming another login would let one user's state act
-    /// as another's. (The remote scripts then only ever touch that login's
-    /// own processes.)
-    pub fn check_state(&self, state: &ServerState) -> Result<()> {
-        state.validate()?;
-        state.check_dir_layout(&self.config.state_dir)?;
-        let refuse = |reason: String| Error::Invalid {
-            what: format!("server state of {:?}", state.username),
-            reason: format!("{reason}; refusing to act on it"),
-        };
-        if !self
-            .config
-            .hosts
-            .iter()
-            .any(|h| h.address == state.address && h.port == state.ssh_port)
-        {
-            return Err(refuse(format!(
-                "names {}:{}, which is not a configured host",
-                state.address, state.ssh_port
-            )));
-        }
-        if let Some(to) = &state.hub_forward_to {
-            if !self.config.hub_tunnel {
-                return Err(refuse(format!(
-                    "has a hub tunnel to {to:?}, but hub_tunnel is off"
-                )));
-            }
-            let known = self.hub_api.lock().ok().and_then(|h| h.clone());
-            if let Some(api) = known.filter(|api| api != to) {
-                return Err(refuse(format!(
-                    "has a hub tunnel to {to:?}, but the hub API is at {api:?}"
-                )));
-            }
-        }
-        let expected = self.config.remote_user_for(&state.username)?;
-        if state.remote_user != expected {
-            return Err(Error::Invalid {
-                what: format!("server state of {:?}", state.username),
-                reason: format!(
-                    "names remote user {:?}, but the configuration maps {:?} to {:?}; refusing to act on it",
-                    state.remote_user, state.username, expected
-                ),
-            });
-        }
-        Ok(())
-    }
-
-    /// The hub API address (`host:port`) hub tunnels carry to: a state whose
-    /// hub tunnel names another address is refused by
-    /// [`Spawner::check_state`], so a forged state cannot make the hub carry
-    /// connections to an address of its choosing.
-    pub fn set_hub_api(&self, to: &str) -> Result<()> {
-        check_host_port(to).map_err(|r| Error::Invalid {
-            what: format!("hub API address {to:?}"),
-            reason: r,
-        })?;
-        if let Ok(mut h) = self.hub_api.lock() {
-            *h = Some(to.to_string());
-        }
-        Ok(())
-    }
-
-    /// `script` behind the host-side check that the state's directory is
-    /// `$HOME/state_dir/run_id` of the login (see [`crate::plan::state::host_guard`]).
-    pub(super) fn guarded(&self, state: &ServerState, script: String) -> Result<String> {
-        Ok(crate::plan::state::host_guard(state, &self.config.state_dir)? + &script)
-    }
-
-    pub(super) fn state_target(&self, state: &ServerState) -> Result<Target> {
-        self.check_state(state)?;
-        Ok(Target::new(
-            &state.address,
-            &state.remote_user,
-            self.config.identity_for(&state.username)?,
-        )
-        .port(state.ssh_port))
-    }
 }
 
 /// Await futures concurrently on this task.
@@ -314,66 +248,4 @@ async fn futures_join<F: std::future::Future>(futs: impl Iterator<Item = F>) -> 
     })
     .await;
     results.into_iter().flatten().collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_state_naming_another_login_is_refused() {
-        let c: Config = toml::from_str(
-            "known_hosts = \"/nonexistent\"\nkey_path = \"/keys/{username}\"\nremote_user = \"lab-{username}\"\n\
-             [[hosts]]\naddress = \"198.18.0.11\"\n",
-        )
-        .unwrap();
-        let sp = Spawner::new(c).unwrap();
-        let good = crate::plan::state::decode(
-            r#"{"username": "ann", "host": "h", "address": "198.18.0.11", "remote_user": "lab-ann",
-                "port": 20000, "run_id": "0123456789abcdef",
-                "dir": "/home/lab-ann/.jupyterhub-ssh/0123456789abcdef"}"#,
-        )
-        .unwrap();
-        sp.check_state(&good).unwrap();
-        for (user, remote) in [("ann", "lab-bob"), ("ann", "ann"), ("bob", "lab-ann")] {
-            let mut bad = good.clone();
-            bad.username = user.into();
-            bad.remote_user = remote.into();
-            let e = sp.check_state(&bad).unwrap_err().to_string();
-            assert!(e.contains("refusing to act on it"), "{e}");
-            assert!(e.contains(remote) && e.contains(user), "{e}");
-        }
-        let mut bad = good.clone();
-        bad.username = "x$(id)".into();
-        assert!(sp.check_state(&bad).is_err());
-        // Where it runs and what it removes must match the configuration.
-        let mut home = good.clone();
-        home.run_id = "ann".into();
-        home.dir = "/home/lab-ann".into();
-        let e = sp.check_state(&home).unwrap_err().to_string();
-        assert!(e.contains("/home/lab-ann"), "{e}");
-        for (address, port) in [("198.18.0.99", 22), ("198.18.0.11", 2222)] {
-            let mut elsewhere = good.clone();
-            elsewhere.address = address.into();
-            elsewhere.ssh_port = port;
-            let e = sp.check_state(&elsewhere).unwrap_err().to_string();
-            assert!(e.contains("not a configured host"), "{e}");
-        }
-        let mut hub = good.clone();
-        hub.hub_forward_port = Some(40000);
-        hub.hub_forward_to = Some("10.1.2.3:22".into());
-        let e = sp.check_state(&hub).unwrap_err().to_string();
-        assert!(e.contains("hub_tunnel is off"), "{e}");
-        let c: Config = toml::from_str(
-            "known_hosts = \"/nonexistent\"\nkey_path = \"/keys/{username}\"\nremote_user = \"lab-{username}\"\n\
-             hub_tunnel = true\n[[hosts]]\naddress = \"198.18.0.11\"\n",
-        )
-        .unwrap();
-        let sp = Spawner::new(c).unwrap();
-        sp.set_hub_api("198.18.0.1:8081").unwrap();
-        let e = sp.check_state(&hub).unwrap_err().to_string();
-        assert!(e.contains("the hub API is at"), "{e}");
-        hub.hub_forward_to = Some("198.18.0.1:8081".into());
-        sp.check_state(&hub).unwrap();
-    }
 }

@@ -44,8 +44,12 @@ impl Spawner {
         if state.launched() {
             return Ok(Some(state.clone()));
         }
-        let target = self.state_target(state)?;
-        let script = self.guarded(state, adopt::adopt_script(&state.dir, &state.run_id)?)?;
+        let (target, accepted) = self.state_target(state).await?;
+        let script = self.guarded(
+            state,
+            &accepted,
+            adopt::adopt_script(&state.dir, &state.run_id)?,
+        )?;
         let out = self.run_script(&target, script).await?.check(&target)?;
         let stdout = String::from_utf8_lossy(&out.stdout);
         if stdout.trim() == adopt::NOTHING {
@@ -77,8 +81,8 @@ impl Spawner {
                 Err(e) => return PollOutcome::Unknown(e),
             }
         };
-        let (target, proc_) = match (self.state_target(&state), state.proc()) {
-            (Ok(t), Some(p)) => (t, p),
+        let (target, proc_) = match (self.state_target(&state).await, state.proc()) {
+            (Ok((t, _)), Some(p)) => (t, p),
             (Err(e), _) => return PollOutcome::Unknown(e),
             (_, None) => {
                 return PollOutcome::Unknown(Error::Invalid {

@@ -99,7 +99,7 @@ impl Spawner {
         ready: Duration,
     ) -> Result<ServerState> {
         let state = &prepared.state;
-        let target = self.state_target(state)?;
+        let (target, _) = self.state_target(state).await?;
         // The local end of the tunnel is bound before anything starts, so a
         // failure here leaves nothing running on the host.
         let tunnel_port = if self.config.tunnel {

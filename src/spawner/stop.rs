@@ -115,13 +115,13 @@ impl Spawner {
         }
         let Some(state) = self.adopt(state).await? else {
             // Nothing was started: remove what prepare and certs left.
-            let target = self.state_target(state)?;
-            let script = self.guarded(state, adopt::remove_dir_script(&state.dir)?)?;
+            let (target, accepted) = self.state_target(state).await?;
+            let script = self.guarded(state, &accepted, adopt::remove_dir_script(&state.dir)?)?;
             self.run_script(&target, script).await?.check(&target)?;
             metrics::server_gone(&state.run_id);
             return Ok(stop::Stopped::AlreadyGone);
         };
-        let target = self.state_target(&state)?;
+        let (target, accepted) = self.state_target(&state).await?;
         let proc_ = state.proc().ok_or_else(|| Error::Invalid {
             what: "server state".into(),
             reason: "incomplete".into(),
@@ -129,6 +129,7 @@ impl Spawner {
         let grace = self.config.stop_grace.ceil() as u32;
         let script = self.guarded(
             &state,
+            &accepted,
             stop::stop_script(&proc_, grace, self.config.keep_log)?,
         )?;
         let cmd = Command::new("/bin/sh -s").stdin(script).timeout(

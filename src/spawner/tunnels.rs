@@ -28,7 +28,7 @@ impl Spawner {
                 return Ok(port);
             }
         }
-        let target = self.state_target(&prepared.state)?;
+        let (target, _) = self.state_target(&prepared.state).await?;
         let fwd = RemoteForward::open(self.pool.clone(), target, 0, to.to_string()).await?;
         let port = fwd.port();
         self.put_tunnel(&run_id, None, Some(fwd));
@@ -102,14 +102,17 @@ impl Spawner {
             Err(_) => (false, false),
         };
         let want_local = state.tunnel_port.filter(|_| !has_local);
-        let want_hub = match (&state.hub_forward_port, &state.hub_forward_to, has_hub) {
-            (Some(p), Some(to), false) => Some((*p, to.clone())),
+        // The hub tunnel carries to the hub API as this hub knows it, not
+        // to what the state names (see `Spawner::set_hub_api`); until the
+        // hub says where that is, it is not asked for again.
+        let want_hub = match (state.hub_forward_port, self.hub_api(), has_hub) {
+            (Some(p), Some(to), false) => Some((p, to)),
             _ => None,
         };
         if want_local.is_none() && want_hub.is_none() {
             return Ok(());
         }
-        let target = self.state_target(state)?;
+        let (target, _) = self.state_target(state).await?;
         if let Some(port) = want_local {
             let bind = |port| {
                 LocalForward::bind(

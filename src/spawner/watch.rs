@@ -5,6 +5,13 @@
 //! grace the server is reported stopped and left to a pending stop
 //! ([`crate::pending`]), and is reported stopped from then on.
 //!
+//! A state the spawner will not act on ([`crate::plan::trust`]: a newer
+//! version's, or one naming a host, login or directory outside the line)
+//! is never reported stopped: the server may still run. It is reported
+//! running, nothing is done to it, and the log says once what it is and
+//! what an admin can do. A stop of it from the hub becomes a pending stop,
+//! acted on once the configuration accepts it.
+//!
 //! One [`Watch`] per hub spawner, made anew when the hub clears its state.
 //! Every line is logged with the hub's name for the server first
 //! (`alice` or `alice:name`) and in the server's span, as the hub's own
@@ -17,8 +24,10 @@ use tracing::Instrument;
 
 use super::{PollOutcome, Spawner};
 use crate::journal::Journal;
+use crate::metrics;
 use crate::pending;
 use crate::plan::state::{self, ServerState};
+use crate::plan::trust::{Accepted, HostNow};
 
 /// The settings a watch needs from the hub.
 #[derive(Debug, Clone)]
@@ -48,6 +57,8 @@ struct Marks {
     cleaned_up: Option<String>,
     /// The state reported stopped and left to a pending stop.
     pending_stop: Option<String>,
+    /// The refused state whose refusal was logged.
+    refused: Option<String>,
 }
 
 /// What one poll found.
@@ -55,7 +66,8 @@ enum Answer {
     Running,
     Exited(Option<i32>, String),
     Unknown(String),
-    Invalid(String),
+    /// Not acted on: see [`Watch::refused`].
+    Refused(crate::error::Error),
 }
 
 impl Answer {
@@ -64,7 +76,7 @@ impl Answer {
             Answer::Running => ("running", ""),
             Answer::Exited(_, d) => ("exited", d),
             Answer::Unknown(d) => ("unknown", d),
-            Answer::Invalid(d) => ("invalid", d),
+            Answer::Refused(_) => ("refused", ""),
         }
     }
 }
@@ -85,6 +97,24 @@ impl Watch {
 
     fn mark<T>(&self, f: impl FnOnce(&mut Marks) -> T) -> Option<T> {
         self.marks.lock().ok().map(|mut m| f(&mut m))
+    }
+
+    /// [`Watch::poll`] for the state as the hub saved it: a state this
+    /// version cannot read is never reported stopped if it may name a
+    /// running server (a newer version's); one that is not a server state at
+    /// all is reported stopped, with the text in the log.
+    pub async fn poll_json(&self, sp: &Spawner, state_json: String) -> (Option<i32>, String) {
+        match state::decode_unchecked(&state_json) {
+            Ok(st) => self.poll(sp, st, state_json).await,
+            Err(e) if e.kind() == "refused" => (self.refused(&e, &state_json), state_json),
+            Err(e) => {
+                tracing::error!(
+                    "{}: the saved state is not a server state ({e}); nothing can be stopped with it; reporting no server: {state_json}",
+                    self.settings.log_name
+                );
+                (Some(1), state_json)
+            }
+        }
     }
 
     /// What `poll()` returns for the server `st` (its state saved as
@@ -114,13 +144,13 @@ impl Watch {
     ) -> (Option<i32>, String) {
         let name = &self.settings.log_name;
         let grace = self.settings.grace;
-        let answer = self.ask(sp, &st).await;
+        let (answer, accepted) = self.ask(sp, &st).await;
         let detail = match answer {
             Answer::Running => {
-                let state_json = self.follow_tunnel_port(sp, st, state_json);
+                let state_json = self.follow(sp, st, accepted, state_json);
                 return (self.answered(false), state_json);
             }
-            Answer::Invalid(why) => return (self.invalid(&why), state_json),
+            Answer::Refused(why) => return (self.refused(&why, &state_json), state_json),
             Answer::Exited(code, why) => {
                 self.mark(|m| m.freshly_loaded = false);
                 tracing::info!("{name}: server is gone ({why})");
@@ -154,15 +184,18 @@ impl Watch {
             while since.elapsed() < grace {
                 tokio::time::sleep(grace.min(Duration::from_secs(5))).await;
                 match self.ask(sp, &st).await {
-                    Answer::Running => {
-                        let state_json = self.follow_tunnel_port(sp, st, state_json);
+                    (Answer::Running, accepted) => {
+                        let state_json = self.follow(sp, st, accepted, state_json);
                         return (self.answered(true), state_json);
                     }
-                    Answer::Exited(code, _) => {
+                    (Answer::Exited(code, _), _) => {
                         self.clean_up_exited(sp, &st, &state_json).await;
                         return (Some(code.unwrap_or(0)), state_json);
                     }
-                    Answer::Unknown(_) | Answer::Invalid(_) => {}
+                    (Answer::Refused(why), _) => {
+                        return (self.refused(&why, &state_json), state_json)
+                    }
+                    (Answer::Unknown(_), _) => {}
                 }
             }
         }
@@ -183,23 +216,26 @@ impl Watch {
     }
 
     /// One poll of the host, logged (a line per poll: tests and admins
-    /// count them).
-    async fn ask(&self, sp: &Spawner, st: &ServerState) -> Answer {
-        // A state the core refuses to act on (forged, corrupted): no waiting
-        // for its host to answer, no exec at all.
-        let answer = if let Err(e) = sp.check_state(st) {
-            Answer::Invalid(e.to_string())
-        } else {
-            match sp.poll(st).await {
-                // A restarted hub listens on the server's tunnel ports again.
-                PollOutcome::Running => match sp.ensure_tunnels(st).await {
-                    Ok(()) => Answer::Running,
-                    Err(e) => Answer::Unknown(e.to_string()),
-                },
-                PollOutcome::Exited { status, reason } => {
-                    Answer::Exited(status, format!("{reason:?}"))
+    /// count them); and where the state was accepted.
+    async fn ask(&self, sp: &Spawner, st: &ServerState) -> (Answer, Option<Accepted>) {
+        // A state the core refuses to act on (forged, corrupted, another
+        // configuration's): no waiting for its host to answer, no exec.
+        let mut accepted = None;
+        let answer = match sp.accept(st).await {
+            Err(e) => Answer::Refused(e),
+            Ok(a) => {
+                accepted = Some(a);
+                match sp.poll(st).await {
+                    // A restarted hub listens on the server's tunnel ports again.
+                    PollOutcome::Running => match sp.ensure_tunnels(st).await {
+                        Ok(()) => Answer::Running,
+                        Err(e) => Answer::Unknown(e.to_string()),
+                    },
+                    PollOutcome::Exited { status, reason } => {
+                        Answer::Exited(status, format!("{reason:?}"))
+                    }
+                    PollOutcome::Unknown(e) => Answer::Unknown(e.to_string()),
                 }
-                PollOutcome::Unknown(e) => Answer::Unknown(e.to_string()),
             }
         };
         let (status, detail) = answer.words();
@@ -207,7 +243,7 @@ impl Watch {
             "{}: poll answered {status} {detail}",
             self.settings.log_name
         );
-        answer
+        (answer, accepted)
     }
 
     /// The server answers: forget any outage. `waited`: the first poll after
@@ -225,15 +261,64 @@ impl Watch {
         None
     }
 
-    /// A forged or corrupted state: report the server stopped (the hub then
-    /// clears the state) and touch nothing on any host.
-    fn invalid(&self, why: &str) -> Option<i32> {
-        tracing::error!(
-            "{}: refusing the saved state: {why}",
-            self.settings.log_name
-        );
-        self.mark(|m| m.freshly_loaded = false);
-        Some(1)
+    /// A state the spawner will not act on: the server may still run, so it
+    /// is reported running and nothing is done to it; the log says once, for
+    /// this state, what it is and what an admin can do.
+    fn refused(&self, why: &crate::error::Error, state_json: &str) -> Option<i32> {
+        let first = self
+            .mark(|m| {
+                m.freshly_loaded = false;
+                if m.refused.as_deref() == Some(state_json) {
+                    false
+                } else {
+                    m.refused = Some(state_json.to_string());
+                    true
+                }
+            })
+            .unwrap_or(false);
+        if first {
+            metrics::state_refused();
+            let todo = if why.kind() == "invalid" {
+                "nothing can act on it: look for the server on its host by hand; stopping it from the hub forgets it"
+            } else {
+                "if its host or login was taken out of the configuration, put it back (or the host's key in known_hosts) and it is polled and stopped again; or stop it by hand with `ssh-spawner stop` and this state, with a configuration that names its host; stopping it from the hub keeps it as a pending stop, done once the configuration accepts it"
+            };
+            tracing::error!(
+                "{}: refusing the saved state: {why}. The server is reported running and nothing is done to it; {todo}. State: {state_json}",
+                self.settings.log_name
+            );
+        }
+        None
+    }
+
+    /// What the hub keeps as the state of a running server: a host at
+    /// another address now is recorded there, and so is a tunnel's new
+    /// local port ([`Watch::follow_tunnel_port`]).
+    fn follow(
+        &self,
+        sp: &Spawner,
+        mut st: ServerState,
+        accepted: Option<Accepted>,
+        state_json: String,
+    ) -> String {
+        let state_json = match accepted.filter(|a| a.host == HostNow::Readdressed) {
+            Some(a) => {
+                tracing::warn!(
+                    "{}: its host {} moved from {}:{} to {}:{}; the server is reached there now",
+                    self.settings.log_name,
+                    st.host,
+                    st.address,
+                    st.ssh_port,
+                    a.address,
+                    a.port
+                );
+                st.address = a.address;
+                st.ssh_port = a.port;
+                state::encode(&st).unwrap_or(state_json)
+            }
+            None => state_json,
+        };
+        self.follow_tunnel_port(sp, st, state_json)
     }
 
     /// After a hub restart the tunnel's old local port may have been taken
@@ -298,7 +383,6 @@ mod tests {
             "dir": "/home/ann/.jupyterhub-ssh/0123456789abcdef", "pid": 4242, "pgid": 4242,
             "start_time": 99, "uid": 1000, "boot_id": "b"}"#;
         let st = state::decode(json).unwrap();
-        sp.check_state(&st).unwrap();
         let dir = std::env::temp_dir().join(format!(
             "ssh-spawner-watch-test-{}-{:x}",
             std::process::id(),
@@ -356,6 +440,43 @@ mod tests {
         );
         assert_eq!(answer, Some(1));
         assert_eq!(pending_stops(&dir), ["0123456789abcdef.json"]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_refused_state_is_reported_running_and_never_stopped() {
+        let (sp, st, json, watch, dir) = setup(0);
+        // Another host, which known_hosts (missing here) does not list.
+        let mut other = st.clone();
+        other.address = "198.18.0.99".into();
+        other.host = "gone".into();
+        let other_json = state::encode(&other).unwrap();
+        let before = metrics::snapshot().states_refused;
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let (answer, kept) = watch.poll(&sp, other.clone(), other_json.clone()).await;
+            assert_eq!(
+                answer, None,
+                "a server that may run is not reported stopped"
+            );
+            assert_eq!(kept, other_json);
+            assert!(t0.elapsed() < Duration::from_secs(1), "no host is asked");
+        }
+        assert_eq!(
+            metrics::snapshot().states_refused - before,
+            1,
+            "counted once per state"
+        );
+        assert!(pending_stops(&dir).is_empty());
+        // A newer version's state, whatever its shape: running, untouched.
+        let newer = r#"{"version": 2, "servers": [{"pid": 4242}]}"#.to_string();
+        assert_eq!(watch.poll_json(&sp, newer).await.0, None);
+        let mut v2 = json.replace("\"username\"", "\"version\": 2, \"username\"");
+        assert_eq!(watch.poll_json(&sp, v2.clone()).await.0, None);
+        v2.push_str("garbage");
+        // Not a server state at all: nothing names a server; reported gone.
+        assert_eq!(watch.poll_json(&sp, v2).await.0, Some(1));
+        assert!(pending_stops(&dir).is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

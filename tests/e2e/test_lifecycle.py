@@ -163,6 +163,51 @@ def test_poll_after_restart_notices_a_killed_server(testbed, hub_factory):
         assert (d / "exit_status").read_text().strip() == str(128 + signal.SIGKILL)
 
 
+def test_a_server_on_a_host_removed_under_an_old_remote_user_stays_tracked_across_restart_and_stops(
+    testbed, hub_factory
+):
+    """The admin takes a host out of ``hosts`` and changes ``remote_user``,
+    then restarts the hub: the server there is still polled, reached and
+    stopped as its state says (the host's key is in known_hosts; the hub
+    ran with the old remote_user before), never reported stopped and left
+    running."""
+    hosts = [{"address": h["address"], "name": h["name"]} for h in testbed["hosts"]]
+    retired, kept = hosts[1], hosts[0]
+    hub = hub_factory(
+        {
+            "JupyterHub.cleanup_servers": False,
+            "Spawner.poll_interval": 2,
+            "SSHSpawner.hosts": [retired],
+        }
+    )
+    hub.spawn(ALICE)
+    state = hub.ssh_state(ALICE)
+    assert state["address"] == retired["address"], state
+    assert_server_process(testbed, state, ALICE)
+    hub.stop()
+
+    log_before = len(hub.log_text())
+    hub.start(**{"SSHSpawner.hosts": [kept], "SSHSpawner.remote_user": "x-{username}"})
+    wait_until(
+        lambda: hub.proxy_get(f"/user/{ALICE}/api/status").status_code == 200,
+        30,
+        what="the server on the retired host to be routed again",
+    )
+    wait_polls(hub, ALICE, 3, log_before)
+    log = hub.log_text()[log_before:]
+    assert "refusing the saved state" not in log, log[-3000:]
+    assert log.count("a host no longer configured") == 1, log[-3000:]
+    assert hub.server_model(ALICE)["ready"]
+    assert proc_start_time(state["pid"]) == state["start_time"], "the server was stopped"
+
+    hub.stop_server(ALICE)
+    assert proc_start_time(state["pid"]) != state["start_time"], "still running after stop"
+    assert not group_members(state["pgid"])
+    d = Path(state["dir"])
+    left = set(os.listdir(d)) if d.exists() else set()
+    assert left <= {"server.log", "exit_status"}, f"left in {d}: {left}"
+
+
 def test_two_named_servers_at_once(testbed, hub):
     names = ["one", "two"]
     results, errors = {}, []
