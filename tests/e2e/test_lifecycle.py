@@ -163,14 +163,15 @@ def test_poll_after_restart_notices_a_killed_server(testbed, hub_factory):
         assert (d / "exit_status").read_text().strip() == str(128 + signal.SIGKILL)
 
 
-def test_a_server_on_a_host_removed_under_an_old_remote_user_stays_tracked_across_restart_and_stops(
+def test_drained_then_removed_host_under_an_old_remote_user_keeps_its_servers_across_restarts(
     testbed, hub_factory
 ):
-    """The admin takes a host out of ``hosts`` and changes ``remote_user``,
-    then restarts the hub: the server there is still polled, reached and
-    stopped as its state says (the host's key is in known_hosts; the hub
-    ran with the old remote_user before), never reported stopped and left
-    running."""
+    """The admin drains a host and restarts the hub: no new server goes
+    there, and one already there stops cleanly. Then the admin takes the host
+    out of ``hosts`` and changes ``remote_user``, and restarts again: the
+    server still there is polled, reached and stopped as its state says (the
+    host's key is in known_hosts; the hub ran with the old remote_user
+    before), never reported stopped and left running."""
     hosts = [{"address": h["address"], "name": h["name"]} for h in testbed["hosts"]]
     retired, kept = hosts[1], hosts[0]
     hub = hub_factory(
@@ -181,11 +182,24 @@ def test_a_server_on_a_host_removed_under_an_old_remote_user_stays_tracked_acros
         }
     )
     hub.spawn(ALICE)
-    state = hub.ssh_state(ALICE)
-    assert state["address"] == retired["address"], state
+    hub.spawn(ALICE, "d")
+    state, drained = hub.ssh_state(ALICE), hub.ssh_state(ALICE, "d")
+    assert state["address"] == drained["address"] == retired["address"], (state, drained)
     assert_server_process(testbed, state, ALICE)
     hub.stop()
 
+    # Drained: new servers go elsewhere; the ones there keep running and stop.
+    hub.start(**{"SSHSpawner.hosts": [kept, {**retired, "drain": True}]})
+    hub.spawn(BOB)
+    assert hub.ssh_state(BOB)["address"] == kept["address"], "a server went to the drained host"
+    assert_status_200(hub, f"/user/{ALICE}/d/api/status")
+    hub.stop_server(ALICE, "d")
+    assert proc_start_time(drained["pid"]) != drained["start_time"], "still running after stop"
+    assert not group_members(drained["pgid"])
+    hub.stop_server(BOB)
+    hub.stop()
+
+    # Removed, and remote_user changed: the server there is still ours.
     log_before = len(hub.log_text())
     hub.start(**{"SSHSpawner.hosts": [kept], "SSHSpawner.remote_user": "x-{username}"})
     wait_until(
@@ -203,9 +217,10 @@ def test_a_server_on_a_host_removed_under_an_old_remote_user_stays_tracked_acros
     hub.stop_server(ALICE)
     assert proc_start_time(state["pid"]) != state["start_time"], "still running after stop"
     assert not group_members(state["pgid"])
-    d = Path(state["dir"])
-    left = set(os.listdir(d)) if d.exists() else set()
-    assert left <= {"server.log", "exit_status"}, f"left in {d}: {left}"
+    for st in (state, drained):
+        d = Path(st["dir"])
+        left = set(os.listdir(d)) if d.exists() else set()
+        assert left <= {"server.log", "exit_status"}, f"left in {d}: {left}"
 
 
 def test_two_named_servers_at_once(testbed, hub):
