@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::{mode_of, rand_suffix, testbed, Scratch, Testbed, Undo};
 use ssh_spawner::config::Config;
-use ssh_spawner::plan::hosts::{HostFacts, Requirements, Strategy};
+use ssh_spawner::plan::gpus::GpuFacts;
+use ssh_spawner::plan::hosts::{facts_script, HostFacts, Requirements, Strategy};
 use ssh_spawner::plan::limits::Limits;
 use ssh_spawner::plan::poll::ExitReason;
 use ssh_spawner::plan::state::{self, ServerState};
@@ -1227,6 +1228,53 @@ async fn no_host_fits_names_every_host() {
 }
 
 #[tokio::test]
+async fn facts_of_hosts_without_nvidia_smi_say_no_gpus_and_every_other_figure() {
+    let Some(tb) = testbed("facts_of_hosts_without_nvidia_smi_say_no_gpus_and_every_other_figure")
+    else {
+        return;
+    };
+    // The bed's hosts have no nvidia-smi unless `scripts/testbed gpus` gave
+    // them the stand-in; after `up` none has.
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice();
+    let target = tb.target("node1", &user.name);
+    // The script says so (a report without the line parses the same way).
+    let out = tb
+        .pool()
+        .exec(
+            &target,
+            &ssh_spawner::ssh::Command::new("/bin/sh -s").stdin(facts_script(None)),
+        )
+        .await
+        .unwrap()
+        .check(&target)
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l == "nvidia_smi=none"), "{text}");
+    assert!(!text.contains("\ngpu="), "{text}");
+    let f = sp.host_facts(&target, None).await.unwrap();
+    assert_eq!(f.gpus, GpuFacts::None);
+    assert_eq!(f.hostname, "node1");
+    assert_eq!(
+        (f.home.as_str(), f.uid),
+        (user.home.to_str().unwrap(), user.uid)
+    );
+    assert!(
+        f.cpus > 0 && f.mem_total > 0 && f.mem_available > 0,
+        "{f:?}"
+    );
+    assert!(!f.boot_id.is_empty() && f.default_signal.is_some(), "{f:?}");
+    assert!(f.listening.contains(&22), "{f:?}");
+    // check: every host reached, no GPU figures, no GPU error.
+    let rows = sp.check(&user.name).await.unwrap();
+    assert_eq!(rows.len(), tb.hosts.len());
+    for r in &rows {
+        assert!(r.reachable && r.mem_available.is_some(), "{r:?}");
+        assert_eq!((&r.gpus, &r.gpu_error), (&None, &None), "{r:?}");
+    }
+}
+
+#[tokio::test]
 async fn the_cli_runs_the_whole_lifecycle() {
     let Some(tb) = testbed("the_cli_runs_the_whole_lifecycle") else {
         return;
@@ -1270,6 +1318,13 @@ async fn the_cli_runs_the_whole_lifecycle() {
                 .any(|l| l.starts_with(&h.name) && l.contains(" yes ") && l.contains(" ok ")),
             "{out}"
         );
+        // No nvidia-smi on the bed's hosts: GPUS says none, and no GPU line.
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&h.name) && l.contains(" none ")),
+            "{out}"
+        );
+        assert!(!out.contains(&format!("{}: GPUs:", h.name)), "{out}");
     }
     // No host here has a systemd user manager: check says how limits would
     // be enforced instead, and what the admin does to get systemd.
