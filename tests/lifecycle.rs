@@ -1275,6 +1275,79 @@ async fn facts_of_hosts_without_nvidia_smi_say_no_gpus_and_every_other_figure() 
 }
 
 #[tokio::test]
+async fn over_real_sshd_facts_and_check_read_gpus_from_the_stand_in_nvidia_smi() {
+    let Some(tb) = testbed("over_real_sshd_facts_and_check_read_gpus_from_the_stand_in_nvidia_smi")
+    else {
+        return;
+    };
+    // The bed's sshds are left as they are: an sshd of this test's gives its
+    // sessions a PATH with the stand-in first, as `scripts/testbed gpus`
+    // sets a host up, reading the set from a file this test rewrites.
+    let scratch = Scratch::new("gpus");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sets = scratch.path("gpus");
+    for set in ["a100x4-one-busy", "fails-driver"] {
+        let from = repo.join("fixtures/gpus").join(set);
+        std::fs::create_dir_all(sets.join(set)).unwrap();
+        for file in std::fs::read_dir(&from).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), sets.join(set).join(file.file_name())).unwrap();
+        }
+    }
+    let selected = scratch.path("selected");
+    std::fs::write(&selected, "a100x4-one-busy\n").unwrap();
+    let bin = scratch.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let standin = std::fs::read_to_string(repo.join("scripts/testbed-nvidia-smi"))
+        .unwrap()
+        .replace("@SELECTION@", selected.to_str().unwrap())
+        .replace("@FIXTURES@", sets.to_str().unwrap());
+    std::fs::write(bin.join("nvidia-smi"), standin).unwrap();
+    std::fs::set_permissions(
+        bin.join("nvidia-smi"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "PATH={}:/usr/local/bin:/usr/bin:/bin:/usr/games",
+        bin.display()
+    );
+    let sshd = common::OwnSshd::start(&tb, &[("SetEnv", &path)]);
+    let (mut c, host) = with_own_sshd(&tb, &sshd, &scratch, "gpu1");
+    c.hosts = vec![host];
+    c.command = vec![tb
+        .venv
+        .join("bin/jupyterhub-singleuser")
+        .display()
+        .to_string()];
+    let sp = Spawner::new(c).unwrap();
+    let user = tb.alice().name.clone();
+    let rows = sp.check(&user).await.unwrap();
+    let r = &rows[0];
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(r.gpu_column(), "3/4 free", "{r:?}");
+    assert_eq!(
+        r.gpu_line().unwrap(),
+        "gpu1: GPUs: 4 × NVIDIA A100-SXM4-40GB, 3 free; GPU 2 busy: pid 31337 uses 20480 MiB"
+    );
+    // The driver goes away: check says why and fails, every other figure
+    // is still read.
+    std::fs::write(&selected, "fails-driver\n").unwrap();
+    let rows = sp.check(&user).await.unwrap();
+    let r = &rows[0];
+    assert_eq!(r.gpu_column(), "FAILED", "{r:?}");
+    assert!(
+        r.gpu_line().unwrap().starts_with(
+            "gpu1: GPUs: nvidia-smi --query-gpu exited with status 9: NVIDIA-SMI has failed"
+        ),
+        "{r:?}"
+    );
+    assert!(!r.ok(), "{r:?}");
+    assert!(r.error.is_none() && r.command_found == Some(true), "{r:?}");
+    assert!(r.mem_available.is_some() && r.servers.is_some() && r.load1.is_some());
+}
+
+#[tokio::test]
 async fn the_cli_runs_the_whole_lifecycle() {
     let Some(tb) = testbed("the_cli_runs_the_whole_lifecycle") else {
         return;
