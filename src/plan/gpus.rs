@@ -35,6 +35,8 @@ pub const APP_QUERY: &str = "gpu_uuid,pid,used_memory";
 /// the host has it): a wedged driver makes `nvidia-smi` hang, and the other
 /// figures must still come back within `command_timeout`.
 pub const NVIDIA_SMI_TIMEOUT_SECS: u32 = 10;
+/// How much of what a failing `nvidia-smi` printed its reason keeps.
+const MAX_SAID_CHARS: usize = 400;
 /// A process using more than this (MiB) makes a GPU taken, until the
 /// configuration sets its own amount. A CUDA context alone takes a few
 /// hundred MiB, so any process that really uses a GPU is above it.
@@ -260,6 +262,11 @@ pub fn from_facts(status: Option<&str>, gpu: &str, gpu_app: &str, said: &[&str])
         (Some("failed"), Some(query), Some("124")) => {
             format!("nvidia-smi --{query} did not answer within {NVIDIA_SMI_TIMEOUT_SECS} s")
         }
+        // `timeout -k` kills what ignores its SIGTERM.
+        (Some("failed"), Some(query), Some("137")) => format!(
+            "nvidia-smi --{query} was killed (status 137: no answer within \
+             {NVIDIA_SMI_TIMEOUT_SECS} s and SIGTERM ignored, or another SIGKILL)"
+        ),
         (Some("failed"), Some(query), Some(code)) => {
             format!("nvidia-smi --{query} exited with status {code}")
         }
@@ -270,11 +277,17 @@ pub fn from_facts(status: Option<&str>, gpu: &str, gpu_app: &str, said: &[&str])
         .map(|l| l.trim())
         .filter(|l| !l.is_empty())
         .collect();
+    let mut said = said.join(" ");
+    // What a host printed goes into messages and `check`: a few lines, not
+    // a page.
+    if said.chars().count() > MAX_SAID_CHARS {
+        said = said.chars().take(MAX_SAID_CHARS).collect::<String>() + "…";
+    }
     GpuFacts::Failed {
         reason: if said.is_empty() {
             reason
         } else {
-            format!("{reason}: {}", said.join(" "))
+            format!("{reason}: {said}")
         },
     }
 }
@@ -646,6 +659,14 @@ mod tests {
             reason,
             "nvidia-smi --query-compute-apps did not answer within 10 s"
         );
+        let long = "x".repeat(1000);
+        let GpuFacts::Failed { reason } =
+            from_facts(Some("failed query-gpu 137"), "", "", &[&long])
+        else {
+            panic!()
+        };
+        assert!(reason.starts_with("nvidia-smi --query-gpu was killed (status 137"));
+        assert!(reason.ends_with("xxx…") && reason.len() < 600, "{reason}");
     }
 
     #[test]
