@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::{mode_of, rand_suffix, testbed, Scratch, Testbed, Undo};
 use ssh_spawner::config::Config;
-use ssh_spawner::plan::hosts::{HostFacts, Requirements, Strategy};
+use ssh_spawner::plan::gpus::GpuFacts;
+use ssh_spawner::plan::hosts::{facts_script, HostFacts, Requirements, Strategy};
 use ssh_spawner::plan::limits::Limits;
 use ssh_spawner::plan::poll::ExitReason;
 use ssh_spawner::plan::state::{self, ServerState};
@@ -1227,6 +1228,126 @@ async fn no_host_fits_names_every_host() {
 }
 
 #[tokio::test]
+async fn facts_of_hosts_without_nvidia_smi_say_no_gpus_and_every_other_figure() {
+    let Some(tb) = testbed("facts_of_hosts_without_nvidia_smi_say_no_gpus_and_every_other_figure")
+    else {
+        return;
+    };
+    // The bed's hosts have no nvidia-smi unless `scripts/testbed gpus` gave
+    // them the stand-in; after `up` none has.
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice();
+    let target = tb.target("node1", &user.name);
+    // The script says so (a report without the line parses the same way).
+    let out = tb
+        .pool()
+        .exec(
+            &target,
+            &ssh_spawner::ssh::Command::new("/bin/sh -s").stdin(facts_script(None)),
+        )
+        .await
+        .unwrap()
+        .check(&target)
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.lines().any(|l| l == "nvidia_smi=none"), "{text}");
+    assert!(!text.contains("\ngpu="), "{text}");
+    let f = sp.host_facts(&target, None).await.unwrap();
+    assert_eq!(f.gpus, GpuFacts::None);
+    assert_eq!(f.hostname, "node1");
+    assert_eq!(
+        (f.home.as_str(), f.uid),
+        (user.home.to_str().unwrap(), user.uid)
+    );
+    assert!(
+        f.cpus > 0 && f.mem_total > 0 && f.mem_available > 0,
+        "{f:?}"
+    );
+    assert!(!f.boot_id.is_empty() && f.default_signal.is_some(), "{f:?}");
+    assert!(f.listening.contains(&22), "{f:?}");
+    // check: every host reached, no GPU figures, no GPU error.
+    let rows = sp.check(&user.name).await.unwrap();
+    assert_eq!(rows.len(), tb.hosts.len());
+    for r in &rows {
+        assert!(r.reachable && r.mem_available.is_some(), "{r:?}");
+        assert_eq!((&r.gpus, &r.gpu_error), (&None, &None), "{r:?}");
+    }
+}
+
+#[tokio::test]
+async fn over_real_sshd_facts_and_check_read_gpus_from_the_stand_in_nvidia_smi() {
+    let Some(tb) = testbed("over_real_sshd_facts_and_check_read_gpus_from_the_stand_in_nvidia_smi")
+    else {
+        return;
+    };
+    // The bed's sshds are left as they are: an sshd of this test's gives its
+    // sessions a PATH with the stand-in first, as `scripts/testbed gpus`
+    // sets a host up, reading the set from a file this test rewrites.
+    let scratch = Scratch::new("gpus");
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sets = scratch.path("gpus");
+    for set in ["a100x4-one-busy", "fails-driver"] {
+        let from = repo.join("fixtures/gpus").join(set);
+        std::fs::create_dir_all(sets.join(set)).unwrap();
+        for file in std::fs::read_dir(&from).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), sets.join(set).join(file.file_name())).unwrap();
+        }
+    }
+    let selected = scratch.path("selected");
+    std::fs::write(&selected, "a100x4-one-busy\n").unwrap();
+    let bin = scratch.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let standin = std::fs::read_to_string(repo.join("scripts/testbed-nvidia-smi"))
+        .unwrap()
+        .replace("@SELECTION@", selected.to_str().unwrap())
+        .replace("@FIXTURES@", sets.to_str().unwrap());
+    std::fs::write(bin.join("nvidia-smi"), standin).unwrap();
+    std::fs::set_permissions(
+        bin.join("nvidia-smi"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "PATH={}:/usr/local/bin:/usr/bin:/bin:/usr/games",
+        bin.display()
+    );
+    let sshd = common::OwnSshd::start(&tb, &[("SetEnv", &path)]);
+    let (mut c, host) = with_own_sshd(&tb, &sshd, &scratch, "gpu1");
+    c.hosts = vec![host];
+    c.command = vec![tb
+        .venv
+        .join("bin/jupyterhub-singleuser")
+        .display()
+        .to_string()];
+    let sp = Spawner::new(c).unwrap();
+    let user = tb.alice().name.clone();
+    let rows = sp.check(&user).await.unwrap();
+    let r = &rows[0];
+    assert!(r.ok(), "{r:?}");
+    assert_eq!(r.gpu_column(), "3/4 free", "{r:?}");
+    assert_eq!(
+        r.gpu_line().unwrap(),
+        "gpu1: GPUs: 4 × NVIDIA A100-SXM4-40GB, 3 free; GPU 2 busy: pid 31337 uses 20480 MiB"
+    );
+    // The driver goes away: check says why and fails, every other figure
+    // is still read.
+    std::fs::write(&selected, "fails-driver\n").unwrap();
+    let rows = sp.check(&user).await.unwrap();
+    let r = &rows[0];
+    assert_eq!(r.gpu_column(), "FAILED", "{r:?}");
+    assert!(
+        r.gpu_line().unwrap().starts_with(
+            "gpu1: GPUs: nvidia-smi --query-gpu exited with status 9: NVIDIA-SMI has failed"
+        ),
+        "{r:?}"
+    );
+    assert!(!r.ok(), "{r:?}");
+    assert!(r.error.is_none() && r.command_found == Some(true), "{r:?}");
+    assert!(r.mem_available.is_some() && r.servers.is_some() && r.load1.is_some());
+}
+
+#[tokio::test]
 async fn the_cli_runs_the_whole_lifecycle() {
     let Some(tb) = testbed("the_cli_runs_the_whole_lifecycle") else {
         return;
@@ -1270,6 +1391,13 @@ async fn the_cli_runs_the_whole_lifecycle() {
                 .any(|l| l.starts_with(&h.name) && l.contains(" yes ") && l.contains(" ok ")),
             "{out}"
         );
+        // No nvidia-smi on the bed's hosts: GPUS says none, and no GPU line.
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&h.name) && l.contains(" none ")),
+            "{out}"
+        );
+        assert!(!out.contains(&format!("{}: GPUs:", h.name)), "{out}");
     }
     // No host here has a systemd user manager: check says how limits would
     // be enforced instead, and what the admin does to get systemd.

@@ -3,7 +3,10 @@
 //! value or a clear error on any input, never a panic in the hub process.
 
 use proptest::prelude::*;
+use std::collections::BTreeSet;
+
 use ssh_spawner::config::{check_username, fill, parse_size};
+use ssh_spawner::plan::gpus::{self, GpuFacts};
 use ssh_spawner::plan::hosts::{parse_facts, parse_list};
 use ssh_spawner::plan::ports::listening_ports;
 use ssh_spawner::plan::state;
@@ -74,6 +77,10 @@ fn report_lines() -> impl Strategy<Value = String> {
         "systemd_user",
         "prlimit",
         "command",
+        "nvidia_smi",
+        "nvidia_smi_said",
+        "gpu",
+        "gpu_app",
         "other",
     ]);
     let values = prop_oneof![
@@ -92,6 +99,17 @@ fn report_lines() -> impl Strategy<Value = String> {
             "yes",
             " 2",
             "3.5",
+            "ok",
+            "none",
+            "failed query-gpu 9",
+            "failed query-compute-apps 124",
+            "failed",
+            "0, GPU-1a-2b, NVIDIA A100-SXM4-40GB, 40960, 4, 0",
+            "1, GPU-1a-2b, X, [N/A], [Not Supported], [GPU is lost]",
+            "GPU-1a-2b, 31337, 20480",
+            "GPU-1a-2b, 1, [N/A]",
+            "GPU-1a-2b,,",
+            ",,,,,",
         ])
         .prop_map(String::from),
         any::<String>(),
@@ -124,6 +142,33 @@ proptest! {
             prop_assert!(!l.run_id.is_empty());
         }
         let _ = listening_ports(&text);
+    }
+
+    #[test]
+    fn gpu_reports_never_panic(
+        text in prop_oneof![any::<String>(), near_miss(), report_lines()],
+        n in 0usize..6,
+        busy in prop_oneof![Just(0u64), Just(100), any::<u64>()],
+    ) {
+        let facts = match parse_facts(&text) {
+            Ok(f) => f.gpus,
+            Err(_) => gpus::from_facts(Some("ok"), &text, &text, &[]),
+        };
+        for g in facts.gpus() {
+            // What a server may be given is a safe CUDA_VISIBLE_DEVICES word.
+            prop_assert!(!g.uuid.is_empty());
+            prop_assert!(g.uuid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        }
+        let held: BTreeSet<String> = facts.gpus().iter().take(1).map(|g| g.uuid.clone()).collect();
+        if let GpuFacts::Ok(r) = &facts {
+            let _ = gpus::gpu_uses(r, &held, busy);
+        }
+        if let Ok(chosen) = gpus::choose(&facts, &held, busy, n) {
+            prop_assert_eq!(chosen.len(), n);
+            prop_assert!(chosen.iter().all(|g| !held.contains(&g.uuid)));
+            let _ = gpus::visible_devices(&chosen);
+        }
+        let _ = gpus::summary(&facts, &held, busy);
     }
 
     #[test]

@@ -254,7 +254,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 print_json(&rows);
             } else {
                 println!(
-                    "{:<10} {:<20} {:<9} {:<8} {:<7} {:<7} {:>8} {:>11} {:>7} {:<7}",
+                    "{:<10} {:<20} {:<9} {:<8} {:<7} {:<7} {:>8} {:>11} {:>7} {:<10} {:<7}",
                     "HOST",
                     "ADDRESS",
                     "REACHABLE",
@@ -264,12 +264,13 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                     "MEM FREE",
                     "LOAD/CORES",
                     "SERVERS",
+                    "GPUS",
                     "LIMITS"
                 );
                 for r in &rows {
                     let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
                     println!(
-                        "{:<10} {:<20} {:<9} {:<8} {:<7} {:<7} {:>8} {:>11} {:>7} {:<7}",
+                        "{:<10} {:<20} {:<9} {:<8} {:<7} {:<7} {:>8} {:>11} {:>7} {:<10} {:<7}",
                         r.host,
                         r.address,
                         match (r.reachable, &r.down) {
@@ -287,8 +288,12 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                         opt(r.mem_available.map(human_bytes)),
                         opt(r.load1.zip(r.cpus).map(|(l, c)| format!("{l:.2}/{c}"))),
                         opt(r.servers.map(|s| s.to_string())),
+                        r.gpu_column(),
                         opt(r.limits.clone()),
                     );
+                }
+                for line in rows.iter().filter_map(|r| r.gpu_line()) {
+                    println!("\n{line}");
                 }
                 for r in rows.iter().filter(|r| r.draining) {
                     println!("\n{}: {}", r.host, ssh_spawner::plan::hosts::DRAINING);

@@ -9,6 +9,7 @@ use std::collections::BTreeSet;
 use rand::seq::SliceRandom;
 use rand::Rng;
 
+use super::gpus::{self, GpuFacts};
 use super::ports::listening_ports;
 use super::quote::{invalid, quote};
 use super::run::{marker_pattern, RUN_MARKER};
@@ -60,6 +61,9 @@ pub struct HostFacts {
     /// `env --default-signal` works (coreutils >= 8.31); `None` when the
     /// facts did not say. Spares each launch testing it.
     pub default_signal: Option<bool>,
+    /// The GPUs `nvidia-smi` listed and the processes on them, or that the
+    /// host has no `nvidia-smi`, or why it failed ([`gpus`]).
+    pub gpus: GpuFacts,
 }
 
 impl HostFacts {
@@ -78,7 +82,10 @@ pub fn facts_script(command_check: Option<(&[String], &str)>) -> String {
     let mut p = Preamble::new();
     // The marker pattern and the mark are this crate's: nothing to refuse.
     p.quoted("run_pattern", &quote_known(&marker_pattern()))
-        .quoted("tcp_mark", &quote_known(TCP_MARK));
+        .quoted("tcp_mark", &quote_known(TCP_MARK))
+        .quoted("gpu_query", &quote_known(gpus::GPU_QUERY))
+        .quoted("app_query", &quote_known(gpus::APP_QUERY))
+        .number("gpu_timeout", gpus::NVIDIA_SMI_TIMEOUT_SECS);
     match command_check {
         Some((prologue, command)) => {
             p.flag("check_command", "1")
@@ -122,7 +129,10 @@ pub fn parse_facts(stdout: &str) -> Result<HostFacts> {
         command_found: None,
         listening: listening_ports(tcp),
         default_signal: None,
+        gpus: GpuFacts::None,
     };
+    // The GPU lines, gathered for gpus::from_facts.
+    let (mut smi, mut gpu, mut gpu_app, mut said) = (None, String::new(), String::new(), vec![]);
     let bad = |what: &str, v: &str| Error::Invalid {
         what: "host facts".into(),
         reason: format!("{what} is not a valid number: {v:?}"),
@@ -157,9 +167,20 @@ pub fn parse_facts(stdout: &str) -> Result<HostFacts> {
             "prlimit" => f.prlimit = v == "yes",
             "command" => f.command_found = Some(v == "yes"),
             "default_signal" => f.default_signal = Some(v == "yes"),
+            "nvidia_smi" => smi = Some(v),
+            "gpu" => {
+                gpu.push_str(v);
+                gpu.push('\n');
+            }
+            "gpu_app" => {
+                gpu_app.push_str(v);
+                gpu_app.push('\n');
+            }
+            "nvidia_smi_said" => said.push(v),
             _ => {}
         }
     }
+    f.gpus = gpus::from_facts(smi, &gpu, &gpu_app, &said);
     if f.home.is_empty() || !f.home.starts_with('/') || f.uid == u32::MAX || f.cpus == 0 {
         return Err(Error::Invalid {
             what: "host facts".into(),

@@ -1,6 +1,8 @@
 //! Decisions, no I/O: plain functions over plain data, tested without sshd.
 //!
 //! - [`hosts`]: what a host reports, and which host a server goes to.
+//! - [`gpus`]: a host's GPUs as `nvidia-smi` reports them, which are free,
+//!   and which a server gets.
 //! - [`health`]: which hosts answer, for every user at once.
 //! - [`ports`]: listening sockets from `/proc/net/tcp*`, and port choice.
 //! - [`limits`]: how memory and CPU limits are enforced on a host, and the
@@ -22,6 +24,7 @@
 
 pub mod adopt;
 pub mod form;
+pub mod gpus;
 pub mod health;
 pub mod history;
 pub mod hosts;

@@ -3,6 +3,7 @@
 
 use super::{futures_join, Spawner};
 use crate::error::{Error, Result};
+use crate::plan::gpus;
 use crate::plan::hosts;
 use crate::plan::limits;
 use crate::plan::quote;
@@ -35,6 +36,13 @@ pub struct HostCheck {
     pub limits: Option<String>,
     /// What the admin should do so that systemd enforces the limits there.
     pub limits_advice: Option<String>,
+    /// The host's GPUs: how many, which models, how many no process uses
+    /// (more than [`gpus::DEFAULT_BUSY_MEMORY_MIB`]); `None` when it has no
+    /// `nvidia-smi` (or was not reached).
+    pub gpus: Option<gpus::GpuSummary>,
+    /// `nvidia-smi` is there but failed: which query, its status, what it
+    /// said. The host's other figures are still shown.
+    pub gpu_error: Option<String>,
     /// What went wrong, if anything.
     pub error: Option<String>,
     /// When the host does not answer: since when and why, as spawns see it
@@ -45,9 +53,39 @@ pub struct HostCheck {
 }
 
 impl HostCheck {
-    /// Everything an admin needs is in order.
+    /// The GPUS column: `3/4 free`, `none` (no `nvidia-smi`), `FAILED`, or
+    /// `-` when the host was not read.
+    pub fn gpu_column(&self) -> String {
+        match (&self.gpus, &self.gpu_error, self.servers) {
+            (Some(g), _, _) => format!("{}/{} free", g.free, g.count),
+            (None, Some(_), _) => "FAILED".into(),
+            (None, None, Some(_)) => "none".into(),
+            (None, None, None) => "-".into(),
+        }
+    }
+
+    /// The line under the table for a host with GPUs or a failing
+    /// `nvidia-smi`: `node1: GPUs: 4 × NVIDIA A100-SXM4-40GB, 3 free; GPU 2
+    /// busy: pid 31337 uses 20480 MiB`.
+    pub fn gpu_line(&self) -> Option<String> {
+        match (&self.gpus, &self.gpu_error) {
+            (Some(g), _) => {
+                let mut line = format!("{}: GPUs: {}, {} free", self.host, g.models_text(), g.free);
+                for note in &g.notes {
+                    line.push_str("; ");
+                    line.push_str(note);
+                }
+                Some(line)
+            }
+            (None, Some(e)) => Some(format!("{}: GPUs: {e}", self.host)),
+            (None, None) => None,
+        }
+    }
+
+    /// Everything an admin needs is in order (a failing `nvidia-smi` is
+    /// not: the host's GPUs cannot be given).
     pub fn ok(&self) -> bool {
-        self.error.is_none() && self.command_found != Some(false)
+        self.error.is_none() && self.command_found != Some(false) && self.gpu_error.is_none()
     }
 }
 
@@ -87,6 +125,8 @@ impl Spawner {
                     servers: None,
                     limits: None,
                     limits_advice: None,
+                    gpus: None,
+                    gpu_error: None,
                     error: None,
                     down: None,
                     draining: h.drain,
@@ -106,6 +146,14 @@ impl Spawner {
                         c.cpus = Some(f.cpus);
                         c.load1 = Some(f.load1);
                         c.servers = Some(f.servers);
+                        // check knows no hub's servers: free is "no process
+                        // uses it".
+                        let held = Default::default();
+                        match gpus::summary(&f.gpus, &held, gpus::DEFAULT_BUSY_MEMORY_MIB) {
+                            None => {}
+                            Some(Ok(s)) => c.gpus = Some(s),
+                            Some(Err(e)) => c.gpu_error = Some(e),
+                        }
                     }
                     Err(e) => {
                         match &e {
@@ -155,5 +203,73 @@ impl Spawner {
             .map(|h| h.display_name().to_string())
             .zip(results)
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(facts: &gpus::GpuFacts) -> HostCheck {
+        let held = Default::default();
+        let (g, e) = match gpus::summary(facts, &held, gpus::DEFAULT_BUSY_MEMORY_MIB) {
+            None => (None, None),
+            Some(Ok(s)) => (Some(s), None),
+            Some(Err(e)) => (None, Some(e)),
+        };
+        HostCheck {
+            host: "node1".into(),
+            address: "198.18.0.11:22".into(),
+            reachable: true,
+            host_key: "ok".into(),
+            auth: "ok".into(),
+            command_found: Some(true),
+            mem_available: Some(1 << 30),
+            cpus: Some(2),
+            load1: Some(0.1),
+            servers: Some(0),
+            limits: Some("prlimit".into()),
+            limits_advice: None,
+            gpus: g,
+            gpu_error: e,
+            error: None,
+            down: None,
+            draining: false,
+        }
+    }
+
+    #[test]
+    fn check_shows_gpus_per_host_and_a_failing_nvidia_smi_fails_it() {
+        let facts = gpus::from_facts(
+            Some("ok"),
+            include_str!("../../fixtures/gpus/a100x4-one-busy/query-gpu.csv"),
+            include_str!("../../fixtures/gpus/a100x4-one-busy/query-compute-apps.csv"),
+            &[],
+        );
+        let r = row(&facts);
+        assert_eq!(r.gpu_column(), "3/4 free");
+        assert_eq!(
+            r.gpu_line().unwrap(),
+            "node1: GPUs: 4 × NVIDIA A100-SXM4-40GB, 3 free; GPU 2 busy: pid 31337 uses 20480 MiB"
+        );
+        assert!(r.ok());
+        let r = row(&gpus::GpuFacts::None);
+        assert_eq!((r.gpu_column().as_str(), r.gpu_line()), ("none", None));
+        assert!(r.ok());
+        let failed = gpus::from_facts(
+            Some("failed query-gpu 9"),
+            "",
+            "",
+            &[include_str!("../../fixtures/gpus/fails-driver/output.txt")],
+        );
+        let r = row(&failed);
+        assert_eq!(r.gpu_column(), "FAILED");
+        assert_eq!(
+            r.gpu_line().unwrap(),
+            "node1: GPUs: nvidia-smi --query-gpu exited with status 9: NVIDIA-SMI has failed \
+             because it couldn't communicate with the NVIDIA driver. Make sure that the latest \
+             NVIDIA driver is installed and running."
+        );
+        assert!(!r.ok(), "a host whose nvidia-smi fails is not in order");
     }
 }

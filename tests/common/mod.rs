@@ -242,8 +242,8 @@ impl Drop for StopOnPanic {
 
 /// An sshd of its own in node1's namespace, on a port of its own, with the
 /// testbed host's configuration but for `tweaks` (`(keyword, value)`, each
-/// replacing that keyword's line); killed, and its port's blackhole lifted,
-/// when dropped.
+/// replacing that keyword's line, or added when there is none); killed, and
+/// its port's blackhole lifted, when dropped.
 pub struct OwnSshd {
     child: std::process::Child,
     pub port: u16,
@@ -266,7 +266,7 @@ impl OwnSshd {
             host.name
         ))
         .unwrap();
-        let config: String = config
+        let mut config: String = config
             .lines()
             .map(|l| {
                 let key = l.split_whitespace().next().unwrap_or_default();
@@ -282,6 +282,14 @@ impl OwnSshd {
             })
             .map(|l| l + "\n")
             .collect();
+        for (k, v) in tweaks {
+            if !config
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(k))
+            {
+                config.push_str(&format!("{k} {v}\n"));
+            }
+        }
         let cfg = scratch.path("sshd_config");
         std::fs::write(&cfg, config).unwrap();
         let known_hosts = scratch.path("known_hosts");

@@ -4,13 +4,16 @@
 # Gets, from the preamble (src/plan/hosts.rs): `run_pattern` (a pattern for
 # the run marker that does not match itself), `check_command` (1: also
 # report whether `command` is found after the prologue), `command` (the
-# server's program), `tcp_mark` (the line before /proc/net/tcp*), and the
-# function `ssp_prologue` (the admin's prologue lines).
+# server's program), `tcp_mark` (the line before /proc/net/tcp*),
+# `gpu_query` and `app_query` (nvidia-smi's query fields), `gpu_timeout`
+# (seconds per nvidia-smi call), and the function `ssp_prologue` (the
+# admin's prologue lines).
 #
 # Prints `key=value` lines (hostname, home, uid, mem_total_kb,
 # mem_available_kb, cpus, load1, boot_id, servers, systemd_user, prlimit,
-# default_signal, and command when asked), then `$tcp_mark` and the
-# contents of /proc/net/tcp and tcp6; exits 0.
+# default_signal, and command when asked; then nvidia_smi and its lines:
+# see src/plan/gpus.rs), then `$tcp_mark` and the contents of
+# /proc/net/tcp and tcp6; exits 0.
 #
 # The preamble's values: read with `$`, as the shell has no other way.
 # shellcheck disable=SC2154
@@ -44,6 +47,43 @@ command_found() {
 }
 if [ "$check_command" = 1 ]; then
   if command_found "$command"; then echo command=yes; else echo command=no; fi
+fi
+# GPUs: `nvidia_smi=none` without nvidia-smi; else each line of the two
+# queries as `gpu=` and `gpu_app=`, after `nvidia_smi=ok`; or, when a query
+# fails, `nvidia_smi=failed QUERY STATUS` and the first lines it printed.
+# Bounded by `timeout` where there is one: a wedged driver hangs nvidia-smi.
+smi() {
+  if command -v timeout >/dev/null 2>&1; then
+    timeout -k 2 "$gpu_timeout" nvidia-smi "$@"
+  else
+    nvidia-smi "$@"
+  fi
+}
+# smi_lines KEY TEXT: each non-empty line of TEXT as KEY=LINE.
+smi_lines() {
+  printf '%s\n' "$2" | while IFS= read -r line; do
+    if [ -n "$line" ]; then printf '%s=%s\n' "$1" "$line"; fi
+  done
+}
+if ! command -v nvidia-smi >/dev/null 2>&1; then
+  echo nvidia_smi=none
+else
+  rc=0
+  gpus=$(smi --query-gpu="$gpu_query" --format=csv,noheader,nounits 2>&1) || rc=$?
+  if [ "$rc" != 0 ]; then
+    echo "nvidia_smi=failed query-gpu $rc"
+    smi_lines nvidia_smi_said "$(printf '%s\n' "$gpus" | head -n 5)"
+  else
+    apps=$(smi --query-compute-apps="$app_query" --format=csv,noheader,nounits 2>&1) || rc=$?
+    if [ "$rc" != 0 ]; then
+      echo "nvidia_smi=failed query-compute-apps $rc"
+      smi_lines nvidia_smi_said "$(printf '%s\n' "$apps" | head -n 5)"
+    else
+      echo nvidia_smi=ok
+      smi_lines gpu "$gpus"
+      smi_lines gpu_app "$apps"
+    fi
+  fi
 fi
 echo "$tcp_mark"
 cat /proc/net/tcp /proc/net/tcp6 2>/dev/null
