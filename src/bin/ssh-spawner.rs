@@ -21,6 +21,18 @@ use ssh_spawner::ssh::{
 };
 use ssh_spawner::Error;
 
+/// `println!` that ends the CLI quietly when its reader went away
+/// (`ssh-spawner check | head -1`), as other command-line tools do, where
+/// std's would panic: status 141 (128 + SIGPIPE) for a closed pipe, 1 for
+/// any other failed write.
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            std::process::exit(if e.kind() == std::io::ErrorKind::BrokenPipe { 141 } else { 1 });
+        }
+    }};
+}
+
 #[derive(Parser)]
 #[command(
     name = "ssh-spawner",
