@@ -609,16 +609,6 @@ impl Core {
         })
     }
 
-    /// The server's URL as its state says it is reached now (`url`: what
-    /// the hub has): see `plan::state::server_url`.
-    #[staticmethod]
-    fn server_url(state_json: &str, url: &str) -> String {
-        match state::decode_unchecked(state_json) {
-            Ok(st) => state::server_url(&st, url),
-            Err(_) => url.to_string(),
-        }
-    }
-
     /// Display names of the configured hosts, in configuration order.
     fn host_names(&self) -> Vec<String> {
         self.0

@@ -732,7 +732,7 @@ class SSHSpawner(Spawner):
         there (and its proxy route): a tunnel may listen on another port, a
         host may have a new address."""
         url = self.server.url
-        now = _core.Core.server_url(self._state_json, url) if self._state_json else url
+        now = self._watch.url(self._state_json, url) if self._state_json else url
         orm = getattr(self, "orm_spawner", None)
         if now != url and orm is not None:
             # Saved with the new address by the hub's commit that follows.

@@ -35,6 +35,12 @@ impl Watch {
     fn loaded(&self) {
         self.0.loaded();
     }
+
+    /// The server's URL (`url`: what the hub has) as the state this watch
+    /// made says: see `spawner::watch::Watch::url`.
+    fn url(&self, state_json: &str, url: &str) -> String {
+        self.0.url(state_json, url)
+    }
 }
 
 /// The database holds this run: its journal entry is not needed, and the

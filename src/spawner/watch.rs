@@ -59,6 +59,9 @@ struct Marks {
     pending_stop: Option<String>,
     /// The refused state whose refusal was logged.
     refused: Option<String>,
+    /// The state this watch wrote (a host's new address, a tunnel's new
+    /// port): the only one whose address the hub's URL follows.
+    followed: Option<String>,
 }
 
 /// What one poll found.
@@ -291,6 +294,19 @@ impl Watch {
         None
     }
 
+    /// The server's URL as the hub should have it: `url`, or, for a state
+    /// this watch wrote after a poll that accepted it (a host's new
+    /// address, a tunnel's new local port), that state's address. Never the
+    /// address of a state it did not write: a refused or forged state's
+    /// address is not routed to.
+    pub fn url(&self, state_json: &str, url: &str) -> String {
+        let ours = self.mark(|m| m.followed.as_deref() == Some(state_json)) == Some(true);
+        match state::decode_unchecked(state_json) {
+            Ok(st) if ours => state::server_url(&st, url),
+            _ => url.to_string(),
+        }
+    }
+
     /// What the hub keeps as the state of a running server: a host at
     /// another address now is recorded there, and so is a tunnel's new
     /// local port ([`Watch::follow_tunnel_port`]).
@@ -301,6 +317,7 @@ impl Watch {
         accepted: Option<Accepted>,
         state_json: String,
     ) -> String {
+        let input = state_json.clone();
         let state_json = match accepted.filter(|a| a.host == HostNow::Readdressed) {
             Some(a) => {
                 tracing::warn!(
@@ -318,7 +335,11 @@ impl Watch {
             }
             None => state_json,
         };
-        self.follow_tunnel_port(sp, st, state_json)
+        let after = self.follow_tunnel_port(sp, st, state_json);
+        if after != input {
+            self.mark(|m| m.followed = Some(after.clone()));
+        }
+        after
     }
 
     /// After a hub restart the tunnel's old local port may have been taken
@@ -468,6 +489,9 @@ mod tests {
             "counted once per state"
         );
         assert!(pending_stops(&dir).is_empty());
+        // Its address is never routed to: the hub keeps the URL it has.
+        let url = "http://127.0.0.1:20000/user/ann/";
+        assert_eq!(watch.url(&other_json, url), url);
         // A newer version's state, whatever its shape: running, untouched.
         let newer = r#"{"version": 2, "servers": [{"pid": 4242}]}"#.to_string();
         assert_eq!(watch.poll_json(&sp, newer).await.0, None);

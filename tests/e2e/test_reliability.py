@@ -236,8 +236,12 @@ def forge(hub, user: str, name: str, changes: dict) -> dict:
 def test_forged_state_never_signals_another_users_process(testbed, hub_factory):
     """Alice's saved states are edited to name bob's running server (its pid,
     process group, start time, uid; then also bob as the remote user; then
-    bob as the user too). The restarted hub drops alice's servers and bob's
-    server is untouched."""
+    bob as the user too). Bob's server is untouched throughout: the state
+    naming alice's login finds no process of hers (server gone); the one
+    naming bob's login is refused without an exec, kept as running with an
+    error (it is never reported stopped), and stopping it from the hub only
+    records a pending stop that touches nothing; the one of user bob is not
+    even loaded."""
     hub = hub_factory({"JupyterHub.cleanup_servers": False, "Spawner.poll_interval": 1})
     hub.spawn(BOB)
     hub.spawn(ALICE, "a")
@@ -252,12 +256,14 @@ def test_forged_state_never_signals_another_users_process(testbed, hub_factory):
     forge(hub, ALICE, "c", {**take, "remote_user": BOB, "username": BOB})
     log_before = len(hub.log_text())
     hub.start()
-    for name in ("a", "b", "c"):
+    for name in ("a", "c"):
         wait_until(
             lambda name=name: hub.server_model(ALICE, name) is None,
             30,
             what=f"the hub to drop alice's forged server {name}",
         )
+    wait_polls(hub, f"{ALICE}:b", 3, log_before)
+    assert hub.server_model(ALICE, "b") is not None, "a refused state was reported stopped"
     wait_polls(hub, BOB, 2, len(hub.log_text()))  # more polls
     assert proc_start_time(bob["pid"]) == bob["start_time"], "bob's server was signalled"
     assert group_members(bob["pgid"]), "bob's process group was signalled"
@@ -268,9 +274,19 @@ def test_forged_state_never_signals_another_users_process(testbed, hub_factory):
     print("\n".join(line for line in log.splitlines() if "tb-alice" in line)[-3000:])
     # a: alice's login, bob's uid: the poll sees a process that is not hers.
     assert "tb-alice:a: server is gone" in log
-    # b: bob as the remote user of alice's state: refused without an exec.
-    assert "tb-alice:b: refusing the saved state" in log
+    # b: bob as the remote user of alice's state: refused without an exec,
+    # said once, and kept.
+    assert log.count("tb-alice:b: refusing the saved state") == 1, log[-3000:]
     assert "refusing to act on it" in log
+    assert "The server is reported running and nothing is done to it" in log
+    # Stopped from the hub: a pending stop that acts on nothing.
+    hub.stop_server(ALICE, "b")
+    wait_until(
+        lambda: "pending stop of run" in hub.log_text()[log_before:],
+        30,
+        what="the refused state's stop to become a pending stop",
+    )
+    assert proc_start_time(bob["pid"]) == bob["start_time"], "bob's server was signalled"
     # c: a state of user bob in alice's row: not even loaded.
     assert "tb-alice:c: ignoring a saved state that belongs to user 'tb.bob-2'" in log
     # Alice's real servers (not named by the forged states any more) are
