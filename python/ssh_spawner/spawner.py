@@ -702,7 +702,11 @@ class SSHSpawner(Spawner):
         """A saved state's hub tunnel carries to this hub's API, nowhere else
         (also for a server started before hub_tunnel was turned off)."""
         if self.hub is not None:
-            self.core.set_hub_api(self._hub_api_to(self._hub_api_url()))
+            try:
+                self.core.set_hub_api(self._hub_api_to(self._hub_api_url()))
+            except _core.SpawnerError:
+                if self.hub_tunnel:
+                    raise
 
     async def poll(self):
         """The core's answer (``spawner::watch``): a host that does not answer
