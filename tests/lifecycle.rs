@@ -1845,3 +1845,65 @@ async fn a_cli_spawn_cut_off_mid_launch_prints_the_state_that_stops_what_it_star
     );
     let _ = std::fs::remove_dir_all(&runs);
 }
+
+/// A prologue that leaves something running in the background (a lab's
+/// `Xvfb :99 &`): the start is as quick as without it, the server comes up,
+/// and what the prologue prints lands in the server's log, not in the
+/// launch's channel (which a background job holding it would keep open for
+/// as long as it runs).
+#[tokio::test]
+async fn a_prologue_that_backgrounds_a_job_does_not_hold_the_start() {
+    let Some(tb) = testbed("a_prologue_that_backgrounds_a_job_does_not_hold_the_start") else {
+        return;
+    };
+    let mut c = config(&tb);
+    // A length no other test sleeps, to find the job by.
+    let pause = format!("40.{:03}", rand::random::<u16>() % 1000);
+    let said = format!("prologue-said-{}", rand_suffix());
+    c.prologue = vec![
+        format!("sleep {pause} &"),
+        format!("echo {said}-out; echo {said}-err >&2"),
+    ];
+    let sp = Spawner::new(c).unwrap();
+    let user = tb.alice().name.clone();
+    let t0 = Instant::now();
+    let (state, _guard) = started(
+        &sp,
+        &request(&user),
+        env_for(&user, vec![]),
+        &sleep_cmd(611),
+    )
+    .await;
+    let took = t0.elapsed();
+    let job = format!("sleep\0{pause}\0");
+    let job_pids = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        std::fs::read(e.path().join("cmdline"))
+                            .is_ok_and(|c| c.as_slice() == job.as_bytes())
+                    })
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let background_ran = !job_pids().is_empty();
+    let running = sp.poll(&state).await;
+    let log = std::fs::read_to_string(std::path::Path::new(&state.dir).join("server.log"))
+        .unwrap_or_default();
+    sp.stop(&state).await.unwrap();
+    for pid in job_pids() {
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status();
+    }
+    assert!(took < Duration::from_secs(15), "the start took {took:?}");
+    assert!(background_ran, "the prologue's background job never ran");
+    assert!(matches!(running, PollOutcome::Running), "{running:?}");
+    assert!(
+        log.contains(&format!("{said}-out")) && log.contains(&format!("{said}-err")),
+        "the prologue's output is not in the server's log: {log:?}"
+    );
+}

@@ -783,3 +783,44 @@ async fn a_host_with_few_sessions_never_loses_one_to_the_kept_sftp_session() {
         std::fs::remove_dir_all(alice.home.join(&base)).unwrap();
     }
 }
+
+/// A command that leaves a job in the background holding its stdout and
+/// stderr ends on its exit status, with all it printed before it exited,
+/// instead of waiting for the channel to close (the job's whole run).
+#[tokio::test]
+async fn an_exec_ends_on_the_exit_status_when_a_background_job_holds_the_output() {
+    let Some(tb) =
+        testbed("an_exec_ends_on_the_exit_status_when_a_background_job_holds_the_output")
+    else {
+        return;
+    };
+    let pool = tb.pool();
+    let target = tb.target("node1", &tb.alice().name);
+    // A length no other test sleeps, to find the job by.
+    let pause = format!("30.{:03}", rand::random::<u16>() % 1000);
+    let script = format!(
+        "sleep {pause} & i=0; while [ $i -lt 3000 ]; do echo line$i; i=$((i+1)); done; echo bye >&2; exit 5"
+    );
+    let t0 = Instant::now();
+    let out = pool
+        .exec(
+            &target,
+            &Command::new(script).timeout(Duration::from_secs(20)),
+        )
+        .await;
+    let took = t0.elapsed();
+    let job = format!("sleep\0{pause}\0");
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == job.as_bytes()) {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            let _ = std::process::Command::new("kill").arg(pid).status();
+        }
+    }
+    let out = out.unwrap();
+    assert!(took < Duration::from_secs(10), "the exec took {took:?}");
+    assert_eq!(out.status, Some(5));
+    assert_eq!(out.stderr_tail(1), "bye");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 3000);
+    assert!(text.ends_with("line2999\n"), "{text:?}");
+}
