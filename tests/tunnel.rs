@@ -835,3 +835,75 @@ fn mocksu_for(tb: &common::Testbed, user: &str) -> Mocksu {
         user: user.to_string(),
     }
 }
+
+/// Two users' forwards on one host: bob's request for the port alice's
+/// forward holds fails (sshd: taken), and alice's forward goes on carrying
+/// her connections to her side, never to bob's (the registry of forwards is
+/// keyed by the connection's target, and a failed request forgets only its
+/// own entry).
+#[tokio::test]
+async fn another_users_failed_request_for_the_same_port_leaves_a_forward_alone() {
+    let Some(tb) = testbed("another_users_failed_request_for_the_same_port_leaves_a_forward_alone")
+    else {
+        return;
+    };
+    // Two "hub sides" that answer with a name each.
+    let mut sides = Vec::new();
+    for name in ["alice-side", "bob-side"] {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        sides.push(format!(
+            "127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        ));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut data = Vec::new();
+                    if s.read_to_end(&mut data).await.is_ok() {
+                        let _ = s.write_all(name.as_bytes()).await;
+                    }
+                });
+            }
+        });
+    }
+    // node2's other tests restart its sshd: take turns.
+    let _node2 = NODE2.lock().await;
+    let pool = tb.pool();
+    let alice = tb.target("node2", &tb.alice().name);
+    let bob = tb.target("node2", &tb.bob().name);
+    let fwd = RemoteForward::open(pool.clone(), alice.clone(), 0, sides[0].clone())
+        .await
+        .unwrap();
+    let rport = fwd.port();
+    let probe = Command::new("/usr/bin/python3 -").stdin(format!(
+        r#"
+import socket
+try:
+    s = socket.create_connection(("127.0.0.1", {rport}), timeout=5)
+    s.sendall(b"ping")
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        b = s.recv(100)
+        if not b:
+            break
+        data += b
+    print(data.decode() or "closed")
+except OSError as e:
+    print("error", e)
+"#
+    ));
+    let ask = || async {
+        let out = pool.exec(&alice, &probe).await.unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(ask().await, "alice-side");
+    // Bob asks for the same port (as after a dropped connection) and is
+    // refused, a few times, with alice's connections in between.
+    for _ in 0..3 {
+        let taken = RemoteForward::open(pool.clone(), bob.clone(), rport, sides[1].clone()).await;
+        assert!(taken.is_err(), "sshd gave bob alice's port");
+        assert_eq!(ask().await, "alice-side");
+    }
+    drop(fwd);
+}

@@ -60,20 +60,61 @@ impl ConnectOptions {
 /// that asked for it carries them (and ends them when it is dropped).
 pub(crate) type ForwardSink = mpsc::UnboundedSender<Channel<Msg>>;
 
-/// The remote forwards of a pool: (the host's [`host_label`], the port
-/// sshd listens on for us on the host's loopback) and their sinks. Every
-/// connection's handler consults it; forwards not in it are refused. The
-/// pool and the handler both key it by [`host_label`], so they agree on an
-/// IPv6 address too.
-///
-/// [`host_label`]: super::host_label
-pub(crate) type ForwardTargets = Arc<Mutex<HashMap<(String, u32), ForwardSink>>>;
+/// The remote forwards of a pool, by the connection's [`Target`] (host,
+/// port, user and credential: the pool's key, so one user's forwards are
+/// never another's) and the port sshd listens on for it on the host's
+/// loopback, with their sinks. Every connection's handler consults it for
+/// its own target; forwards not in it are refused. Each forward changes
+/// only its own entry: another user's failing request for the same port
+/// (taken, by that very forward) leaves it in place.
+#[derive(Clone, Default)]
+pub(crate) struct ForwardTargets(Arc<Mutex<HashMap<(Target, u32), ForwardSink>>>);
+
+impl ForwardTargets {
+    /// Before sshd answers a request for `port`: record `sink` unless a live
+    /// forward of the same target has the port (it keeps it until the
+    /// answer says otherwise). So no connection arrives unclaimed.
+    pub(crate) fn claim(&self, target: &Target, port: u32, sink: &ForwardSink) {
+        if let Ok(mut map) = self.0.lock() {
+            let key = (target.clone(), port);
+            if map.get(&key).is_none_or(|s| s.is_closed()) {
+                map.insert(key, sink.clone());
+            }
+        }
+    }
+
+    /// sshd granted `port`: connections to it go to `sink`.
+    pub(crate) fn set(&self, target: &Target, port: u32, sink: &ForwardSink) {
+        if let Ok(mut map) = self.0.lock() {
+            map.insert((target.clone(), port), sink.clone());
+        }
+    }
+
+    /// Forget `port` if it is `sink`'s (a failed request, a dropped forward).
+    pub(crate) fn release(&self, target: &Target, port: u32, sink: &ForwardSink) {
+        if let Ok(mut map) = self.0.lock() {
+            let key = (target.clone(), port);
+            if map.get(&key).is_some_and(|s| s.same_channel(sink)) {
+                map.remove(&key);
+            }
+        }
+    }
+
+    /// Where a connection to `port` forwarded on `target`'s connection goes.
+    fn sink(&self, target: &Target, port: u32) -> Option<ForwardSink> {
+        let map = self.0.lock().ok()?;
+        map.get(&(target.clone(), port))
+            .filter(|s| !s.is_closed())
+            .cloned()
+    }
+}
 
 /// The russh handler: checks the host key and hands forwarded connections
 /// to their forward.
 pub(crate) struct Client {
     host: String,
     port: u16,
+    target: Target,
     known_hosts: PathBuf,
     entries: Arc<Vec<known_hosts::Entry>>,
     policy: HostKeyPolicy,
@@ -110,13 +151,7 @@ impl client::Handler for Client {
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         let label = super::host_label(&self.host, self.port);
-        let sink = self
-            .forwards
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&(label.clone(), connected_port)).cloned())
-            .filter(|s| !s.is_closed());
-        let Some(sink) = sink else {
+        let Some(sink) = self.forwards.sink(&self.target, connected_port) else {
             tracing::warn!(host = %label, port = connected_port, "refused a forwarded connection for a forward not in use");
             reply
                 .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
@@ -218,6 +253,7 @@ pub(crate) async fn connect(
     let handler = Client {
         host: target.address.clone(),
         port: target.port,
+        target: target.clone(),
         known_hosts: opts.known_hosts.clone(),
         entries,
         policy: opts.host_key_policy,

@@ -191,7 +191,7 @@ impl Pool {
             opts,
             slots: Mutex::new(HashMap::new()),
             handshakes: AtomicU64::new(0),
-            forwards: Arc::new(Mutex::new(HashMap::new())),
+            forwards: ForwardTargets::default(),
             tunnel_tasks: Arc::new(AtomicUsize::new(0)),
             health: HostWatch::default(),
         });
