@@ -824,3 +824,82 @@ async fn an_exec_ends_on_the_exit_status_when_a_background_job_holds_the_output(
     assert_eq!(text.lines().count(), 3000);
     assert!(text.ends_with("line2999\n"), "{text:?}");
 }
+
+/// Many first contacts at once under accept-new with a man in the middle on
+/// some of them: one address whose connections go in turn to node1's sshd
+/// and to an sshd with another host key. Exactly one key is recorded; the
+/// connections that met the other key are refused as a changed key, never
+/// recorded next to the first.
+#[tokio::test]
+async fn concurrent_first_contacts_under_accept_new_record_one_key_and_refuse_the_other() {
+    let Some(tb) =
+        testbed("concurrent_first_contacts_under_accept_new_record_one_key_and_refuse_the_other")
+    else {
+        return;
+    };
+    let scratch = Scratch::new("acceptrace");
+    let other_key = scratch.path("other_host_key");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other_key)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let other_key_str = other_key.display().to_string();
+    let other = common::OwnSshd::start(&tb, &[("HostKey", &other_key_str)]);
+    let node1 = tb.host("node1");
+    let backends = [
+        format!("{}:{}", node1.address, node1.port),
+        format!("{}:{}", other.address, other.port),
+    ];
+    // The address the spawner is given: each connection goes to the next backend.
+    let front = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let front_port = front.local_addr().unwrap().port();
+    let relay = tokio::spawn(async move {
+        let mut n = 0usize;
+        while let Ok((mut inbound, _)) = front.accept().await {
+            let backend = backends[n % 2].clone();
+            n += 1;
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(backend).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    let kh = scratch.path("known_hosts");
+    let mut opts = tb.pool_options();
+    opts.connect.known_hosts = kh.clone();
+    opts.connect.host_key_policy = HostKeyPolicy::AcceptNew;
+    let target = Target::new(
+        "127.0.0.1",
+        &tb.alice().name,
+        Identity::KeyFile(tb.hub_key.clone()),
+    )
+    .port(front_port);
+    // A pool each: every one makes its own first handshake.
+    let results: Vec<_> = futures_join_all(
+        (0..12)
+            .map(|_| {
+                let (pool, target) = (Pool::new(opts.clone()), target.clone());
+                tokio::spawn(async move { pool.exec(&target, &Command::new("true")).await })
+            })
+            .collect(),
+    )
+    .await
+    .into_iter()
+    .map(|r| r.unwrap())
+    .collect();
+    relay.abort();
+    let recorded = std::fs::read_to_string(&kh).unwrap();
+    assert_eq!(recorded.lines().count(), 1, "{recorded}");
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let changed = results
+        .iter()
+        .filter(|r| matches!(r, Err(Error::HostKeyChanged { .. })))
+        .count();
+    assert_eq!((ok, changed), (6, 6), "{results:?}");
+    assert_eq!(mode_of(&kh), 0o600);
+}

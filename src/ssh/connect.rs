@@ -182,7 +182,20 @@ impl client::Handler for Client {
             }
         };
         let fingerprint = known_hosts::fingerprint(key);
-        match known_hosts::check(&self.entries, &self.host, self.port, key) {
+        let mut verdict = known_hosts::check(&self.entries, &self.host, self.port, key);
+        if verdict == Verdict::Unknown && self.policy == HostKeyPolicy::AcceptNew {
+            // Checked again against the file under a lock: another first
+            // contact may have recorded a key since the entries were read.
+            verdict = known_hosts::record_first_seen(&self.known_hosts, &self.host, self.port, key)
+                .await
+                .map_err(HandlerError::HostKey)?;
+            if verdict == Verdict::Unknown {
+                tracing::warn!(host = %label, %fingerprint, known_hosts = %self.known_hosts.display(),
+                    "accept-new: recorded the key of a host seen for the first time");
+                return Ok(true);
+            }
+        }
+        match verdict {
             Verdict::Known { .. } => Ok(true),
             Verdict::Changed { line } => Err(HandlerError::HostKey(Error::HostKeyChanged {
                 host: label,
@@ -196,23 +209,11 @@ impl client::Handler for Client {
                 known_hosts: self.known_hosts.clone(),
                 line,
             })),
-            Verdict::Unknown => match self.policy {
-                HostKeyPolicy::Strict => Err(HandlerError::HostKey(Error::HostKeyUnknown {
-                    host: label,
-                    fingerprint,
-                    known_hosts: self.known_hosts.clone(),
-                })),
-                HostKeyPolicy::AcceptNew => {
-                    let line = known_hosts::entry_line(&self.host, self.port, key)
-                        .map_err(HandlerError::HostKey)?;
-                    known_hosts::append_blocking(&self.known_hosts, line)
-                        .await
-                        .map_err(HandlerError::HostKey)?;
-                    tracing::warn!(host = %label, %fingerprint, known_hosts = %self.known_hosts.display(),
-                        "accept-new: recorded the key of a host seen for the first time");
-                    Ok(true)
-                }
-            },
+            Verdict::Unknown => Err(HandlerError::HostKey(Error::HostKeyUnknown {
+                host: label,
+                fingerprint,
+                known_hosts: self.known_hosts.clone(),
+            })),
         }
     }
 }
