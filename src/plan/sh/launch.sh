@@ -73,12 +73,6 @@ done; } 2>/dev/null </proc/self/status || :
 case $um in ''|*[!0-7]*) um=$(umask) ;; esac
 umask 077
 find_ss
-# read_uptime: centiseconds since boot into `now`, the clock of the wait
-# below (/proc/uptime, read with a builtin).
-read_uptime() {
-  IFS=' .' read -r u_s u_c _ </proc/uptime
-  now=$u_s$u_c
-}
 # How the wrapper starts, decided before the exports and the prologue run.
 # When the launch leads its process group (sshd makes each session's login
 # a session leader; a group whose id is the script's pid exists only then,
