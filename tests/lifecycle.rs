@@ -1445,12 +1445,15 @@ async fn form_host_figures_are_read_once_while_fresh() {
             let _ = self.0.wait();
         }
     }
+    // (The argv of a wrapper: `/bin/sh -c CODE MARKER DIR ARGV...`.)
     let _marker = KillOnDrop(
         std::process::Command::new("/bin/sh")
             .args([
                 "-c",
                 "sleep 60; :",
                 &format!("ssh-spawner-run:form-{}", rand_suffix()),
+                "/nonexistent/form",
+                "sleep",
             ])
             .spawn()
             .unwrap(),
@@ -1466,18 +1469,26 @@ async fn form_host_figures_are_read_once_while_fresh() {
     );
     // A read anew counts every server on the hosts, the new one included.
     // Other tests of this binary start and stop servers meanwhile (the
-    // hosts share this machine's process table), so compare with what
-    // `pgrep` counts here just before and just after the read, and retry
-    // (bounded) until nothing changed around it.
+    // hosts share this machine's process table), so compare with what the
+    // facts script counts here just before and just after the read, and
+    // retry (bounded) until nothing changed around it.
     let count_here = || -> usize {
-        let out = std::process::Command::new("pgrep")
-            .args(["-fc", "ssh-spawner-ru[n]:"])
-            .output()
+        use std::io::Write;
+        let mut sh = std::process::Command::new("/bin/sh")
+            .arg("-s")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0)
+        sh.stdin
+            .take()
+            .unwrap()
+            .write_all(ssh_spawner::plan::hosts::facts_script(None).as_bytes())
+            .unwrap();
+        let out = sh.wait_with_output().unwrap();
+        ssh_spawner::plan::hosts::parse_facts(&String::from_utf8_lossy(&out.stdout))
+            .unwrap()
+            .servers
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
