@@ -654,7 +654,7 @@ async fn a_server_that_exits_during_start_reports_its_status_and_log() {
     let cmd: Vec<String> = [
         "/bin/sh",
         "-c",
-        "sleep 0.5; echo 'ModuleNotFoundError: No module named jupyterhub' >&2; exit 1",
+        "sleep 0.5; printf '\\033[2J\\342\\200\\256gpj.exe\\n' >&2; echo 'ModuleNotFoundError: No module named jupyterhub' >&2; exit 1",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -674,6 +674,8 @@ async fn a_server_that_exits_during_start_reports_its_status_and_log() {
         msg.contains("status 1") && msg.contains("ModuleNotFoundError"),
         "{msg}"
     );
+    // What the log holds to clear a terminal or reorder text is shown inert.
+    assert!(msg.contains("?[2J?gpj.exe"), "{msg:?}");
     // The exit ended the wait for the port, not the 30 s bound.
     assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
 }
