@@ -1920,3 +1920,40 @@ async fn a_prologue_that_backgrounds_a_job_does_not_hold_the_start() {
         "the prologue's output is not in the server's log: {log:?}"
     );
 }
+
+/// The facts cache and its read locks hold the (host, user) pairs in use,
+/// not every pair a hub ever served: a start as another user once the first
+/// user's figures expired leaves only that user's figures, and no read lock.
+#[tokio::test]
+async fn the_facts_cache_forgets_expired_figures_and_idle_read_locks() {
+    let Some(tb) = testbed("the_facts_cache_forgets_expired_figures_and_idle_read_locks") else {
+        return;
+    };
+    let mut c = config(&tb);
+    c.facts_cache = 0.5;
+    let sp = Spawner::new(c).unwrap();
+    let (alice, bob) = (tb.alice().name.clone(), tb.bob().name.clone());
+    let (state, _guard) = started(
+        &sp,
+        &request(&alice),
+        env_for(&alice, vec![]),
+        &sleep_cmd(613),
+    )
+    .await;
+    sp.stop(&state).await.unwrap();
+    let (after_alice, locks) = sp.facts_entries();
+    assert!(after_alice >= 1, "no figures were cached");
+    assert_eq!(locks, 0, "read locks kept after the reads");
+    // Past the cache's age (the figures expire by design; nothing races).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (state, _guard) =
+        started(&sp, &request(&bob), env_for(&bob, vec![]), &sleep_cmd(614)).await;
+    sp.stop(&state).await.unwrap();
+    let (after_bob, locks) = sp.facts_entries();
+    assert_eq!(locks, 0, "read locks kept after the reads");
+    assert!(
+        after_bob <= tb.hosts.len(),
+        "expired figures kept: {after_bob} entries for {} hosts",
+        tb.hosts.len()
+    );
+}

@@ -440,11 +440,14 @@ async fn idle_connections_are_closed() {
     opts.idle_timeout = Duration::from_millis(600);
     let pool = Pool::new(opts);
     let target = tb.target("node1", &tb.alice().name);
+    let other = tb.target("node2", &tb.bob().name);
     pool.exec(&target, &Command::new("true")).await.unwrap();
-    assert_eq!(pool.stats().connections, 1);
-    // Closed after the idle timeout (checked with a bound, not a guess).
+    pool.exec(&other, &Command::new("true")).await.unwrap();
+    assert_eq!((pool.stats().connections, pool.stats().targets), (2, 2));
+    // Closed after the idle timeout (checked with a bound, not a guess),
+    // and the targets they served forgotten.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pool.stats().connections != 0 {
+    while pool.stats().connections != 0 || pool.stats().targets != 0 {
         assert!(
             Instant::now() < deadline,
             "idle connection kept: {:?}",
@@ -454,7 +457,8 @@ async fn idle_connections_are_closed() {
     }
     // And the next use simply reconnects.
     pool.exec(&target, &Command::new("true")).await.unwrap();
-    assert_eq!(pool.stats().handshakes, 2);
+    assert_eq!(pool.stats().handshakes, 3);
+    assert_eq!(pool.stats().targets, 1);
 }
 
 #[tokio::test]

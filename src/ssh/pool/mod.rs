@@ -94,6 +94,10 @@ pub struct PoolStats {
     /// Connections keeping an SFTP session open ([`Pool::make_dir`]). Not
     /// counted in `channels`.
     pub kept_sftp: usize,
+    /// Targets (host and user) the pool keeps a slot for: the ones with a
+    /// connection or a caller, evicted by the idle sweep once they have
+    /// neither.
+    pub targets: usize,
 }
 
 /// A cheaply clonable handle to the pool.
@@ -214,7 +218,9 @@ impl Pool {
             tunnel_tasks: self.inner.tunnel_tasks.load(Ordering::Relaxed),
             ..Default::default()
         };
-        for slot in self.slots() {
+        let slots = self.slots();
+        stats.targets = slots.len();
+        for slot in slots {
             if let Ok(conns) = slot.conns.try_lock() {
                 stats.connections += conns.len();
                 stats.channels += conns.iter().map(|c| c.in_use()).sum::<usize>();
