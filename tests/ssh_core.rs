@@ -907,3 +907,44 @@ async fn concurrent_first_contacts_under_accept_new_record_one_key_and_refuse_th
     assert_eq!((ok, changed), (6, 6), "{results:?}");
     assert_eq!(mode_of(&kh), 0o600);
 }
+
+/// Every connection of a full pool busy: a caller waits for the first
+/// session slot that frees on any of them, not on one connection chosen
+/// when it arrived (which here holds a long command).
+#[tokio::test]
+async fn a_full_pool_gives_the_first_slot_that_frees_on_any_connection() {
+    let Some(tb) = testbed("a_full_pool_gives_the_first_slot_that_frees_on_any_connection") else {
+        return;
+    };
+    let mut opts = tb.pool_options();
+    opts.max_sessions_per_connection = 1;
+    opts.max_connections_per_target = 2;
+    let pool = Pool::new(opts);
+    let target = tb.target("node1", &tb.alice().name);
+    let long = {
+        let (pool, target) = (pool.clone(), target.clone());
+        tokio::spawn(async move { pool.exec(&target, &Command::new("sleep 8")).await })
+    };
+    // The long command holds the first connection before the short one opens the second.
+    assert!(
+        common::until_true(Duration::from_secs(10), || pool.stats().channels == 1).await,
+        "{:?}",
+        pool.stats()
+    );
+    let short = {
+        let (pool, target) = (pool.clone(), target.clone());
+        tokio::spawn(async move { pool.exec(&target, &Command::new("sleep 0.5")).await })
+    };
+    assert!(
+        common::until_true(Duration::from_secs(10), || pool.stats().channels == 2).await,
+        "{:?}",
+        pool.stats()
+    );
+    let t0 = Instant::now();
+    pool.exec(&target, &Command::new("true")).await.unwrap();
+    let waited = t0.elapsed();
+    short.await.unwrap().unwrap();
+    long.await.unwrap().unwrap();
+    assert_eq!(pool.stats().handshakes, 2);
+    assert!(waited < Duration::from_secs(4), "queued for {waited:?}");
+}

@@ -304,15 +304,12 @@ impl Pool {
             return Ok((conn, permit));
         }
 
-        // Every connection is full and no more may be opened: queue on the
-        // least busy one.
-        let Some(conn) = conns.first().cloned() else {
-            return Err(queue_timeout(target, opts));
-        };
+        // Every connection is full and no more may be opened: queue on all
+        // of them and take the first slot that frees on any.
+        let full: Vec<Arc<Conn>> = conns.clone();
         drop(conns);
-        let wait = queue_wait(opts);
-        match tokio::time::timeout(wait, conn.sessions.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok((conn, permit)),
+        match tokio::time::timeout(queue_wait(opts), first_free(full)).await {
+            Ok(Some(taken)) => Ok(taken),
             _ => Err(queue_timeout(target, opts)),
         }
     }
@@ -399,6 +396,35 @@ impl Pool {
             }
         }
     }
+}
+
+/// The first session slot that frees on any of `conns` (the waits on the
+/// others are dropped, which takes them out of their queues); `None` when
+/// every connection's slots are closed (the connections died).
+async fn first_free(conns: Vec<Arc<Conn>>) -> Option<(Arc<Conn>, OwnedSemaphorePermit)> {
+    let mut waits: Vec<_> = conns
+        .iter()
+        .map(|c| Some(Box::pin(c.sessions.clone().acquire_owned())))
+        .collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, wait) in waits.iter_mut().enumerate() {
+            let Some(w) = wait else { continue };
+            match std::future::Future::poll(w.as_mut(), cx) {
+                std::task::Poll::Ready(Ok(permit)) => {
+                    return std::task::Poll::Ready(Some((conns[i].clone(), permit)))
+                }
+                std::task::Poll::Ready(Err(_)) => *wait = None,
+                std::task::Poll::Pending => pending = true,
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(None)
+        }
+    })
+    .await
 }
 
 fn queue_timeout(target: &Target, opts: &PoolOptions) -> Error {
