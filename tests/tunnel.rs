@@ -907,3 +907,64 @@ except OSError as e:
     }
     drop(fwd);
 }
+
+/// The hub goes down (its forward is cancelled) and another user of the host
+/// binds the hub tunnel's port meanwhile: asking for the port again is
+/// refused, said as a taken port, and counted in the metrics
+/// (`ssh_spawner_hub_tunnel_port_taken`). What protects the token in that
+/// gap is `internal_ssl` (docs/security.md).
+#[tokio::test]
+async fn a_hub_tunnel_port_taken_while_the_hub_was_down_is_reported_as_taken() {
+    let Some(tb) = testbed("a_hub_tunnel_port_taken_while_the_hub_was_down_is_reported_as_taken")
+    else {
+        return;
+    };
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let to = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+    // Other tests cut node1: take turns.
+    let _node1 = NODE1.lock().await;
+    let pool = tb.pool();
+    let alice = tb.target("node1", &tb.alice().name);
+    let bob = tb.target("node1", &tb.bob().name);
+    let fwd = RemoteForward::open(pool.clone(), alice.clone(), 0, to.clone())
+        .await
+        .unwrap();
+    let port = fwd.port();
+    drop(fwd);
+    // Bob binds the port once sshd let go of it (tried for up to 10 s), and
+    // holds it for 60 s at most.
+    let squat = Command::new(
+        "f=$(mktemp) && cat >\"$f\" && { /usr/bin/python3 \"$f\" </dev/null >/dev/null 2>&1 & echo $!; }",
+    )
+    .stdin(format!(
+        "import os, socket, sys, time\nos.unlink(sys.argv[0])\ns = socket.socket()\nend = time.time() + 10\n\
+         while True:\n    try:\n        s.bind(('127.0.0.1', {port}))\n        break\n\
+         \x20   except OSError:\n        if time.time() > end:\n            raise\n        time.sleep(0.05)\n\
+         s.listen(8)\ntime.sleep(60)\n"
+    ));
+    let out = pool.exec(&bob, &squat).await.unwrap();
+    let squatter = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let kill_squatter = Command::new(format!("kill {squatter}"));
+    let held = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &tb.host("node1").netns, "ss", "-Hltn"])
+            .arg(format!("sport = :{port}"))
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty())
+    };
+    let taken = common::until_true(Duration::from_secs(15), held).await;
+    let taken_before = |s: &ssh_spawner::metrics::Snapshot| {
+        s.hub_tunnel_port_taken
+            .iter()
+            .find(|(h, _)| *h == alice.host_label())
+            .map_or(0, |(_, n)| *n)
+    };
+    let before = taken_before(&ssh_spawner::metrics::snapshot());
+    let again = RemoteForward::open(pool.clone(), alice.clone(), port, to).await;
+    let after = taken_before(&ssh_spawner::metrics::snapshot());
+    let _ = pool.exec(&bob, &kill_squatter).await;
+    assert!(taken, "bob never bound port {port}");
+    let err = again.err().expect("sshd gave alice a port bob holds");
+    assert!(ssh_spawner::ssh::forward_port_refused(&err), "{err}");
+    assert_eq!(after, before + 1, "the taken port was not counted");
+}

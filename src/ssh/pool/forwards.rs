@@ -14,6 +14,7 @@ use crate::error::{Cause, Error, Result};
 use crate::ssh::connect::ForwardSink;
 use crate::ssh::tunnel::{
     BoxFut, CarryTo, ForwardLink, Hold, LocalForward, OpenChannel, RemoteForward, RequestForward,
+    FORWARD_PORT_REFUSED,
 };
 use crate::ssh::{host_label, Target};
 
@@ -108,6 +109,13 @@ impl Pool {
         };
         let bound = match granted {
             Ok(Ok(p)) => p,
+            Ok(Err(russh::Error::RequestDenied)) if port != 0 => {
+                // A port asked for by number is one this forward had: after
+                // a dropped connection or a hub restart, whoever holds it
+                // now receives what the server sends there.
+                crate::metrics::hub_tunnel_port_taken(&target.host_label());
+                return fail(format!("{FORWARD_PORT_REFUSED} (taken on the host's loopback, by another user while the forward was down?, or forwarding no longer allowed)"), None)
+            }
             Ok(Err(russh::Error::RequestDenied)) => {
                 return fail("sshd refused the forward (port taken on the host, or AllowTcpForwarding not `yes`/`remote`)".into(), None)
             }
