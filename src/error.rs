@@ -338,8 +338,25 @@ fn stderr_suffix(tail: &str) -> String {
     if tail.is_empty() {
         String::new()
     } else {
-        format!(":\n{tail}")
+        format!(":\n{}", printable(tail))
     }
+}
+
+/// Text a host printed, fit for a message a person reads (a progress event,
+/// a log line, a terminal): every control character but newline and tab,
+/// and every character that reorders text (bidi embeddings, overrides and
+/// isolates, the direction marks), becomes `?`. A host's stderr or a
+/// server's log could otherwise move the cursor, recolour or hide text, or
+/// rewrite what an admin's terminal shows.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '\n' | '\t' => c,
+            c if c.is_control() => '?',
+            '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' => '?',
+            c => c,
+        })
+        .collect()
 }
 
 impl Error {
@@ -384,6 +401,37 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_text_in_messages_is_printable() {
+        let hostile = "ok\x1b[2J\x1b]0;title\x07\rover\u{202e}txt.exe\u{2066}\nnext\tline\x00";
+        for err in [
+            Error::CommandFailed {
+                host: "h".into(),
+                user: "u".into(),
+                status: "status 2".into(),
+                stderr_tail: hostile.into(),
+            },
+            Error::ServerExited {
+                host: "h".into(),
+                status: "status 1".into(),
+                log_tail: hostile.into(),
+            },
+        ] {
+            let msg = err.to_string();
+            assert!(
+                !msg.chars()
+                    .any(|c| (c.is_control() && c != '\n' && c != '\t')
+                        || ('\u{202A}'..='\u{202E}').contains(&c)
+                        || ('\u{2066}'..='\u{2069}').contains(&c)),
+                "{msg:?}"
+            );
+            assert!(
+                msg.ends_with("ok?[2J?]0;title??over?txt.exe?\nnext\tline?"),
+                "{msg:?}"
+            );
+        }
+    }
 
     /// One of each variant. The match has no wildcard: a new variant does
     /// not compile until it is added here (and so to the check below).

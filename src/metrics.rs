@@ -97,6 +97,9 @@ pub struct Snapshot {
     /// Saved states refused (not acted on, reported running), each counted
     /// once per hub spawner.
     pub states_refused: u64,
+    /// Hub tunnel ports asked for again by number and refused by sshd (taken
+    /// on the host's loopback, presumably by another user), by host.
+    pub hub_tunnel_port_taken: Vec<(String, u64)>,
 }
 
 #[derive(Default)]
@@ -116,6 +119,7 @@ struct Table {
     /// Display names of the hosts that take no new servers.
     draining: BTreeSet<String>,
     swept: BTreeMap<String, u64>,
+    tunnel_taken: BTreeMap<String, u64>,
 }
 
 fn unix(t: std::time::SystemTime) -> f64 {
@@ -251,6 +255,12 @@ pub fn journal_swept(outcome: &str, n: u64) {
     with(|t| *t.swept.entry(outcome.to_string()).or_default() += n);
 }
 
+/// sshd on the host `address:port` refused a hub tunnel port that was asked
+/// for again by number (after a dropped connection or a hub restart).
+pub fn hub_tunnel_port_taken(host_label: &str) {
+    with(|t| *t.tunnel_taken.entry(host_label.to_string()).or_default() += 1);
+}
+
 /// Everything counted so far.
 pub fn snapshot() -> Snapshot {
     let Ok(t) = table().lock() else {
@@ -297,6 +307,11 @@ pub fn snapshot() -> Snapshot {
             swept.extend(t.swept.iter().map(|(o, n)| (o.clone(), *n)));
             swept.into_iter().collect()
         },
+        hub_tunnel_port_taken: t
+            .tunnel_taken
+            .iter()
+            .map(|(h, n)| (h.clone(), *n))
+            .collect(),
     }
 }
 

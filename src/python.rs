@@ -225,10 +225,13 @@ where
             if q.len() >= MAX_QUEUED_LOGS {
                 q.pop_front();
             }
+            // Host text (stderr, log tails) arrives inside messages: no
+            // control characters, and a continuation line is indented so it
+            // never reads as a record of its own.
             q.push_back((
                 python_level(meta.level()),
                 meta.target().to_string(),
-                fields.0,
+                crate::error::printable(&fields.0).replace('\n', "\n    "),
             ));
         }
     }

@@ -42,10 +42,14 @@ fn the_facts_script_is_the_one_that_printed_the_fixtures() {
     let script = facts_script(None);
     // (Captured at cff859e, when the script was Rust text; since then it is
     // src/plan/sh/facts.sh with its values in a preamble: the lines that
-    // print what the fixtures hold are the same.)
+    // print what the fixtures hold are the same, but for `servers=`, which
+    // counted with `pgrep -fc` then and counts wrappers' argv exactly since
+    // issue 24; the line it prints is read the same way.)
     for line in [
         "run_pattern='ssh-spawner-ru[n]:'",
-        "printf 'servers=%s\\n' \"$(pgrep -fc \"$run_pattern\" 2>/dev/null || true)\"",
+        "run_marker='ssh-spawner-run:'",
+        "  for q in $(pgrep -f \"$run_pattern\" 2>/dev/null); do",
+        "printf 'servers=%s\\n' \"$((${servers:-0}))\"",
         "if command -v systemd-run >/dev/null 2>&1 && systemctl --user show-environment >/dev/null 2>&1; then",
         "tcp_mark='--- proc-net-tcp'",
         "cat /proc/net/tcp /proc/net/tcp6 2>/dev/null",

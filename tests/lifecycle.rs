@@ -655,7 +655,7 @@ async fn a_server_that_exits_during_start_reports_its_status_and_log() {
     let cmd: Vec<String> = [
         "/bin/sh",
         "-c",
-        "sleep 0.5; echo 'ModuleNotFoundError: No module named jupyterhub' >&2; exit 1",
+        "sleep 0.5; printf '\\033[2J\\342\\200\\256gpj.exe\\n' >&2; echo 'ModuleNotFoundError: No module named jupyterhub' >&2; exit 1",
     ]
     .iter()
     .map(|s| s.to_string())
@@ -675,6 +675,8 @@ async fn a_server_that_exits_during_start_reports_its_status_and_log() {
         msg.contains("status 1") && msg.contains("ModuleNotFoundError"),
         "{msg}"
     );
+    // What the log holds to clear a terminal or reorder text is shown inert.
+    assert!(msg.contains("?[2J?gpj.exe"), "{msg:?}");
     // The exit ended the wait for the port, not the 30 s bound.
     assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
 }
@@ -1573,12 +1575,15 @@ async fn form_host_figures_are_read_once_while_fresh() {
             let _ = self.0.wait();
         }
     }
+    // (The argv of a wrapper: `/bin/sh -c CODE MARKER DIR ARGV...`.)
     let _marker = KillOnDrop(
         std::process::Command::new("/bin/sh")
             .args([
                 "-c",
                 "sleep 60; :",
                 &format!("ssh-spawner-run:form-{}", rand_suffix()),
+                "/nonexistent/form",
+                "sleep",
             ])
             .spawn()
             .unwrap(),
@@ -1594,18 +1599,26 @@ async fn form_host_figures_are_read_once_while_fresh() {
     );
     // A read anew counts every server on the hosts, the new one included.
     // Other tests of this binary start and stop servers meanwhile (the
-    // hosts share this machine's process table), so compare with what
-    // `pgrep` counts here just before and just after the read, and retry
-    // (bounded) until nothing changed around it.
+    // hosts share this machine's process table), so compare with what the
+    // facts script counts here just before and just after the read, and
+    // retry (bounded) until nothing changed around it.
     let count_here = || -> usize {
-        let out = std::process::Command::new("pgrep")
-            .args(["-fc", "ssh-spawner-ru[n]:"])
-            .output()
+        use std::io::Write;
+        let mut sh = std::process::Command::new("/bin/sh")
+            .arg("-s")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .unwrap_or(0)
+        sh.stdin
+            .take()
+            .unwrap()
+            .write_all(ssh_spawner::plan::hosts::facts_script(None).as_bytes())
+            .unwrap();
+        let out = sh.wait_with_output().unwrap();
+        ssh_spawner::plan::hosts::parse_facts(&String::from_utf8_lossy(&out.stdout))
+            .unwrap()
+            .servers
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -1972,4 +1985,103 @@ async fn a_cli_spawn_cut_off_mid_launch_prints_the_state_that_stops_what_it_star
         "{left:?}"
     );
     let _ = std::fs::remove_dir_all(&runs);
+}
+
+/// A prologue that leaves something running in the background (a lab's
+/// `Xvfb :99 &`): the start is as quick as without it, the server comes up,
+/// and what the prologue prints lands in the server's log, not in the
+/// launch's channel (which a background job holding it would keep open for
+/// as long as it runs).
+#[tokio::test]
+async fn a_prologue_that_backgrounds_a_job_does_not_hold_the_start() {
+    let Some(tb) = testbed("a_prologue_that_backgrounds_a_job_does_not_hold_the_start") else {
+        return;
+    };
+    let mut c = config(&tb);
+    // A length no other test sleeps, to find the job by.
+    let pause = format!("40.{:03}", rand::random::<u16>() % 1000);
+    let said = format!("prologue-said-{}", rand_suffix());
+    c.prologue = vec![
+        format!("sleep {pause} &"),
+        format!("echo {said}-out; echo {said}-err >&2"),
+    ];
+    let sp = Spawner::new(c).unwrap();
+    let user = tb.alice().name.clone();
+    let t0 = Instant::now();
+    let (state, _guard) = started(
+        &sp,
+        &request(&user),
+        env_for(&user, vec![]),
+        &sleep_cmd(611),
+    )
+    .await;
+    let took = t0.elapsed();
+    let job = format!("sleep\0{pause}\0");
+    let job_pids = || -> Vec<u32> {
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        std::fs::read(e.path().join("cmdline"))
+                            .is_ok_and(|c| c.as_slice() == job.as_bytes())
+                    })
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let background_ran = !job_pids().is_empty();
+    let running = sp.poll(&state).await;
+    let log = std::fs::read_to_string(std::path::Path::new(&state.dir).join("server.log"))
+        .unwrap_or_default();
+    sp.stop(&state).await.unwrap();
+    for pid in job_pids() {
+        let _ = std::process::Command::new("kill")
+            .arg(pid.to_string())
+            .status();
+    }
+    assert!(took < Duration::from_secs(15), "the start took {took:?}");
+    assert!(background_ran, "the prologue's background job never ran");
+    assert!(matches!(running, PollOutcome::Running), "{running:?}");
+    assert!(
+        log.contains(&format!("{said}-out")) && log.contains(&format!("{said}-err")),
+        "the prologue's output is not in the server's log: {log:?}"
+    );
+}
+
+/// The facts cache and its read locks hold the (host, user) pairs in use,
+/// not every pair a hub ever served: a start as another user once the first
+/// user's figures expired leaves only that user's figures, and no read lock.
+#[tokio::test]
+async fn the_facts_cache_forgets_expired_figures_and_idle_read_locks() {
+    let Some(tb) = testbed("the_facts_cache_forgets_expired_figures_and_idle_read_locks") else {
+        return;
+    };
+    let mut c = config(&tb);
+    c.facts_cache = 0.5;
+    let sp = Spawner::new(c).unwrap();
+    let (alice, bob) = (tb.alice().name.clone(), tb.bob().name.clone());
+    let (state, _guard) = started(
+        &sp,
+        &request(&alice),
+        env_for(&alice, vec![]),
+        &sleep_cmd(613),
+    )
+    .await;
+    sp.stop(&state).await.unwrap();
+    let (after_alice, locks) = sp.facts_entries();
+    assert!(after_alice >= 1, "no figures were cached");
+    assert_eq!(locks, 0, "read locks kept after the reads");
+    // Past the cache's age (the figures expire by design; nothing races).
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (state, _guard) =
+        started(&sp, &request(&bob), env_for(&bob, vec![]), &sleep_cmd(614)).await;
+    sp.stop(&state).await.unwrap();
+    let (after_bob, locks) = sp.facts_entries();
+    assert_eq!(locks, 0, "read locks kept after the reads");
+    assert!(
+        after_bob <= tb.hosts.len(),
+        "expired figures kept: {after_bob} entries for {} hosts",
+        tb.hosts.len()
+    );
 }

@@ -440,11 +440,14 @@ async fn idle_connections_are_closed() {
     opts.idle_timeout = Duration::from_millis(600);
     let pool = Pool::new(opts);
     let target = tb.target("node1", &tb.alice().name);
+    let other = tb.target("node2", &tb.bob().name);
     pool.exec(&target, &Command::new("true")).await.unwrap();
-    assert_eq!(pool.stats().connections, 1);
-    // Closed after the idle timeout (checked with a bound, not a guess).
+    pool.exec(&other, &Command::new("true")).await.unwrap();
+    assert_eq!((pool.stats().connections, pool.stats().targets), (2, 2));
+    // Closed after the idle timeout (checked with a bound, not a guess),
+    // and the targets they served forgotten.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while pool.stats().connections != 0 {
+    while pool.stats().connections != 0 || pool.stats().targets != 0 {
         assert!(
             Instant::now() < deadline,
             "idle connection kept: {:?}",
@@ -454,7 +457,8 @@ async fn idle_connections_are_closed() {
     }
     // And the next use simply reconnects.
     pool.exec(&target, &Command::new("true")).await.unwrap();
-    assert_eq!(pool.stats().handshakes, 2);
+    assert_eq!(pool.stats().handshakes, 3);
+    assert_eq!(pool.stats().targets, 1);
 }
 
 #[tokio::test]
@@ -782,4 +786,165 @@ async fn a_host_with_few_sessions_never_loses_one_to_the_kept_sftp_session() {
         pool.close_all().await;
         std::fs::remove_dir_all(alice.home.join(&base)).unwrap();
     }
+}
+
+/// A command that leaves a job in the background holding its stdout and
+/// stderr ends on its exit status, with all it printed before it exited,
+/// instead of waiting for the channel to close (the job's whole run).
+#[tokio::test]
+async fn an_exec_ends_on_the_exit_status_when_a_background_job_holds_the_output() {
+    let Some(tb) =
+        testbed("an_exec_ends_on_the_exit_status_when_a_background_job_holds_the_output")
+    else {
+        return;
+    };
+    let pool = tb.pool();
+    let target = tb.target("node1", &tb.alice().name);
+    // A length no other test sleeps, to find the job by.
+    let pause = format!("30.{:03}", rand::random::<u16>() % 1000);
+    let script = format!(
+        "sleep {pause} & i=0; while [ $i -lt 3000 ]; do echo line$i; i=$((i+1)); done; echo bye >&2; exit 5"
+    );
+    let t0 = Instant::now();
+    let out = pool
+        .exec(
+            &target,
+            &Command::new(script).timeout(Duration::from_secs(20)),
+        )
+        .await;
+    let took = t0.elapsed();
+    let job = format!("sleep\0{pause}\0");
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == job.as_bytes()) {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            let _ = std::process::Command::new("kill").arg(pid).status();
+        }
+    }
+    let out = out.unwrap();
+    assert!(took < Duration::from_secs(10), "the exec took {took:?}");
+    assert_eq!(out.status, Some(5));
+    assert_eq!(out.stderr_tail(1), "bye");
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), 3000);
+    assert!(text.ends_with("line2999\n"), "{text:?}");
+}
+
+/// Many first contacts at once under accept-new with a man in the middle on
+/// some of them: one address whose connections go in turn to node1's sshd
+/// and to an sshd with another host key. Exactly one key is recorded; the
+/// connections that met the other key are refused as a changed key, never
+/// recorded next to the first.
+#[tokio::test]
+async fn concurrent_first_contacts_under_accept_new_record_one_key_and_refuse_the_other() {
+    let Some(tb) =
+        testbed("concurrent_first_contacts_under_accept_new_record_one_key_and_refuse_the_other")
+    else {
+        return;
+    };
+    let scratch = Scratch::new("acceptrace");
+    let other_key = scratch.path("other_host_key");
+    let made = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&other_key)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let other_key_str = other_key.display().to_string();
+    let other = common::OwnSshd::start(&tb, &[("HostKey", &other_key_str)]);
+    let node1 = tb.host("node1");
+    let backends = [
+        format!("{}:{}", node1.address, node1.port),
+        format!("{}:{}", other.address, other.port),
+    ];
+    // The address the spawner is given: each connection goes to the next backend.
+    let front = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let front_port = front.local_addr().unwrap().port();
+    let relay = tokio::spawn(async move {
+        let mut n = 0usize;
+        while let Ok((mut inbound, _)) = front.accept().await {
+            let backend = backends[n % 2].clone();
+            n += 1;
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(backend).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    });
+    let kh = scratch.path("known_hosts");
+    let mut opts = tb.pool_options();
+    opts.connect.known_hosts = kh.clone();
+    opts.connect.host_key_policy = HostKeyPolicy::AcceptNew;
+    let target = Target::new(
+        "127.0.0.1",
+        &tb.alice().name,
+        Identity::KeyFile(tb.hub_key.clone()),
+    )
+    .port(front_port);
+    // A pool each: every one makes its own first handshake.
+    let results: Vec<_> = futures_join_all(
+        (0..12)
+            .map(|_| {
+                let (pool, target) = (Pool::new(opts.clone()), target.clone());
+                tokio::spawn(async move { pool.exec(&target, &Command::new("true")).await })
+            })
+            .collect(),
+    )
+    .await
+    .into_iter()
+    .map(|r| r.unwrap())
+    .collect();
+    relay.abort();
+    let recorded = std::fs::read_to_string(&kh).unwrap();
+    assert_eq!(recorded.lines().count(), 1, "{recorded}");
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let changed = results
+        .iter()
+        .filter(|r| matches!(r, Err(Error::HostKeyChanged { .. })))
+        .count();
+    assert_eq!((ok, changed), (6, 6), "{results:?}");
+    assert_eq!(mode_of(&kh), 0o600);
+}
+
+/// Every connection of a full pool busy: a caller waits for the first
+/// session slot that frees on any of them, not on one connection chosen
+/// when it arrived (which here holds a long command).
+#[tokio::test]
+async fn a_full_pool_gives_the_first_slot_that_frees_on_any_connection() {
+    let Some(tb) = testbed("a_full_pool_gives_the_first_slot_that_frees_on_any_connection") else {
+        return;
+    };
+    let mut opts = tb.pool_options();
+    opts.max_sessions_per_connection = 1;
+    opts.max_connections_per_target = 2;
+    let pool = Pool::new(opts);
+    let target = tb.target("node1", &tb.alice().name);
+    let long = {
+        let (pool, target) = (pool.clone(), target.clone());
+        tokio::spawn(async move { pool.exec(&target, &Command::new("sleep 8")).await })
+    };
+    // The long command holds the first connection before the short one opens the second.
+    assert!(
+        common::until_true(Duration::from_secs(10), || pool.stats().channels == 1).await,
+        "{:?}",
+        pool.stats()
+    );
+    let short = {
+        let (pool, target) = (pool.clone(), target.clone());
+        tokio::spawn(async move { pool.exec(&target, &Command::new("sleep 0.5")).await })
+    };
+    assert!(
+        common::until_true(Duration::from_secs(10), || pool.stats().channels == 2).await,
+        "{:?}",
+        pool.stats()
+    );
+    let t0 = Instant::now();
+    pool.exec(&target, &Command::new("true")).await.unwrap();
+    let waited = t0.elapsed();
+    short.await.unwrap().unwrap();
+    long.await.unwrap().unwrap();
+    assert_eq!(pool.stats().handshakes, 2);
+    assert!(waited < Duration::from_secs(4), "queued for {waited:?}");
 }

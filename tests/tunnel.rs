@@ -835,3 +835,136 @@ fn mocksu_for(tb: &common::Testbed, user: &str) -> Mocksu {
         user: user.to_string(),
     }
 }
+
+/// Two users' forwards on one host: bob's request for the port alice's
+/// forward holds fails (sshd: taken), and alice's forward goes on carrying
+/// her connections to her side, never to bob's (the registry of forwards is
+/// keyed by the connection's target, and a failed request forgets only its
+/// own entry).
+#[tokio::test]
+async fn another_users_failed_request_for_the_same_port_leaves_a_forward_alone() {
+    let Some(tb) = testbed("another_users_failed_request_for_the_same_port_leaves_a_forward_alone")
+    else {
+        return;
+    };
+    // Two "hub sides" that answer with a name each.
+    let mut sides = Vec::new();
+    for name in ["alice-side", "bob-side"] {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        sides.push(format!(
+            "127.0.0.1:{}",
+            listener.local_addr().unwrap().port()
+        ));
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut data = Vec::new();
+                    if s.read_to_end(&mut data).await.is_ok() {
+                        let _ = s.write_all(name.as_bytes()).await;
+                    }
+                });
+            }
+        });
+    }
+    // node2's other tests restart its sshd: take turns.
+    let _node2 = NODE2.lock().await;
+    let pool = tb.pool();
+    let alice = tb.target("node2", &tb.alice().name);
+    let bob = tb.target("node2", &tb.bob().name);
+    let fwd = RemoteForward::open(pool.clone(), alice.clone(), 0, sides[0].clone())
+        .await
+        .unwrap();
+    let rport = fwd.port();
+    let probe = Command::new("/usr/bin/python3 -").stdin(format!(
+        r#"
+import socket
+try:
+    s = socket.create_connection(("127.0.0.1", {rport}), timeout=5)
+    s.sendall(b"ping")
+    s.shutdown(socket.SHUT_WR)
+    data = b""
+    while True:
+        b = s.recv(100)
+        if not b:
+            break
+        data += b
+    print(data.decode() or "closed")
+except OSError as e:
+    print("error", e)
+"#
+    ));
+    let ask = || async {
+        let out = pool.exec(&alice, &probe).await.unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(ask().await, "alice-side");
+    // Bob asks for the same port (as after a dropped connection) and is
+    // refused, a few times, with alice's connections in between.
+    for _ in 0..3 {
+        let taken = RemoteForward::open(pool.clone(), bob.clone(), rport, sides[1].clone()).await;
+        assert!(taken.is_err(), "sshd gave bob alice's port");
+        assert_eq!(ask().await, "alice-side");
+    }
+    drop(fwd);
+}
+
+/// The hub goes down (its forward is cancelled) and another user of the host
+/// binds the hub tunnel's port meanwhile: asking for the port again is
+/// refused, said as a taken port, and counted in the metrics
+/// (`ssh_spawner_hub_tunnel_port_taken`). What protects the token in that
+/// gap is `internal_ssl` (docs/security.md).
+#[tokio::test]
+async fn a_hub_tunnel_port_taken_while_the_hub_was_down_is_reported_as_taken() {
+    let Some(tb) = testbed("a_hub_tunnel_port_taken_while_the_hub_was_down_is_reported_as_taken")
+    else {
+        return;
+    };
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let to = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+    // Other tests cut node1: take turns.
+    let _node1 = NODE1.lock().await;
+    let pool = tb.pool();
+    let alice = tb.target("node1", &tb.alice().name);
+    let bob = tb.target("node1", &tb.bob().name);
+    let fwd = RemoteForward::open(pool.clone(), alice.clone(), 0, to.clone())
+        .await
+        .unwrap();
+    let port = fwd.port();
+    drop(fwd);
+    // Bob binds the port once sshd let go of it (tried for up to 10 s), and
+    // holds it for 60 s at most.
+    let squat = Command::new(
+        "f=$(mktemp) && cat >\"$f\" && { /usr/bin/python3 \"$f\" </dev/null >/dev/null 2>&1 & echo $!; }",
+    )
+    .stdin(format!(
+        "import os, socket, sys, time\nos.unlink(sys.argv[0])\ns = socket.socket()\nend = time.time() + 10\n\
+         while True:\n    try:\n        s.bind(('127.0.0.1', {port}))\n        break\n\
+         \x20   except OSError:\n        if time.time() > end:\n            raise\n        time.sleep(0.05)\n\
+         s.listen(8)\ntime.sleep(60)\n"
+    ));
+    let out = pool.exec(&bob, &squat).await.unwrap();
+    let squatter = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let kill_squatter = Command::new(format!("kill {squatter}"));
+    let held = || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &tb.host("node1").netns, "ss", "-Hltn"])
+            .arg(format!("sport = :{port}"))
+            .output()
+            .is_ok_and(|o| !o.stdout.is_empty())
+    };
+    let taken = common::until_true(Duration::from_secs(15), held).await;
+    let taken_before = |s: &ssh_spawner::metrics::Snapshot| {
+        s.hub_tunnel_port_taken
+            .iter()
+            .find(|(h, _)| *h == alice.host_label())
+            .map_or(0, |(_, n)| *n)
+    };
+    let before = taken_before(&ssh_spawner::metrics::snapshot());
+    let again = RemoteForward::open(pool.clone(), alice.clone(), port, to).await;
+    let after = taken_before(&ssh_spawner::metrics::snapshot());
+    let _ = pool.exec(&bob, &kill_squatter).await;
+    assert!(taken, "bob never bound port {port}");
+    let err = again.err().expect("sshd gave alice a port bob holds");
+    assert!(ssh_spawner::ssh::forward_port_refused(&err), "{err}");
+    assert_eq!(after, before + 1, "the taken port was not counted");
+}

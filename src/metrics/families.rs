@@ -220,6 +220,16 @@ pub fn families(snap: &Snapshot, pool: &[(String, usize, usize)]) -> Vec<Family>
         vec![],
         vec![plain(&[], snap.states_refused as f64)],
     ));
+    out.push((
+        "counter",
+        "ssh_spawner_hub_tunnel_port_taken",
+        "Hub tunnel ports asked for again (after a dropped connection or a hub restart) that sshd refused: taken on the host's loopback, presumably by another user of the host",
+        vec!["host"],
+        snap.hub_tunnel_port_taken
+            .iter()
+            .map(|(label, n)| plain(&[&host(label)], *n as f64))
+            .collect(),
+    ));
     out
 }
 

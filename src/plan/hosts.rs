@@ -12,7 +12,7 @@ use rand::Rng;
 use super::gpus::{self, GpuFacts};
 use super::ports::listening_ports;
 use super::quote::{invalid, quote};
-use super::run::{marker_pattern, RUN_MARKER};
+use super::run::{self, marker_pattern, RUN_MARKER};
 use super::sh::{self, Preamble};
 use crate::error::{Error, Result};
 
@@ -79,13 +79,23 @@ const TCP_MARK: &str = "--- proc-net-tcp";
 /// and the command's first word, quoted with [`quote`]), it also runs the
 /// prologue in a subshell and reports whether the command is found.
 pub fn facts_script(command_check: Option<(&[String], &str)>) -> String {
+    facts_script_for(command_check, RUN_MARKER)
+}
+
+/// [`facts_script`] counting the runs of wrappers marked `run_marker` (the
+/// tests' own marker, so that servers of other tests are not counted).
+fn facts_script_for(command_check: Option<(&[String], &str)>, run_marker: &str) -> String {
     let mut p = Preamble::new();
-    // The marker pattern and the mark are this crate's: nothing to refuse.
-    p.quoted("run_pattern", &quote_known(&marker_pattern()))
-        .quoted("tcp_mark", &quote_known(TCP_MARK))
-        .quoted("gpu_query", &quote_known(gpus::GPU_QUERY))
-        .quoted("app_query", &quote_known(gpus::APP_QUERY))
-        .number("gpu_timeout", gpus::NVIDIA_SMI_TIMEOUT_SECS);
+    // The marker, its pattern and the mark are this crate's: nothing to refuse.
+    p.quoted(
+        "run_pattern",
+        &quote_known(&run::pattern_not_matching_itself(run_marker)),
+    )
+    .quoted("run_marker", &quote_known(run_marker))
+    .quoted("tcp_mark", &quote_known(TCP_MARK))
+    .quoted("gpu_query", &quote_known(gpus::GPU_QUERY))
+    .quoted("app_query", &quote_known(gpus::APP_QUERY))
+    .number("gpu_timeout", gpus::NVIDIA_SMI_TIMEOUT_SECS);
     match command_check {
         Some((prologue, command)) => {
             p.flag("check_command", "1")
@@ -414,6 +424,83 @@ pub fn human_bytes(bytes: u64) -> String {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    /// A process group the test started; killed on drop.
+    struct Group(std::process::Child);
+    impl Drop for Group {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", self.0.id())])
+                .status();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn group(argv: &[&str], stdin: &str) -> Group {
+        use std::io::Write;
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new(argv[0])
+            .args(&argv[1..])
+            .stdin(std::process::Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        // Kept open: a `sh -s` reads on after its `sleep`.
+        child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        Group(child)
+    }
+
+    /// The facts count runs whose wrapper runs, each once: not every process
+    /// with the marker somewhere in its argv (which any user can start).
+    #[test]
+    fn the_server_count_matches_the_wrappers_argv_exactly() {
+        let marker = format!("ssp-test-{:x}z:", rand::random::<u32>());
+        let m = |id: &str| format!("{marker}{id}");
+        let code = "sleep 1000; :";
+        let (r1, r2, bad) = (m("run-1"), m("run-2"), m("Bad_Id"));
+        let evil = m("evil");
+        let procs = [
+            // A launch leading its group and its wrapper subshell: one run.
+            group(&["/bin/sh", "-s", &r1, "/tmp/ssp-x/run-1"], "sleep 1000\n"),
+            group(&["/bin/sh", "-s", &r1, "/tmp/ssp-x/run-1"], "sleep 1000\n"),
+            // A setsid'd wrapper.
+            group(
+                &["/bin/sh", "-c", code, &r2, "/tmp/ssp-x/run-2", "sleep", "1"],
+                "",
+            ),
+            // The marker elsewhere in an argv.
+            group(&["/bin/sh", "-c", code, "x", &evil, "y"], ""),
+            group(&["/bin/sh", "-s", "x", &evil], "sleep 1000\n"),
+            group(&["/bin/sh", "-s", &evil, "dir", "more"], "sleep 1000\n"),
+            group(&["/bin/sh", "-c", code, &evil], ""),
+            group(&["/bin/sh", "-s", &bad], "sleep 1000\n"),
+            group(&["/bin/sh", "-s", &marker], "sleep 1000\n"),
+        ];
+        let all_up = || {
+            procs.iter().all(|g| {
+                std::fs::read_dir("/proc").unwrap().flatten().any(|e| {
+                    std::fs::read_to_string(e.path().join("stat")).is_ok_and(|st| {
+                        st.rsplit_once(')')
+                            .and_then(|(_, r)| r.split_whitespace().nth(1))
+                            .is_some_and(|ppid| ppid == g.0.id().to_string())
+                    })
+                })
+            })
+        };
+        assert!(crate::plan::testing::wait_until(
+            std::time::Duration::from_secs(5),
+            all_up
+        ));
+        let out = crate::plan::testing::sh(&facts_script_for(None, &marker));
+        let f = parse_facts(&out.stdout).unwrap();
+        assert_eq!(f.servers, 2, "stderr: {}", out.stderr);
+        drop(procs);
+    }
 
     const REPORT: &str = "hostname=node1\nhome=/home/tb-alice\nuid=1001\nmem_total_kb=16000000\n\
 mem_available_kb=3250585\ncpus=4\nload1=1.50\nboot_id=abc\nservers=2\nsystemd_user=no\nprlimit=yes\n\

@@ -22,14 +22,16 @@ pub fn marker(run_id: &str) -> String {
 /// [`RUN_MARKER`] but not itself: its last letter is in brackets, so the
 /// argv of the `grep` that searches for it does not count.
 pub fn marker_pattern() -> String {
-    match RUN_MARKER.rfind(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => format!(
-            "{}[{}]{}",
-            &RUN_MARKER[..i],
-            &RUN_MARKER[i..=i],
-            &RUN_MARKER[i + 1..]
-        ),
-        None => RUN_MARKER.to_string(),
+    pattern_not_matching_itself(RUN_MARKER)
+}
+
+/// `text` (no regular-expression characters in it) as a basic regular
+/// expression whose last letter is in brackets: it matches `text` but not
+/// itself.
+pub(crate) fn pattern_not_matching_itself(text: &str) -> String {
+    match text.rfind(|c: char| c.is_ascii_alphabetic()) {
+        Some(i) => format!("{}[{}]{}", &text[..i], &text[i..=i], &text[i + 1..]),
+        None => text.to_string(),
     }
 }
 

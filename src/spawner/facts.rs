@@ -8,6 +8,7 @@ use crate::config::{check_username, Config, HostConfig};
 use crate::error::{Error, Result};
 use crate::plan::hosts::{self, HostFacts};
 use crate::ssh::Target;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 impl Spawner {
@@ -62,18 +63,44 @@ impl Spawner {
             .lock()
             .map(|mut m| m.entry(key.clone()).or_default().clone())
             .unwrap_or_default();
-        let _reading = read_lock.lock().await;
-        // Another start may have read them while this one waited, or found
-        // the host down.
-        if let Some(f) = cached() {
-            return Ok(f);
+        let read = async {
+            let _reading = read_lock.lock().await;
+            // Another start may have read them while this one waited, or
+            // found the host down.
+            if let Some(f) = cached() {
+                return Ok(f);
+            }
+            down()?;
+            let f = self.host_facts(target, None).await?;
+            if let Ok(mut cache) = self.facts.lock() {
+                // Expired figures are never read again: a hub that served
+                // many users keeps only the fresh ones.
+                cache.retain(|_, (at, _)| at.elapsed() < max_age);
+                cache.insert(key.clone(), (Instant::now(), f.clone()));
+            }
+            Ok(f)
+        };
+        let result = read.await;
+        // The lock goes once no other start holds or waits on it (the map's
+        // and this clone are the only references, counted under the map's
+        // lock, where every other clone is made).
+        if let Ok(mut reads) = self.facts_reads.lock() {
+            let ours = reads.get(&key).is_some_and(|l| Arc::ptr_eq(l, &read_lock));
+            if ours && Arc::strong_count(&read_lock) <= 2 {
+                reads.remove(&key);
+            }
         }
-        down()?;
-        let f = self.host_facts(target, None).await?;
-        if let Ok(mut cache) = self.facts.lock() {
-            cache.insert(key, (Instant::now(), f.clone()));
-        }
-        Ok(f)
+        result
+    }
+
+    /// How many (host, user) pairs the facts cache and the facts-read locks
+    /// hold: bounded by the pairs in use, not by every pair ever served.
+    #[doc(hidden)]
+    pub fn facts_entries(&self) -> (usize, usize) {
+        (
+            self.facts.lock().map(|c| c.len()).unwrap_or(0),
+            self.facts_reads.lock().map(|r| r.len()).unwrap_or(0),
+        )
     }
 
     /// Live figures of the hosts named in `names` (all hosts when empty), for

@@ -32,7 +32,8 @@ impl Progress {
 
     /// Record an event.
     pub fn emit(&self, progress: u8, message: impl Into<String>) {
-        let message = message.into();
+        // Host text inside a message never reaches a page or a log raw.
+        let message = crate::error::printable(&message.into());
         // Logged under the spawner's own name whatever file emits it: admins
         // and the tests follow a spawn by `[ssh_spawner::spawner]` lines.
         tracing::info!(target: "ssh_spawner::spawner", progress, "{message}");

@@ -137,7 +137,13 @@ impl Spawner {
             self.put_tunnel(&state.run_id, Some(fwd), None);
         }
         if let Some((port, to)) = want_hub {
-            let fwd = RemoteForward::open(self.pool.clone(), target, port, to).await?;
+            let fwd = RemoteForward::open(self.pool.clone(), target, port, to)
+                .await
+                .inspect_err(|e| {
+                    if crate::ssh::forward_port_refused(e) {
+                        tracing::error!(host = %state.host, run = %state.run_id, port, "the hub tunnel's port is taken on the host since the hub was down: another user may be receiving the server's hub API calls (their token too, unless internal_ssl); the server is kept for unreachable_grace while it is retried: {e}");
+                    }
+                })?;
             tracing::info!(host = %state.host, run = %state.run_id, port, "hub tunnel requested again");
             self.put_tunnel(&state.run_id, None, Some(fwd));
         }

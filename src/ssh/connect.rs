@@ -60,20 +60,61 @@ impl ConnectOptions {
 /// that asked for it carries them (and ends them when it is dropped).
 pub(crate) type ForwardSink = mpsc::UnboundedSender<Channel<Msg>>;
 
-/// The remote forwards of a pool: (the host's [`host_label`], the port
-/// sshd listens on for us on the host's loopback) and their sinks. Every
-/// connection's handler consults it; forwards not in it are refused. The
-/// pool and the handler both key it by [`host_label`], so they agree on an
-/// IPv6 address too.
-///
-/// [`host_label`]: super::host_label
-pub(crate) type ForwardTargets = Arc<Mutex<HashMap<(String, u32), ForwardSink>>>;
+/// The remote forwards of a pool, by the connection's [`Target`] (host,
+/// port, user and credential: the pool's key, so one user's forwards are
+/// never another's) and the port sshd listens on for it on the host's
+/// loopback, with their sinks. Every connection's handler consults it for
+/// its own target; forwards not in it are refused. Each forward changes
+/// only its own entry: another user's failing request for the same port
+/// (taken, by that very forward) leaves it in place.
+#[derive(Clone, Default)]
+pub(crate) struct ForwardTargets(Arc<Mutex<HashMap<(Target, u32), ForwardSink>>>);
+
+impl ForwardTargets {
+    /// Before sshd answers a request for `port`: record `sink` unless a live
+    /// forward of the same target has the port (it keeps it until the
+    /// answer says otherwise). So no connection arrives unclaimed.
+    pub(crate) fn claim(&self, target: &Target, port: u32, sink: &ForwardSink) {
+        if let Ok(mut map) = self.0.lock() {
+            let key = (target.clone(), port);
+            if map.get(&key).is_none_or(|s| s.is_closed()) {
+                map.insert(key, sink.clone());
+            }
+        }
+    }
+
+    /// sshd granted `port`: connections to it go to `sink`.
+    pub(crate) fn set(&self, target: &Target, port: u32, sink: &ForwardSink) {
+        if let Ok(mut map) = self.0.lock() {
+            map.insert((target.clone(), port), sink.clone());
+        }
+    }
+
+    /// Forget `port` if it is `sink`'s (a failed request, a dropped forward).
+    pub(crate) fn release(&self, target: &Target, port: u32, sink: &ForwardSink) {
+        if let Ok(mut map) = self.0.lock() {
+            let key = (target.clone(), port);
+            if map.get(&key).is_some_and(|s| s.same_channel(sink)) {
+                map.remove(&key);
+            }
+        }
+    }
+
+    /// Where a connection to `port` forwarded on `target`'s connection goes.
+    fn sink(&self, target: &Target, port: u32) -> Option<ForwardSink> {
+        let map = self.0.lock().ok()?;
+        map.get(&(target.clone(), port))
+            .filter(|s| !s.is_closed())
+            .cloned()
+    }
+}
 
 /// The russh handler: checks the host key and hands forwarded connections
 /// to their forward.
 pub(crate) struct Client {
     host: String,
     port: u16,
+    target: Target,
     known_hosts: PathBuf,
     entries: Arc<Vec<known_hosts::Entry>>,
     policy: HostKeyPolicy,
@@ -110,13 +151,7 @@ impl client::Handler for Client {
         _session: &mut client::Session,
     ) -> Result<(), Self::Error> {
         let label = super::host_label(&self.host, self.port);
-        let sink = self
-            .forwards
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&(label.clone(), connected_port)).cloned())
-            .filter(|s| !s.is_closed());
-        let Some(sink) = sink else {
+        let Some(sink) = self.forwards.sink(&self.target, connected_port) else {
             tracing::warn!(host = %label, port = connected_port, "refused a forwarded connection for a forward not in use");
             reply
                 .reject(russh::ChannelOpenFailure::AdministrativelyProhibited)
@@ -147,7 +182,20 @@ impl client::Handler for Client {
             }
         };
         let fingerprint = known_hosts::fingerprint(key);
-        match known_hosts::check(&self.entries, &self.host, self.port, key) {
+        let mut verdict = known_hosts::check(&self.entries, &self.host, self.port, key);
+        if verdict == Verdict::Unknown && self.policy == HostKeyPolicy::AcceptNew {
+            // Checked again against the file under a lock: another first
+            // contact may have recorded a key since the entries were read.
+            verdict = known_hosts::record_first_seen(&self.known_hosts, &self.host, self.port, key)
+                .await
+                .map_err(HandlerError::HostKey)?;
+            if verdict == Verdict::Unknown {
+                tracing::warn!(host = %label, %fingerprint, known_hosts = %self.known_hosts.display(),
+                    "accept-new: recorded the key of a host seen for the first time");
+                return Ok(true);
+            }
+        }
+        match verdict {
             Verdict::Known { .. } => Ok(true),
             Verdict::Changed { line } => Err(HandlerError::HostKey(Error::HostKeyChanged {
                 host: label,
@@ -161,23 +209,11 @@ impl client::Handler for Client {
                 known_hosts: self.known_hosts.clone(),
                 line,
             })),
-            Verdict::Unknown => match self.policy {
-                HostKeyPolicy::Strict => Err(HandlerError::HostKey(Error::HostKeyUnknown {
-                    host: label,
-                    fingerprint,
-                    known_hosts: self.known_hosts.clone(),
-                })),
-                HostKeyPolicy::AcceptNew => {
-                    let line = known_hosts::entry_line(&self.host, self.port, key)
-                        .map_err(HandlerError::HostKey)?;
-                    known_hosts::append_blocking(&self.known_hosts, line)
-                        .await
-                        .map_err(HandlerError::HostKey)?;
-                    tracing::warn!(host = %label, %fingerprint, known_hosts = %self.known_hosts.display(),
-                        "accept-new: recorded the key of a host seen for the first time");
-                    Ok(true)
-                }
-            },
+            Verdict::Unknown => Err(HandlerError::HostKey(Error::HostKeyUnknown {
+                host: label,
+                fingerprint,
+                known_hosts: self.known_hosts.clone(),
+            })),
         }
     }
 }
@@ -218,6 +254,7 @@ pub(crate) async fn connect(
     let handler = Client {
         host: target.address.clone(),
         port: target.port,
+        target: target.clone(),
         known_hosts: opts.known_hosts.clone(),
         entries,
         policy: opts.host_key_policy,

@@ -16,8 +16,13 @@ use super::pool::Pool;
 use super::Target;
 use crate::error::{Cause, Error, Phase, Result};
 
+/// How long the output of a command that reported its exit status is read
+/// on before its channel is closed (a background job it started may hold the
+/// channel open).
+const AFTER_EXIT: Duration = Duration::from_secs(2);
+
 /// One command to run.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Command {
     /// The command line given to the remote user's shell. Keep secrets out of it.
     pub command: String,
@@ -28,6 +33,19 @@ pub struct Command {
     /// Stdout beyond this many bytes stops the command with
     /// [`Error::OutputTooLarge`]; stderr keeps only its last this-many bytes.
     pub max_output: usize,
+}
+
+/// Shows the length of stdin only: it carries secrets (the API token of a
+/// launch).
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Command")
+            .field("command", &self.command)
+            .field("stdin_len", &self.stdin.len())
+            .field("timeout", &self.timeout)
+            .field("max_output", &self.max_output)
+            .finish()
+    }
 }
 
 impl Command {
@@ -192,7 +210,24 @@ impl Pool {
         };
         let receive = async {
             let mut out = Output::default();
-            while let Some(msg) = read.wait().await {
+            let mut drained = true;
+            loop {
+                // Once the command reported its exit, what it printed is
+                // already on its way: the rest is read for a bounded while,
+                // as a process it left in the background may hold its output
+                // (and so the channel) open for as long as it runs.
+                let msg = if out.status.is_some() || out.signal.is_some() {
+                    match tokio::time::timeout(AFTER_EXIT, read.wait()).await {
+                        Ok(msg) => msg,
+                        Err(_) => {
+                            drained = false;
+                            break;
+                        }
+                    }
+                } else {
+                    read.wait().await
+                };
+                let Some(msg) = msg else { break };
                 match msg {
                     ChannelMsg::Data { data } => {
                         if out.stdout.len() + data.len() > cmd.max_output {
@@ -226,10 +261,10 @@ impl Pool {
                     _ => {}
                 }
             }
-            Ok(out)
+            Ok((out, drained))
         };
         let (sent, received) = tokio::join!(send_stdin, receive);
-        let out = received?;
+        let (out, drained) = received?;
         // A command may exit without reading all of stdin; that is its business.
         if let Err(e) = sent {
             tracing::debug!(host = %target.host_label(), "stdin not fully sent: {e}");
@@ -243,7 +278,15 @@ impl Pool {
                 source: None,
             });
         }
-        guard.finish();
+        if drained {
+            guard.finish();
+        } else {
+            // The command exited: close the channel its leftovers hold open,
+            // without signalling them.
+            tracing::debug!(host = %target.host_label(), "output still open after the exit status; closing the channel");
+            guard.kill = false;
+            drop(guard);
+        }
         drop(lease.slot);
         Ok(out)
     }
@@ -264,5 +307,21 @@ fn signal_name_str(sig: &Sig) -> String {
         Sig::TERM => "TERM".into(),
         Sig::USR1 => "USR1".into(),
         Sig::Custom(s) => s.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_shows_the_length_of_stdin_not_its_bytes() {
+        let cmd = Command::new("/bin/sh -s").stdin("export JUPYTERHUB_API_TOKEN=s3cr3t\n");
+        let shown = format!("{cmd:?}");
+        // Neither as text nor as the bytes a derived Debug prints.
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(!shown.contains("115, 51, 99, 114, 51, 116"), "{shown}");
+        assert!(shown.contains("stdin_len: 35"), "{shown}");
+        assert!(shown.contains("/bin/sh -s"), "{shown}");
     }
 }

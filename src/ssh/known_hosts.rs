@@ -348,6 +348,62 @@ impl Cache {
     }
 }
 
+/// Serialises every accept-new recording in this process (the file lock in
+/// [`record_first_seen`] does the same across processes).
+static RECORDING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// accept-new for a host the entries read at connect time did not list:
+/// under a process-wide lock and an exclusive `flock` on the file, read the
+/// file again and check `key` against what it says now. Only a host still
+/// unknown gets `key` appended (and [`Verdict::Unknown`] is returned: it was
+/// recorded); otherwise the verdict of the file as it is now, so a second
+/// first contact that presents another key (a man in the middle on one of
+/// two concurrent connections) is refused as [`Verdict::Changed`] instead of
+/// being recorded next to the first. Runs on tokio's blocking pool.
+pub async fn record_first_seen(
+    path: &Path,
+    host: &str,
+    port: u16,
+    key: &PublicKey,
+) -> Result<Verdict> {
+    let line = entry_line(host, port, key)?;
+    let (path, host, key) = (path.to_path_buf(), host.to_string(), key.clone());
+    tokio::task::spawn_blocking(move || {
+        let _one = RECORDING.lock().unwrap_or_else(|e| e.into_inner());
+        let locked = lock_file(&path)?;
+        let verdict = check(&load(&path)?, &host, port, &key);
+        if verdict == Verdict::Unknown {
+            append(&path, &line)?;
+        }
+        drop(locked);
+        Ok(verdict)
+    })
+    .await
+    .map_err(|e| Error::Invalid {
+        what: "known_hosts append".into(),
+        reason: e.to_string(),
+    })?
+}
+
+/// The file opened (created 0600 when missing) and locked with `flock`
+/// (exclusive) until the returned handle is dropped.
+fn lock_file(path: &PathBuf) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |e: std::io::Error| Error::KnownHosts {
+        path: path.clone(),
+        reason: e.to_string(),
+        source: Cause::of(e),
+    };
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io)?;
+    file.lock().map_err(io)?;
+    Ok(file)
+}
+
 /// [`append`] on tokio's blocking pool.
 pub async fn append_blocking(path: &Path, line: String) -> Result<()> {
     let path = path.to_path_buf();

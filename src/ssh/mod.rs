@@ -28,7 +28,7 @@ pub use exec::{Command, Output};
 pub use known_hosts::HostKeyPolicy;
 pub use pool::{Pool, PoolOptions, PoolStats};
 pub use sftp::Upload;
-pub use tunnel::{LocalForward, RemoteForward};
+pub use tunnel::{forward_port_refused, LocalForward, RemoteForward};
 
 /// Where to connect and as whom: the pool key.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -206,6 +206,17 @@ async fn carry_to(channel: Channel<Msg>, to: String, host: String, _live: Live) 
     }
 }
 
+/// The start of the reason of an [`Error::Tunnel`] when sshd refused a
+/// remote forward's port asked for by number (one the forward had before).
+pub(crate) const FORWARD_PORT_REFUSED: &str = "sshd refused the port this forward had";
+
+/// Whether `e` says sshd refused a port the forward had before: taken on
+/// the host's loopback, presumably by another user of the host, who then
+/// receives what the server sends there.
+pub fn forward_port_refused(e: &Error) -> bool {
+    matches!(e, Error::Tunnel { reason, .. } if reason.starts_with(FORWARD_PORT_REFUSED))
+}
+
 /// A port on a host's loopback whose connections are carried to a local
 /// address, kept across lost connections.
 pub struct RemoteForward {
@@ -297,6 +308,7 @@ async fn keep(
     let mut carried = JoinSet::new();
     let mut backoff = Duration::from_millis(200);
     let mut lost = false;
+    let mut reported_taken = false;
     loop {
         let wait = if !lost && closed() {
             lost = true;
@@ -325,10 +337,17 @@ async fn keep(
                     *c = Some(link);
                 }
                 lost = false;
+                reported_taken = false;
                 backoff = Duration::from_millis(200);
             }
             Err(e) => {
-                tracing::warn!(host = %label, port, "remote forward: {e}; retrying");
+                if forward_port_refused(&e) && !reported_taken {
+                    // Said once per loss: the retries go on (and are counted).
+                    reported_taken = true;
+                    tracing::error!(host = %label, port, "the hub tunnel's port is taken on the host while the forward was down: another user may be receiving the server's hub API calls (their token too, unless internal_ssl); retrying: {e}");
+                } else {
+                    tracing::warn!(host = %label, port, "remote forward: {e}; retrying");
+                }
                 backoff = backoff.saturating_mul(2).min(Duration::from_secs(5));
             }
         }

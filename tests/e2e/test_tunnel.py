@@ -10,9 +10,13 @@ a hub restart and an sshd restart, and close when the server stops.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import os
+import signal
 import socket
 import subprocess
+import threading
 from urllib.parse import quote
 
 import pytest
@@ -275,9 +279,55 @@ def test_hub_tunnel_to_an_api_url_set_in_spawner_environment_survives_five_polls
     hub.stop_server(BOB)
 
 
-def test_internal_ssl_runs_end_to_end_through_both_tunnels(testbed, hub_factory, tmp_path):
+# Another user of the host, bound to a port on its loopback: writes what each
+# connection sent, as repr() lines, and answers nothing.
+SQUATTER = """
+import socket, sys, time
+s = socket.socket()
+# The forward's closed connections linger in TIME_WAIT on the port.
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+end = time.time() + 20
+while True:
+    try:
+        s.bind(("127.0.0.1", int(sys.argv[1])))
+        break
+    except OSError:
+        if time.time() > end:
+            raise
+        time.sleep(0.05)
+s.listen(16)
+s.settimeout(1)
+print("bound", flush=True)
+while time.time() < end + 100:  # never outlives the test for long
+    try:
+        c, _ = s.accept()
+    except OSError:
+        continue
+    c.settimeout(2)
+    data = b""
+    try:
+        while len(data) < 65536:
+            b = c.recv(4096)
+            if not b:
+                break
+            data += b
+    except OSError:
+        pass
+    c.close()
+    print(repr(data), flush=True)
+"""
+
+
+def test_internal_ssl_runs_end_to_end_through_both_tunnels_and_keeps_the_token_from_a_squatter(
+    testbed, hub_factory, tmp_path
+):
     """The tunnels carry bytes only: TLS is between the hub and the server (the
-    server's certificate names 127.0.0.1, as does the hub's)."""
+    server's certificate names 127.0.0.1, as does the hub's). While the hub is
+    down, another user of the host binds the hub tunnel's port: the server's
+    hub API calls reach them, but under TLS that they cannot finish, so its
+    token never does; the restarted hub logs the port as taken, and once it is
+    free again the server reaches the hub (docs/security.md, "The hub
+    tunnel's port on a shared host")."""
     node = "node3"
     with firewall(node, "isolate"):
         hub = hub_factory(
@@ -287,6 +337,9 @@ def test_internal_ssl_runs_end_to_end_through_both_tunnels(testbed, hub_factory,
                 "SSHSpawner.hub_tunnel": True,
                 "JupyterHub.internal_ssl": True,
                 "JupyterHub.internal_certs_location": str(tmp_path / "internal-ssl"),
+                "JupyterHub.cleanup_servers": False,
+                "Spawner.poll_interval": 2,
+                "Spawner.environment": {"JUPYTERHUB_ACTIVITY_INTERVAL": "1"},
                 # the proxy reaches the hub at hub_ip: its certificate must name it
                 "JupyterHub.trusted_alt_names": [f"IP:{testbed['hub_address']}"],
                 "JupyterHub.load_roles": [
@@ -306,4 +359,54 @@ def test_internal_ssl_runs_end_to_end_through_both_tunnels(testbed, hub_factory,
             f"https://127.0.0.1:{state['hub_forward_port']}/hub/api"
         )
         assert status_with_fresh_token(hub, ALICE) == 200
+
+        # The hub goes down; bob binds the hub tunnel's port on the host.
+        remote = state["hub_forward_port"]
+        token = env["JUPYTERHUB_API_TOKEN"].encode()
+        hub.stop()
+        squat = subprocess.Popen(
+            ["ip", "netns", "exec", f"tb-{node}", "runuser", "-u", BOB, "--"]
+            + ["/usr/bin/python3", "-c", SQUATTER, str(remote)],
+            stdout=subprocess.PIPE,
+            text=True,
+            # runuser forks: the group is what is killed.
+            start_new_session=True,
+        )
+        seen: list[str] = []
+        reader = threading.Thread(target=lambda: seen.extend(squat.stdout), daemon=True)
+        reader.start()
+        try:
+            wait_until(lambda: seen, 30, what="bob to bind the port")
+            assert seen[0].strip() == "bound", seen
+            # The server reports activity every second: it calls the port bob holds.
+            wait_until(
+                lambda: len(seen) >= 3,
+                30,
+                what="the server's hub API calls to reach the port bob holds",
+            )
+            hub.start()
+            wait_until(
+                lambda: "the hub tunnel's port is taken on the host" in hub.log_text(),
+                30,
+                what="the restarted hub to log the taken port",
+            )
+        finally:
+            os.killpg(squat.pid, signal.SIGKILL)
+            squat.wait()
+            # A failure above leaves the hub down: up again, so the
+            # teardown stops the server.
+            if hub.proc is None or hub.proc.poll() is not None:
+                hub.start()
+        got = [ast.literal_eval(line) for line in seen[1:] if line.strip()]
+        got = [data for data in got if data]
+        assert got, seen
+        for data in got:
+            assert token not in data, "the token reached bob"
+            assert b"Authorization" not in data and b"HTTP/1." not in data, data[:200]
+            assert data[:1] == b"\x16", f"not a TLS handshake: {data[:40]!r}"  # a ClientHello
+        wait_until(
+            lambda: status_with_fresh_token(hub, ALICE) == 200,
+            60,
+            what="the server to reach the hub API once the port is free again",
+        )
         hub.stop_server(ALICE)

@@ -1,8 +1,9 @@
 # shellcheck shell=sh
 # The facts: everything a host choice needs, in one exec per host.
 #
-# Gets, from the preamble (src/plan/hosts.rs): `run_pattern` (a pattern for
-# the run marker that does not match itself), `check_command` (1: also
+# Gets, from the preamble (src/plan/hosts.rs): `run_marker` (the marker a
+# wrapper's argv carries, `ssh-spawner-run:`), `run_pattern` (a pattern for
+# it that does not match itself), `check_command` (1: also
 # report whether `command` is found after the prologue), `command` (the
 # server's program), `tcp_mark` (the line before /proc/net/tcp*),
 # `gpu_query` and `app_query` (nvidia-smi's query fields), `gpu_timeout`
@@ -31,7 +32,31 @@ done < /proc/meminfo
 printf 'cpus=%s\n' "$(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc)"
 read -r l1 _ < /proc/loadavg; printf 'load1=%s\n' "$l1"
 printf 'boot_id=%s\n' "$(cat /proc/sys/kernel/random/boot_id)"
-printf 'servers=%s\n' "$(pgrep -fc "$run_pattern" 2>/dev/null || true)"
+# The servers: runs whose wrapper runs, each counted once (a launch leading
+# its group has the argv of its wrapper, which is its subshell). A wrapper
+# is a process whose argv is exactly `/bin/sh -s MARKER [DIR]` or `/bin/sh
+# -c CODE MARKER DIR ARGV...`, MARKER `$run_marker` and a run id; a marker
+# anywhere else in any user's argv (`sleep 9 ssh-spawner-run:x`) is not a
+# server. `pgrep` finds the candidates; each one's argv is read with NULs
+# as newlines (and its own newlines as \001, so CODE is one line).
+servers=$(
+  for q in $(pgrep -f "$run_pattern" 2>/dev/null); do
+    tr '\000\n' '\n\001' <"/proc/$q/cmdline" 2>/dev/null | {
+      IFS= read -r a0 && IFS= read -r a1 && IFS= read -r a2 || exit 0
+      IFS= read -r a3 || a3=''
+      IFS= read -r a4 || a4=''
+      case $a0:$a1 in
+        /bin/sh:-s) [ -z "$a4" ] || exit 0; m=$a2 ;;
+        /bin/sh:-c) [ -n "$a4" ] || exit 0; m=$a3 ;;
+        *) exit 0 ;;
+      esac
+      case $m in "$run_marker"?*) r=${m#"$run_marker"} ;; *) exit 0 ;; esac
+      case $r in *[!a-z0-9-]*) exit 0 ;; esac
+      echo "$r"
+    }
+  done | sort -u | wc -l
+)
+printf 'servers=%s\n' "$((${servers:-0}))"
 if command -v systemd-run >/dev/null 2>&1 && systemctl --user show-environment >/dev/null 2>&1; then
   echo systemd_user=yes; else echo systemd_user=no; fi
 if command -v prlimit >/dev/null 2>&1; then echo prlimit=yes; else echo prlimit=no; fi

@@ -73,12 +73,6 @@ done; } 2>/dev/null </proc/self/status || :
 case $um in ''|*[!0-7]*) um=$(umask) ;; esac
 umask 077
 find_ss
-# read_uptime: centiseconds since boot into `now`, the clock of the wait
-# below (/proc/uptime, read with a builtin).
-read_uptime() {
-  IFS=' .' read -r u_s u_c _ </proc/uptime
-  now=$u_s$u_c
-}
 # How the wrapper starts, decided before the exports and the prologue run.
 # When the launch leads its process group (sshd makes each session's login
 # a session leader; a group whose id is the script's pid exists only then,
@@ -152,17 +146,19 @@ done
 # the start needs after the prologue is kept in the positional parameters,
 # which neither can change (the prologue is a function: a `set --` in it is
 # its own). Its stdout is the pipe the wrapper writes the server's pid to
-# (fd 4 until the start, fd 3 in the wrapper); the prologue's output goes to
-# stderr, and the prologue does not get the pipe, so nothing it leaves
-# running can hold the launch open. (dash's `read` takes a byte per system
-# call: every file read on this path costs hundreds of them.)
+# (fd 4 until the start, fd 3 in the wrapper). The prologue's output goes to
+# the server's log, and the prologue gets neither the pipe nor the channel's
+# stdout or stderr, so nothing it leaves running (`Xvfb :99 &`) can hold the
+# launch open: sshd closes a session's channel only once every holder of its
+# output has closed it. (dash's `read` takes a byte per system call: every
+# file read on this path costs hundreds of them.)
 pid=$(
   exec 4>&1 >&2
   umask "$um"
   set -- "$cd_home" "$workdir" "$d" "$default_signal" "$lead_group" "$marker" "$wrapper"
   eval "set -- \"\$@\" $server_argv"
   set +eu
-  ssp_exports_and_prologue 4>&-
+  ssp_exports_and_prologue 4>&- </dev/null >>"$3/server.log" 2>&1
   set -eu
   if [ "$1" = 1 ]; then cd -- "$HOME"; else cd -- "$2"; fi
   shift 2

@@ -65,6 +65,15 @@ read_boot_id() {
   IFS= read -r boot 2>/dev/null </proc/sys/kernel/random/boot_id || boot=
 }
 
+# read_uptime: centiseconds since boot into `now` (/proc/uptime, read with a
+# builtin): the clock of the scripts' waits. Waits are bounded by it, not by
+# counting turns, since on a loaded host a turn (a `sleep`, a process-table
+# read) takes far longer than it says.
+read_uptime() {
+  IFS=' .' read -r u_s u_c _ </proc/uptime
+  now=$u_s$u_c
+}
+
 # read_login_uid: this login's real uid into `login_uid` (empty when
 # unreadable). A recorded uid that is another user's names a process that is
 # not this login's server, whatever its pid and start time say.

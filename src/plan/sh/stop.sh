@@ -243,38 +243,46 @@ if [ "$n" = 0 ] && [ -z "$in_scope" ]; then
   remove_dir
   exit 0
 fi
+# Each wait ends by the host's clock (read_uptime), not after a number of
+# turns: on a loaded host a turn takes far longer than its `sleep 0.1`, and
+# the hub gives the whole stop `command_timeout` plus the grace.
+# until_in CS: the wait that begins now ends CS centiseconds later (`end`);
+# before: whether it has not ended yet.
+until_in() {
+  read_uptime
+  end=$((now + $1))
+}
+before() {
+  read_uptime
+  [ "$now" -lt "$end" ]
+}
 signal_all TERM
-i=0
-lim=$((grace * 10))
-while [ "$i" -lt "$lim" ]; do
+until_in "$((grace * 100))"
+while before; do
   sleep 0.1
   scan_tree
   [ "$n" != 0 ] || break
-  i=$((i + 1))
 done
 escalated=''
 if [ "$n" != 0 ]; then
   escalated=1
-  i=0
-  while [ "$n" != 0 ] && [ "$i" -lt 50 ]; do
+  until_in 500
+  while [ "$n" != 0 ] && before; do
     signal_all KILL
     sleep 0.1
     scan_tree
-    i=$((i + 1))
   done
 fi
 if [ -n "$in_scope" ]; then
-  i=0
-  while [ "$i" -lt "$((grace * 10))" ] && scope_busy; do
+  until_in "$((grace * 100))"
+  while scope_busy && before; do
     sleep 0.1
-    i=$((i + 1))
   done
-  i=0
-  while [ "$i" -lt 50 ] && scope_busy; do
+  until_in 500
+  while scope_busy && before; do
     escalated=1
     systemctl --user kill --signal=KILL -- "$unit" >/dev/null 2>&1 || :
     sleep 0.1
-    i=$((i + 1))
   done
   if scope_busy; then
     echo "ssh-spawner stop: processes left in systemd scope $unit after SIGKILL" >&2

@@ -161,6 +161,49 @@ fn stop_escalates_when_term_is_ignored() {
     assert!(!Path::new(&dir).exists());
 }
 
+/// On a loaded host a turn of the stop's waits takes far longer than its
+/// `sleep 0.1` (here every `sleep` takes a whole second): the waits still
+/// end by the clock, TERM's after the grace and KILL's soon after, so the
+/// stop stays within the time the hub gives it (`command_timeout` plus the
+/// grace) instead of counting ten turns a second.
+#[test]
+fn stop_waits_by_the_clock_when_each_turn_is_slow() {
+    let tmp = Tmp::new();
+    let bin = tmp.join("slow-sleep-bin");
+    fs::create_dir_all(&bin).unwrap();
+    fs::write(
+        format!("{bin}/sleep"),
+        "#!/bin/sh
+exec /bin/sleep 1
+",
+    )
+    .unwrap();
+    fs::set_permissions(format!("{bin}/sleep"), fs::Permissions::from_mode(0o755)).unwrap();
+    let (r, dir, l, _reaper) = launch_ok(
+        &tmp,
+        "stubborn-slow",
+        &["/bin/sh", "-c", "trap '' TERM; exec sleep 1004"],
+    );
+    assert!(wait_until(Duration::from_secs(5), || fs::read(format!(
+        "/proc/{}/comm",
+        l.pid
+    ))
+    .is_ok_and(|c| c.starts_with(b"sleep"))));
+    let script = stop_script(&proc_of(&r, &dir, &l), 2, false).unwrap();
+    let t0 = std::time::Instant::now();
+    let out = sh(&format!("PATH={bin}:$PATH; export PATH\n{script}"));
+    let took = t0.elapsed();
+    assert_eq!(out.status, 0, "{out:?}");
+    assert_eq!(
+        parse_stop(&out.stdout).unwrap(),
+        Stopped::Killed { escalated: true },
+        "{out:?}"
+    );
+    assert!(!alive(l.pid, Some(l.start_time)));
+    // 2 s of grace, a turn of KILL (1 s): counting turns took over 20 s.
+    assert!(took < Duration::from_secs(8), "the stop took {took:?}");
+}
+
 #[test]
 fn stop_after_exit_is_gone_and_cleans_up() {
     let tmp = Tmp::new();

@@ -14,6 +14,7 @@ use crate::error::{Cause, Error, Result};
 use crate::ssh::connect::ForwardSink;
 use crate::ssh::tunnel::{
     BoxFut, CarryTo, ForwardLink, Hold, LocalForward, OpenChannel, RemoteForward, RequestForward,
+    FORWARD_PORT_REFUSED,
 };
 use crate::ssh::{host_label, Target};
 
@@ -86,7 +87,7 @@ impl Pool {
         let what = || format!("from 127.0.0.1:{port} on {} to {to}", target.host_label());
         // Known before sshd answers, so no connection arrives unclaimed.
         if port != 0 {
-            self.set_forward_target(target, u32::from(port), Some(sink.clone()));
+            self.inner.forwards.claim(target, u32::from(port), &sink);
         }
         let granted = tokio::time::timeout(
             self.inner.opts.channel_timeout,
@@ -98,7 +99,7 @@ impl Pool {
         .await;
         let fail = |reason: String, source: Option<Cause>| {
             if port != 0 {
-                self.set_forward_target(target, u32::from(port), None);
+                self.inner.forwards.release(target, u32::from(port), &sink);
             }
             Err(Error::Tunnel {
                 what: what(),
@@ -108,6 +109,13 @@ impl Pool {
         };
         let bound = match granted {
             Ok(Ok(p)) => p,
+            Ok(Err(russh::Error::RequestDenied)) if port != 0 => {
+                // A port asked for by number is one this forward had: after
+                // a dropped connection or a hub restart, whoever holds it
+                // now receives what the server sends there.
+                crate::metrics::hub_tunnel_port_taken(&target.host_label());
+                return fail(format!("{FORWARD_PORT_REFUSED} (taken on the host's loopback, by another user while the forward was down?, or forwarding no longer allowed)"), None)
+            }
             Ok(Err(russh::Error::RequestDenied)) => {
                 return fail("sshd refused the forward (port taken on the host, or AllowTcpForwarding not `yes`/`remote`)".into(), None)
             }
@@ -127,23 +135,8 @@ impl Pool {
         if bound16 == 0 {
             return fail("sshd reported no port".into(), None);
         }
-        self.set_forward_target(target, bound, Some(sink));
+        self.inner.forwards.set(target, bound, &sink);
         Ok((bound16, guard))
-    }
-
-    /// Where connections to the remote forward on `port` go; `None` forgets it.
-    pub(crate) fn set_forward_target(&self, target: &Target, port: u32, to: Option<ForwardSink>) {
-        let key = (target.host_label(), port);
-        if let Ok(mut map) = self.inner.forwards.lock() {
-            match to {
-                Some(to) => {
-                    map.insert(key, to);
-                }
-                None => {
-                    map.remove(&key);
-                }
-            }
-        }
     }
 }
 
@@ -189,7 +182,7 @@ impl RemoteForward {
             .request_forward(&target, port, &to, sink.clone())
             .await?;
         let request: RequestForward = {
-            let (pool, target, to) = (pool.clone(), target.clone(), to.clone());
+            let (pool, target, to, sink) = (pool.clone(), target.clone(), to.clone(), sink.clone());
             Arc::new(move |port| {
                 let (pool, target, to, sink) =
                     (pool.clone(), target.clone(), to.clone(), sink.clone());
@@ -201,7 +194,7 @@ impl RemoteForward {
         };
         let forget = {
             let (pool, target) = (pool.clone(), target.clone());
-            Box::new(move || pool.set_forward_target(&target, u32::from(port), None))
+            Box::new(move || pool.inner.forwards.release(&target, u32::from(port), &sink))
         };
         Ok(RemoteForward::start(
             port,

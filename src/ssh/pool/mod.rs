@@ -94,6 +94,10 @@ pub struct PoolStats {
     /// Connections keeping an SFTP session open ([`Pool::make_dir`]). Not
     /// counted in `channels`.
     pub kept_sftp: usize,
+    /// Targets (host and user) the pool keeps a slot for: the ones with a
+    /// connection or a caller, evicted by the idle sweep once they have
+    /// neither.
+    pub targets: usize,
 }
 
 /// A cheaply clonable handle to the pool.
@@ -191,7 +195,7 @@ impl Pool {
             opts,
             slots: Mutex::new(HashMap::new()),
             handshakes: AtomicU64::new(0),
-            forwards: Arc::new(Mutex::new(HashMap::new())),
+            forwards: ForwardTargets::default(),
             tunnel_tasks: Arc::new(AtomicUsize::new(0)),
             health: HostWatch::default(),
         });
@@ -214,7 +218,9 @@ impl Pool {
             tunnel_tasks: self.inner.tunnel_tasks.load(Ordering::Relaxed),
             ..Default::default()
         };
-        for slot in self.slots() {
+        let slots = self.slots();
+        stats.targets = slots.len();
+        for slot in slots {
             if let Ok(conns) = slot.conns.try_lock() {
                 stats.connections += conns.len();
                 stats.channels += conns.iter().map(|c| c.in_use()).sum::<usize>();
@@ -298,15 +304,12 @@ impl Pool {
             return Ok((conn, permit));
         }
 
-        // Every connection is full and no more may be opened: queue on the
-        // least busy one.
-        let Some(conn) = conns.first().cloned() else {
-            return Err(queue_timeout(target, opts));
-        };
+        // Every connection is full and no more may be opened: queue on all
+        // of them and take the first slot that frees on any.
+        let full: Vec<Arc<Conn>> = conns.clone();
         drop(conns);
-        let wait = queue_wait(opts);
-        match tokio::time::timeout(wait, conn.sessions.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok((conn, permit)),
+        match tokio::time::timeout(queue_wait(opts), first_free(full)).await {
+            Ok(Some(taken)) => Ok(taken),
             _ => Err(queue_timeout(target, opts)),
         }
     }
@@ -393,6 +396,35 @@ impl Pool {
             }
         }
     }
+}
+
+/// The first session slot that frees on any of `conns` (the waits on the
+/// others are dropped, which takes them out of their queues); `None` when
+/// every connection's slots are closed (the connections died).
+async fn first_free(conns: Vec<Arc<Conn>>) -> Option<(Arc<Conn>, OwnedSemaphorePermit)> {
+    let mut waits: Vec<_> = conns
+        .iter()
+        .map(|c| Some(Box::pin(c.sessions.clone().acquire_owned())))
+        .collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (i, wait) in waits.iter_mut().enumerate() {
+            let Some(w) = wait else { continue };
+            match std::future::Future::poll(w.as_mut(), cx) {
+                std::task::Poll::Ready(Ok(permit)) => {
+                    return std::task::Poll::Ready(Some((conns[i].clone(), permit)))
+                }
+                std::task::Poll::Ready(Err(_)) => *wait = None,
+                std::task::Poll::Pending => pending = true,
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(None)
+        }
+    })
+    .await
 }
 
 fn queue_timeout(target: &Target, opts: &PoolOptions) -> Error {

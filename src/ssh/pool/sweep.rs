@@ -1,5 +1,7 @@
 //! Closing pooled connections that have had no channel for the idle
-//! timeout, in the background.
+//! timeout, in the background, and forgetting the targets left with no
+//! connection and no caller (a hub that served many users over weeks would
+//! otherwise keep a slot for each it ever served).
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -8,8 +10,8 @@ use std::time::Duration;
 use super::{disconnect, Inner, Slot};
 
 /// Close connections that have had no channel for `idle_timeout`.
-pub(super) async fn sweep_idle(inner: Weak<Inner>) {
-    let period = match inner.upgrade() {
+pub(super) async fn sweep_idle(weak: Weak<Inner>) {
+    let period = match weak.upgrade() {
         Some(i) => {
             (i.opts.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30))
         }
@@ -17,7 +19,7 @@ pub(super) async fn sweep_idle(inner: Weak<Inner>) {
     };
     loop {
         tokio::time::sleep(period).await;
-        let Some(inner) = inner.upgrade() else {
+        let Some(inner) = weak.upgrade() else {
             return;
         };
         let idle = inner.opts.idle_timeout;
@@ -51,5 +53,18 @@ pub(super) async fn sweep_idle(inner: Weak<Inner>) {
                 disconnect(conn).await;
             }
         }
+        if let Some(inner) = weak.upgrade() {
+            evict_unused(&inner);
+        }
+    }
+}
+
+/// Forget the slots nobody holds (the map's is the only reference, so no
+/// caller waits on it or is about to) that have no connection left.
+fn evict_unused(inner: &Inner) {
+    if let Ok(mut map) = inner.slots.lock() {
+        map.retain(|_, slot| {
+            Arc::strong_count(slot) > 1 || slot.conns.try_lock().map_or(true, |c| !c.is_empty())
+        });
     }
 }
