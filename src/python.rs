@@ -458,6 +458,8 @@ fn request_from(json: &str) -> PyResult<SpawnRequest> {
         #[serde(default)]
         cpu_guarantee: Option<f64>,
         #[serde(default)]
+        gpus: u32,
+        #[serde(default)]
         mem_limit: Option<u64>,
         #[serde(default)]
         cpu_limit: Option<f64>,
@@ -474,6 +476,7 @@ fn request_from(json: &str) -> PyResult<SpawnRequest> {
         requirements: Requirements {
             mem_guarantee: r.mem_guarantee,
             cpu_guarantee: r.cpu_guarantee,
+            gpus: r.gpus,
         },
         limits: Limits {
             mem: r.mem_limit,
@@ -495,7 +498,7 @@ impl Core {
     }
 
     /// Choose host and port. `request_json`: username, server_name,
-    /// mem_guarantee, cpu_guarantee, mem_limit, cpu_limit (bytes / cores), host, exclude.
+    /// mem_guarantee, cpu_guarantee, gpus, mem_limit, cpu_limit (bytes / cores), host, exclude.
     fn prepare<'py>(
         &self,
         py: Python<'py>,
@@ -639,6 +642,7 @@ impl Core {
         cpu_limit_max: Option<f64>,
         mem_limit_default: Option<u64>,
         cpu_limit_default: Option<f64>,
+        gpus_max: u32,
     ) -> PyResult<String> {
         let names = self.host_names();
         let hosts = if user_hosts.is_empty() {
@@ -664,6 +668,7 @@ impl Core {
             cpu_limit_max,
             mem_limit_default,
             cpu_limit_default,
+            gpus_max,
         };
         serde_json::to_string(&bounds).map_err(|e| SpawnerError::new_err(e.to_string()))
     }
@@ -773,7 +778,8 @@ fn parse_bounds(json: &str) -> PyResult<form::Bounds> {
 
 /// Validate a user's options (JSON: form fields or a REST body) against the
 /// admin's bounds (JSON of `plan::form::Bounds`); returns the choice as JSON
-/// (`host`, `mem_limit` bytes, `cpu_limit` cores, each possibly null).
+/// (`host`, `mem_limit` bytes, `cpu_limit` cores, each possibly null, and
+/// `gpus` when the user asked).
 #[pyfunction]
 fn validate_options(options_json: &str, bounds_json: &str) -> PyResult<String> {
     let bounds = parse_bounds(bounds_json)?;

@@ -305,6 +305,36 @@ class SSHSpawner(Spawner):
         ``cpu_limit``. Unset: CPU is not a choice (``cpu_limit`` applies).""",
     ).tag(config=True)
 
+    gpus = Integer(
+        0,
+        help="""GPUs each server gets. Only a host with this many free GPUs is
+        chosen (then by ``host_selection``); the server is given exactly those,
+        by UUID, in ``CUDA_VISIBLE_DEVICES`` and ``NVIDIA_VISIBLE_DEVICES``
+        (on a host with GPUs, a server that asked for none gets both empty).
+        A GPU is free when no server of this hub holds it and no other process
+        uses more than ``gpu_busy_memory_mib`` of its memory. The GPUs are
+        recorded in the server's state and in ``gpus`` in its run directory,
+        and held until it stops or is found gone. Set it per profile with
+        ProfilesSpawner; a user may ask for up to ``user_gpus_max`` with the
+        option ``gpus``. The variables are advisory: a program that resets
+        them sees every GPU of the host.""",
+    ).tag(config=True)
+
+    user_gpus_max = Integer(
+        0,
+        help="""Most GPUs a user may ask for with the option ``gpus`` (the REST
+        API's ``{"gpus": 2}``), instead of ``gpus``. 0: GPUs are not a choice;
+        a larger count is refused with a message naming the limit.""",
+    ).tag(config=True)
+
+    gpu_busy_memory_mib = Integer(
+        100,
+        help="""MiB of a GPU's memory a process not started by this hub may
+        use while the GPU still counts as free (a monitoring agent's CUDA
+        context). A process using more (an ssh user's training job) makes the
+        GPU taken: it is not given to a server.""",
+    ).tag(config=True, rust=True)
+
     options_form_cache = Float(
         10.0,
         help="""Seconds the form's host figures are shared between page views,
@@ -425,6 +455,7 @@ class SSHSpawner(Spawner):
                 self.user_cpu_limit_max,
                 self.mem_limit or None,
                 self.cpu_limit or None,
+                self.user_gpus_max,
             )
         except _core.SpawnerError as e:  # a misnamed user_hosts
             raise ValueError(str(e)) from None
@@ -511,6 +542,7 @@ class SSHSpawner(Spawner):
                 "server_name": self.name or "",
                 "mem_guarantee": self.mem_guarantee or None,
                 "cpu_guarantee": self.cpu_guarantee or None,
+                "gpus": choice.get("gpus", self.gpus),
                 "mem_limit": choice.get("mem_limit") or self.mem_limit or None,
                 "cpu_limit": choice.get("cpu_limit") or self.cpu_limit or None,
                 "host": choice.get("host"),
