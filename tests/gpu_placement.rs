@@ -1,0 +1,261 @@
+//! GPUs through the spawner against the testbed's real sshds: node1 gets
+//! the stand-in `nvidia-smi` printing four A100s (one busy with another
+//! user's job), node2 two idle RTX 4090s, node3 none (`scripts/testbed gpus`,
+//! put back to `none` when the test ends, however it ends). A server asking
+//! for GPUs lands on a host with enough free, sees exactly its own in its
+//! environment (read from `/proc/PID/environ`: nodes 1-3 share this
+//! machine's pid namespace), and the run directory lists them; concurrent
+//! spawns never share one; a stop releases them.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{testbed, Testbed};
+use ssh_spawner::config::Config;
+use ssh_spawner::plan::state::ServerState;
+use ssh_spawner::spawner::{Progress, SpawnRequest, Spawner};
+
+/// The A100 the fixture's other user's job keeps busy: never given.
+const BUSY_A100: &str = "GPU-c2a5f8d1-6e7b-4a3c-9d0e-5b8f1a2c4e36";
+
+/// Gives hosts a stand-in `nvidia-smi`; puts every one back to `none` when
+/// dropped, so the shared bed is left as it was found.
+struct Gpus<'a> {
+    tb: &'a Testbed,
+    hosts: Vec<&'static str>,
+}
+
+impl<'a> Gpus<'a> {
+    fn set(tb: &'a Testbed, sets: &[(&'static str, &str)]) -> Gpus<'a> {
+        let g = Gpus {
+            tb,
+            hosts: sets.iter().map(|(h, _)| *h).collect(),
+        };
+        for (host, set) in sets {
+            g.run(host, set);
+        }
+        g
+    }
+
+    fn run(&self, host: &str, set: &str) {
+        let status = std::process::Command::new(Testbed::script())
+            .args(["gpus", host, set])
+            .status()
+            .expect("scripts/testbed gpus");
+        assert!(status.success(), "scripts/testbed gpus {host} {set}");
+        let _ = self.tb;
+    }
+}
+
+impl Drop for Gpus<'_> {
+    fn drop(&mut self) {
+        for host in &self.hosts {
+            let _ = std::process::Command::new(Testbed::script())
+                .args(["gpus", host, "none"])
+                .status();
+        }
+    }
+}
+
+/// Nodes 1-3 (node4, when up, has no stand-in here: it would get none
+/// anyway), facts cached for a minute: every spawn of the test chooses from
+/// the same, soon stale, facts, and only the claims keep GPUs apart.
+fn config(tb: &Testbed) -> Config {
+    let hosts: Vec<String> = tb
+        .hosts
+        .iter()
+        .filter(|h| ["node1", "node2", "node3"].contains(&h.name.as_str()))
+        .map(|h| {
+            format!(
+                "[[hosts]]\naddress = \"{}\"\nname = \"{}\"\n",
+                h.address, h.name
+            )
+        })
+        .collect();
+    let text = format!(
+        "known_hosts = \"{}\"\nkey_path = \"{}\"\nconnect_timeout = 5\ncommand_timeout = 20\n\
+         stop_grace = 3\nfacts_cache = 60\nready_timeout = 0.5\n{}",
+        tb.known_hosts.display(),
+        tb.hub_key.display(),
+        hosts.join("\n")
+    );
+    let c: Config = toml::from_str(&text).unwrap();
+    c.validate().unwrap();
+    c
+}
+
+fn request(user: &str, gpus: u32) -> SpawnRequest {
+    let mut req = SpawnRequest {
+        username: user.into(),
+        ..Default::default()
+    };
+    req.requirements.gpus = gpus;
+    req
+}
+
+/// A hub environment that names other GPUs: the spawner's must win.
+fn env(_: &ServerState) -> Vec<(String, String)> {
+    vec![
+        ("CUDA_VISIBLE_DEVICES".into(), "0,1,2,3".into()),
+        ("NVIDIA_VISIBLE_DEVICES".into(), "all".into()),
+        ("JUPYTERHUB_USER".into(), "gpu-test".into()),
+    ]
+}
+
+fn cmd() -> Vec<String> {
+    vec!["sleep".into(), "2500".into()]
+}
+
+fn environ(pid: u32) -> BTreeMap<String, String> {
+    let data = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    data.split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Stops every server it was given when dropped during a panic.
+struct StopAll(Vec<common::StopOnPanic>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_spawns_land_where_gpus_are_free_get_exactly_theirs_and_never_share_one() {
+    let Some(tb) =
+        testbed("gpu_spawns_land_where_gpus_are_free_get_exactly_theirs_and_never_share_one")
+    else {
+        return;
+    };
+    let _gpus = Gpus::set(
+        &tb,
+        &[("node1", "a100x4-one-busy"), ("node2", "rtx4090x2-idle")],
+    );
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice().name.clone();
+    let mut guards = StopAll(Vec::new());
+
+    // Two GPUs: node1 (3 free) or node2 (2 free), never node3.
+    let progress = Progress::new();
+    let two = sp
+        .spawn(&request(&user, 2), env, &cmd(), &progress)
+        .await
+        .expect("a 2-GPU spawn");
+    guards.0.push(common::StopOnPanic::new(&sp, &two));
+    assert!(
+        ["node1", "node2"].contains(&two.host.as_str()),
+        "{}",
+        two.host
+    );
+    assert_eq!(two.gpus.len(), 2, "{two:?}");
+    assert!(!two.gpus.iter().any(|g| g == BUSY_A100), "{:?}", two.gpus);
+    let env_seen = environ(two.pid.unwrap());
+    let want = two.gpus.join(",");
+    assert_eq!(env_seen.get("CUDA_VISIBLE_DEVICES"), Some(&want));
+    assert_eq!(env_seen.get("NVIDIA_VISIBLE_DEVICES"), Some(&want));
+    let file = format!("{}/gpus", two.dir);
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        format!("{}\n", two.gpus.join("\n"))
+    );
+    assert_eq!(common::mode_of(std::path::Path::new(&file)), 0o600);
+    let said: Vec<String> = progress
+        .snapshot(0)
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        said.iter()
+            .any(|m| m.starts_with(&format!("GPUs assigned on {}: GPU ", two.host))),
+        "{said:?}"
+    );
+    // Its state round-trips with the GPUs.
+    let decoded =
+        ssh_spawner::plan::state::decode(&ssh_spawner::plan::state::encode(&two).unwrap()).unwrap();
+    assert_eq!(decoded.gpus, two.gpus);
+    sp.stop(&two).await.unwrap();
+    assert!(sp.held_gpus(&two.host).is_empty(), "stop released them");
+
+    // Twenty one-GPU spawns at once, from the same cached facts: the five
+    // free GPUs (3 on node1, 2 on node2) each go to one server, the other
+    // fifteen are refused saying why.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (sp, user) = (sp.clone(), user.clone());
+            tokio::spawn(async move {
+                sp.spawn(&request(&user, 1), env, &cmd(), &Progress::new())
+                    .await
+            })
+        })
+        .collect();
+    let mut servers = Vec::new();
+    let mut refused = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(s) => {
+                guards.0.push(common::StopOnPanic::new(&sp, &s));
+                servers.push(s);
+            }
+            Err(e) => refused.push(e.to_string()),
+        }
+    }
+    let given: Vec<&String> = servers.iter().flat_map(|s| &s.gpus).collect();
+    let distinct: BTreeSet<&String> = given.iter().copied().collect();
+    assert_eq!(given.len(), distinct.len(), "a GPU given twice: {given:?}");
+    assert_eq!((servers.len(), refused.len()), (5, 15), "{refused:?}");
+    assert!(!distinct.contains(&BUSY_A100.to_string()));
+    for s in &servers {
+        assert_eq!(
+            environ(s.pid.unwrap()).get("CUDA_VISIBLE_DEVICES"),
+            Some(&s.gpus[0])
+        );
+    }
+    for e in &refused {
+        assert!(e.contains("no host has 1 free GPU"), "{e}");
+        assert!(e.contains("node1: 0 of 4 GPUs free"), "{e}");
+        assert!(e.contains("node2: 0 of 2 GPUs free"), "{e}");
+        assert!(e.contains("node3: no GPUs (no nvidia-smi), 1 asked"), "{e}");
+    }
+
+    // A stop releases: the next spawn gets that GPU again.
+    let on_node2 = servers
+        .iter()
+        .position(|s| s.host == "node2")
+        .expect("a server on node2");
+    let freed = servers.remove(on_node2);
+    sp.stop(&freed).await.unwrap();
+    let again = sp
+        .spawn(&request(&user, 1), env, &cmd(), &Progress::new())
+        .await
+        .expect("the freed GPU");
+    guards.0.push(common::StopOnPanic::new(&sp, &again));
+    assert_eq!((again.host.as_str(), &again.gpus), ("node2", &freed.gpus));
+    servers.push(again);
+
+    for s in &servers {
+        sp.stop(s).await.unwrap();
+    }
+    for host in ["node1", "node2"] {
+        assert!(sp.held_gpus(host).is_empty(), "{host}");
+    }
+    // Without GPUs asked, a server on a host with GPUs sees none.
+    let mut plain = request(&user, 0);
+    plain.host = Some("node2".into());
+    let none = sp
+        .spawn(&plain, env, &cmd(), &Progress::new())
+        .await
+        .unwrap();
+    guards.0.push(common::StopOnPanic::new(&sp, &none));
+    let seen = environ(none.pid.unwrap());
+    assert_eq!(
+        seen.get("CUDA_VISIBLE_DEVICES").map(String::as_str),
+        Some("")
+    );
+    assert_eq!(
+        seen.get("NVIDIA_VISIBLE_DEVICES").map(String::as_str),
+        Some("void")
+    );
+    assert!(!std::path::Path::new(&format!("{}/gpus", none.dir)).exists());
+    sp.stop(&none).await.unwrap();
+}
