@@ -622,6 +622,13 @@ impl Core {
         }
     }
 
+    /// `host:port` a hub tunnel carries to for the hub API at `url`: see
+    /// `plan::state::hub_api_to`.
+    #[staticmethod]
+    fn hub_api_to(url: &str) -> String {
+        state::hub_api_to(url)
+    }
+
     /// Display names of the configured hosts, in configuration order.
     fn host_names(&self) -> Vec<String> {
         self.0

@@ -651,7 +651,7 @@ class SSHSpawner(Spawner):
             env = self.get_env()
             hub_api = None
             if self.hub_tunnel:
-                hub_api = self._hub_api_to(env["JUPYTERHUB_API_URL"])
+                hub_api = _core.Core.hub_api_to(env["JUPYTERHUB_API_URL"])
                 self.core.set_hub_api(hub_api)
             # The launch returns once the server listens (the hub's first
             # check then succeeds) or fails if it exits first; it waits at
@@ -720,21 +720,11 @@ class SSHSpawner(Spawner):
             return self.hub_connect_url.rstrip("/") + "/" + path.lstrip("/")
         return self.hub.api_url
 
-    @staticmethod
-    def _hub_api_to(url: str) -> str:
-        """``host:port`` a hub tunnel carries to for the API at ``url``."""
-        api = urlsplit(url)
-        port = api.port or (443 if api.scheme == "https" else 80)
-        host = api.hostname or "127.0.0.1"
-        if host in ("0.0.0.0", "", "::"):
-            host = "127.0.0.1"
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
     def _tell_hub_api(self) -> None:
         """A saved state's hub tunnel carries to this hub's API, nowhere else
         (also for a server started before hub_tunnel was turned off)."""
         if self.hub is not None:
-            self.core.set_hub_api(self._hub_api_to(self._hub_api_url()))
+            self.core.set_hub_api(_core.Core.hub_api_to(self._hub_api_url()))
 
     async def poll(self):
         """The core's answer (``spawner::watch``): a host that does not answer

@@ -278,6 +278,43 @@ pub fn check_host_port(text: &str) -> std::result::Result<(), String> {
     }
 }
 
+/// `host:port` (`[v6]:port`) a hub tunnel carries to for the hub API at
+/// `url` (`http://10.0.0.1:8081/hub/api`): the scheme's port when the URL
+/// names none, and the hub's loopback when it names a wildcard address
+/// (`0.0.0.0`, `::`) or no host.
+pub fn hub_api_to(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let netloc = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let hostport = netloc.rsplit_once('@').map_or(netloc, |(_, h)| h);
+    let (host, port) = match hostport.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, p)) => (h, p.strip_prefix(':')),
+            None => (v6, None),
+        },
+        None => match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        },
+    };
+    let port = port.and_then(|p| p.parse::<u16>().ok()).unwrap_or(
+        if scheme.eq_ignore_ascii_case("https") {
+            443
+        } else {
+            80
+        },
+    );
+    let host = host.to_ascii_lowercase();
+    let host = match host.as_str() {
+        "0.0.0.0" | "" | "::" => "127.0.0.1",
+        h => h,
+    };
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// The server's URL as the state says it is reached now: `url` (what the
 /// hub has) with its host and port replaced by the tunnel's local port, or
 /// else by the state's address and port (a host re-addressed since).
@@ -367,6 +404,24 @@ mod tests {
             hub_forward_to: None,
             gpus: Vec::new(),
             extra: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn the_hub_api_a_hub_tunnel_carries_to() {
+        for (url, want) in [
+            ("http://127.0.0.1:8081/hub/api", "127.0.0.1:8081"),
+            ("https://hub.example/hub/api", "hub.example:443"),
+            ("http://Hub.Example/hub/api", "hub.example:80"),
+            ("http://[::1]:8081/hub/api", "[::1]:8081"),
+            ("http://[fe80::1]/x", "[fe80::1]:80"),
+            ("http://0.0.0.0:8081/hub/api", "127.0.0.1:8081"),
+            ("http://[::]:8081/hub/api", "127.0.0.1:8081"),
+            ("http://:8081/hub/api", "127.0.0.1:8081"),
+            ("http://user:pw@10.0.0.1:9000/hub/api", "10.0.0.1:9000"),
+            ("http://10.0.0.1:8081?x=1", "10.0.0.1:8081"),
+        ] {
+            assert_eq!(hub_api_to(url), want, "{url}");
         }
     }
 
