@@ -259,3 +259,124 @@ async fn gpu_spawns_land_where_gpus_are_free_get_exactly_theirs_and_never_share_
     assert!(!std::path::Path::new(&format!("{}/gpus", none.dir)).exists());
     sp.stop(&none).await.unwrap();
 }
+
+/// A stand-in `nvidia-smi` printing `set` on the PATH of an sshd of the
+/// test's own (the bed's sshds are left alone: this one can be blackholed),
+/// and a configuration with it as host `gpu1` alone.
+fn own_gpu_host(tb: &Testbed, scratch: &common::Scratch, set: &str) -> (common::OwnSshd, Config) {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sets = scratch.path("gpus");
+    std::fs::create_dir_all(sets.join(set)).unwrap();
+    for file in std::fs::read_dir(repo.join("fixtures/gpus").join(set)).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), sets.join(set).join(file.file_name())).unwrap();
+    }
+    let selected = scratch.path("selected");
+    std::fs::write(&selected, format!("{set}\n")).unwrap();
+    let bin = scratch.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let standin = std::fs::read_to_string(repo.join("scripts/testbed-nvidia-smi"))
+        .unwrap()
+        .replace("@SELECTION@", selected.to_str().unwrap())
+        .replace("@FIXTURES@", sets.to_str().unwrap());
+    std::fs::write(bin.join("nvidia-smi"), standin).unwrap();
+    std::fs::set_permissions(
+        bin.join("nvidia-smi"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "PATH={}:/usr/local/bin:/usr/bin:/bin:/usr/games",
+        bin.display()
+    );
+    let sshd = common::OwnSshd::start(tb, &[("SetEnv", &path)]);
+    let known_hosts = scratch.path("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        std::fs::read_to_string(&tb.known_hosts).unwrap()
+            + &std::fs::read_to_string(&sshd.known_hosts).unwrap(),
+    )
+    .unwrap();
+    let mut c = config(tb);
+    c.known_hosts = known_hosts;
+    c.connect_timeout = 2.0;
+    c.command_timeout = 4.0;
+    c.facts_cache = 0.0;
+    let mut host: ssh_spawner::config::HostConfig =
+        toml::from_str(&format!("address = \"{}\"\nname = \"gpu1\"", sshd.address)).unwrap();
+    host.port = sshd.port;
+    c.hosts = vec![host];
+    (sshd, c)
+}
+
+#[tokio::test]
+async fn a_held_gpu_is_not_given_away_while_its_host_does_not_answer() {
+    let Some(tb) = testbed("a_held_gpu_is_not_given_away_while_its_host_does_not_answer") else {
+        return;
+    };
+    let scratch = common::Scratch::new("gpu-outage");
+    let (sshd, cfg) = own_gpu_host(&tb, &scratch, "rtx4090x2-idle");
+    let sp = Spawner::new(cfg).unwrap();
+    let user = tb.alice().name.clone();
+    let first = sp
+        .spawn(&request(&user, 1), env, &cmd(), &Progress::new())
+        .await
+        .unwrap();
+    let _stop_first = common::StopOnPanic::new(&sp, &first);
+    let held = BTreeSet::from([first.gpus[0].clone()]);
+    assert_eq!(sp.held_gpus("gpu1"), held);
+
+    // The host stops answering: a poll cannot say, a stop cannot reach it;
+    // the server may run on, so its GPU stays held.
+    sshd.blackhole();
+    let polled = sp.poll(&first).await;
+    assert!(
+        matches!(polled, ssh_spawner::spawner::PollOutcome::Unknown(_)),
+        "{polled:?}"
+    );
+    assert_eq!(
+        sp.held_gpus("gpu1"),
+        held,
+        "after a poll that could not ask"
+    );
+    let stopped = sp.stop(&first).await;
+    assert!(stopped.is_err(), "{stopped:?}");
+    assert_eq!(
+        sp.held_gpus("gpu1"),
+        held,
+        "after a stop that could not reach"
+    );
+    sshd.heal();
+
+    // Once it answers, a new server gets the other GPU, and a third finds
+    // none free: the first still runs there with its GPU.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let second = loop {
+        match sp
+            .spawn(&request(&user, 1), env, &cmd(), &Progress::new())
+            .await
+        {
+            Ok(s) => break s,
+            // Marked down by the outage until the probe finds it back.
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("down") => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let _stop_second = common::StopOnPanic::new(&sp, &second);
+    assert_ne!(second.gpus, first.gpus);
+    let third = sp
+        .spawn(&request(&user, 1), env, &cmd(), &Progress::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(third.contains("gpu1: 0 of 2 GPUs free"), "{third}");
+    assert!(matches!(
+        sp.poll(&first).await,
+        ssh_spawner::spawner::PollOutcome::Running
+    ));
+    sp.stop(&first).await.unwrap();
+    sp.stop(&second).await.unwrap();
+    assert!(sp.held_gpus("gpu1").is_empty());
+}
