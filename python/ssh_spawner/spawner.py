@@ -307,10 +307,12 @@ class SSHSpawner(Spawner):
 
     gpus = Integer(
         0,
+        min=0,
         help="""GPUs each server gets. Only a host with this many free GPUs is
         chosen (then by ``host_selection``); the server is given exactly those,
         by UUID, in ``CUDA_VISIBLE_DEVICES`` and ``NVIDIA_VISIBLE_DEVICES``
-        (on a host with GPUs, a server that asked for none gets both empty).
+        (on a host with GPUs, a server that asked for none gets
+        ``CUDA_VISIBLE_DEVICES=""`` and ``NVIDIA_VISIBLE_DEVICES=void``).
         A GPU is free when no server of this hub holds it and no other process
         uses more than ``gpu_busy_memory_mib`` of its memory. The GPUs are
         recorded in the server's state and in ``gpus`` in its run directory,
@@ -322,6 +324,7 @@ class SSHSpawner(Spawner):
 
     user_gpus_max = Integer(
         0,
+        min=0,
         help="""Most GPUs a user may ask for with the option ``gpus`` (the REST
         API's ``{"gpus": 2}``), instead of ``gpus``. 0: GPUs are not a choice;
         a larger count is refused with a message naming the limit.""",

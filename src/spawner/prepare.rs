@@ -373,13 +373,18 @@ impl Spawner {
             });
         }
         if !gpus_gone.is_empty() {
+            // Other spawns claimed the GPUs the ranking saw free.
             let n = req.requirements.gpus;
+            let detail = format!(
+                "no host has {n} free GPU{}: {}",
+                if n == 1 { "" } else { "s" },
+                gpus_gone.join(", ")
+            );
             return Err(Error::NoHost {
-                detail: format!(
-                    "no host has {n} free GPU{}: {}",
-                    if n == 1 { "" } else { "s" },
-                    gpus_gone.join(", ")
-                ),
+                detail: match &req.host {
+                    Some(h) => format!("{h}, the host you chose, cannot take the server now ({detail}); choose another host or let the spawner choose"),
+                    None => detail,
+                },
             });
         }
         Err(Error::NoHost {
