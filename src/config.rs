@@ -128,6 +128,11 @@ pub struct Config {
     /// Other ports tried when the chosen one is taken at launch.
     #[serde(default = "d_port_retries")]
     pub port_retries: u32,
+    /// MiB of a GPU's memory a process not of this hub may use on it while
+    /// the GPU still counts as free (a monitoring agent's context); a
+    /// process using more (an ssh user's training job) makes it taken.
+    #[serde(default = "d_gpu_busy_memory_mib")]
+    pub gpu_busy_memory_mib: u64,
     /// Carry the hub's traffic to each server through an SSH tunnel over the
     /// pooled connection: the server listens on the host's loopback only and
     /// the hub reaches it at a local port. For hosts whose only open port is 22.
@@ -187,6 +192,12 @@ fn d_keepalive_count() -> u32 {
 fn d_port_retries() -> u32 {
     5
 }
+fn d_gpu_busy_memory_mib() -> u64 {
+    crate::plan::gpus::DEFAULT_BUSY_MEMORY_MIB
+}
+/// More MiB than any GPU has (16 TiB): a larger `gpu_busy_memory_mib` would
+/// count every process as idle, which cannot be meant.
+const MAX_GPU_BUSY_MEMORY_MIB: u64 = 16 << 20;
 fn d_command() -> Vec<String> {
     vec!["jupyterhub-singleuser".into()]
 }
@@ -363,6 +374,15 @@ impl Config {
                     "0 s would time out at once; give at least a fraction of a second",
                 ));
             }
+        }
+        if self.gpu_busy_memory_mib > MAX_GPU_BUSY_MEMORY_MIB {
+            return Err(invalid(
+                "gpu_busy_memory_mib",
+                format!(
+                    "{} MiB is more than any GPU has (at most {MAX_GPU_BUSY_MEMORY_MIB})",
+                    self.gpu_busy_memory_mib
+                ),
+            ));
         }
         if !(1..=100).contains(&self.keepalive_count) {
             return Err(invalid(

@@ -11,7 +11,7 @@
 //!
 //! Log records from the core are queued here and drained by the Python side
 //! into the hub's logger ([`drain_logs`]): no tokio worker ever waits for the
-//! GIL.
+//! GIL. The spawn request and the user's options are read in `options`.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -26,14 +26,15 @@ use tracing_subscriber::layer::SubscriberExt;
 use crate::config::Config;
 use crate::error::Error;
 use crate::plan::form;
-use crate::plan::hosts::Requirements;
-use crate::plan::limits::Limits;
 use crate::plan::retry;
 use crate::plan::state;
-use crate::spawner::{self, SpawnRequest, Spawner};
+use crate::spawner::{self, Spawner};
 
 mod bridge;
 mod journal;
+mod options;
+
+use options::{parse_bounds, request_from, validate_options};
 
 create_exception!(
     _core,
@@ -450,43 +451,6 @@ impl spawner::StartHooks for StepHooks {
 #[pyclass(frozen)]
 struct Core(Spawner);
 
-fn request_from(json: &str) -> PyResult<SpawnRequest> {
-    #[derive(serde::Deserialize)]
-    struct Req {
-        username: String,
-        #[serde(default)]
-        server_name: String,
-        #[serde(default)]
-        mem_guarantee: Option<u64>,
-        #[serde(default)]
-        cpu_guarantee: Option<f64>,
-        #[serde(default)]
-        mem_limit: Option<u64>,
-        #[serde(default)]
-        cpu_limit: Option<f64>,
-        #[serde(default)]
-        host: Option<String>,
-        #[serde(default)]
-        exclude: Vec<String>,
-    }
-    let r: Req = serde_json::from_str(json)
-        .map_err(|e| SpawnerError::new_err(format!("invalid spawn request: {e}")))?;
-    Ok(SpawnRequest {
-        username: r.username,
-        server_name: r.server_name,
-        requirements: Requirements {
-            mem_guarantee: r.mem_guarantee,
-            cpu_guarantee: r.cpu_guarantee,
-        },
-        limits: Limits {
-            mem: r.mem_limit,
-            cpu: r.cpu_limit,
-        },
-        host: r.host,
-        exclude: r.exclude,
-    })
-}
-
 #[pymethods]
 impl Core {
     /// Validate the configuration (JSON of the Config fields) and make the pool.
@@ -498,7 +462,7 @@ impl Core {
     }
 
     /// Choose host and port. `request_json`: username, server_name,
-    /// mem_guarantee, cpu_guarantee, mem_limit, cpu_limit (bytes / cores), host, exclude.
+    /// mem_guarantee, cpu_guarantee, gpus, mem_limit, cpu_limit (bytes / cores), host, exclude.
     fn prepare<'py>(
         &self,
         py: Python<'py>,
@@ -550,10 +514,18 @@ impl Core {
             .collect()
     }
 
-    /// The hub API address (`host:port`) hub tunnels must carry to; a saved
-    /// state naming another is refused.
-    fn set_hub_api(&self, to: &str) -> PyResult<()> {
-        self.0.set_hub_api(to).map_err(py_err)
+    /// The hub API (its URL, `url`) hub tunnels carry to, as `host:port`
+    /// (also returned): a saved state's hub tunnel is opened again to it,
+    /// never to the address the state names. An address that cannot be
+    /// carried to is an error only when `strict` (`hub_tunnel` is on);
+    /// otherwise it is left unset and None is returned.
+    fn tell_hub_api(&self, url: &str, strict: bool) -> PyResult<Option<String>> {
+        let to = state::hub_api_to(url);
+        match self.0.set_hub_api(&to) {
+            Ok(()) => Ok(Some(to)),
+            Err(e) if strict => Err(py_err(e)),
+            Err(_) => Ok(None),
+        }
     }
 
     /// Start the command on the prepared host, retrying another port or
@@ -632,6 +604,7 @@ impl Core {
         cpu_limit_max: Option<f64>,
         mem_limit_default: Option<u64>,
         cpu_limit_default: Option<f64>,
+        gpus_max: u32,
     ) -> PyResult<String> {
         let names = self.host_names();
         let hosts = if user_hosts.is_empty() {
@@ -657,6 +630,7 @@ impl Core {
             cpu_limit_max,
             mem_limit_default,
             cpu_limit_default,
+            gpus_max,
         };
         serde_json::to_string(&bounds).map_err(|e| SpawnerError::new_err(e.to_string()))
     }
@@ -757,29 +731,6 @@ impl Core {
     ) -> PyResult<Bound<'py, PyAny>> {
         journal::poll(py, &self.0, watch, state_json)
     }
-}
-
-fn parse_bounds(json: &str) -> PyResult<form::Bounds> {
-    serde_json::from_str(json)
-        .map_err(|e| SpawnerError::new_err(format!("invalid options form bounds: {e}")))
-}
-
-/// Validate a user's options (JSON: form fields or a REST body) against the
-/// admin's bounds (JSON of `plan::form::Bounds`); returns the choice as JSON
-/// (`host`, `mem_limit` bytes, `cpu_limit` cores, each possibly null).
-#[pyfunction]
-fn validate_options(options_json: &str, bounds_json: &str) -> PyResult<String> {
-    let bounds = parse_bounds(bounds_json)?;
-    let value: serde_json::Value = serde_json::from_str(options_json).map_err(|e| {
-        py_err(Error::Invalid {
-            what: "server options".into(),
-            reason: format!("not JSON: {e}"),
-        })
-    })?;
-    let choice = form::fields_from_json(&value)
-        .and_then(|f| form::parse(&f, &bounds))
-        .map_err(py_err)?;
-    serde_json::to_string(&choice).map_err(|e| SpawnerError::new_err(e.to_string()))
 }
 
 /// The core's option names (`Config`'s fields) and those the JupyterHub

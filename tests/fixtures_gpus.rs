@@ -255,3 +255,106 @@ fn a_hung_nvidia_smi_is_cut_off_and_the_other_figures_still_come() {
     );
     assert!(f.cpus > 0 && f.mem_total > 0, "{f:?}");
 }
+
+/// The facts of a host (node1's recorded report) with a GPU set's output.
+fn host_with(set: Option<&str>) -> ssh_spawner::plan::hosts::HostFacts {
+    let mut f = parse_facts(
+        "hostname=node1\nhome=/home/tb-alice\nuid=1001\nmem_total_kb=8000000\n\
+         mem_available_kb=4000000\ncpus=4\nload1=0.1\nservers=0\n",
+    )
+    .unwrap();
+    f.gpus = match set {
+        Some(set) => GpuFacts::Ok(report(set)),
+        None => GpuFacts::None,
+    };
+    f
+}
+
+#[test]
+fn a_gpu_spawn_goes_only_to_a_host_with_enough_free_gpus() {
+    use ssh_spawner::plan::hosts::{rank, Candidate, Requirements, Strategy};
+    let (a100, rtx, none) = (
+        host_with(Some("a100x4-one-busy")),
+        host_with(Some("rtx4090x2-idle")),
+        host_with(None),
+    );
+    let failed = {
+        let mut f = host_with(None);
+        f.gpus = GpuFacts::Failed {
+            reason: "nvidia-smi --query-gpu exited with status 9".into(),
+        };
+        f
+    };
+    let cand = |name, f| Candidate {
+        name,
+        max_servers: None,
+        draining: false,
+        facts: Ok(f),
+        held_gpus: BTreeSet::new(),
+        gpu_busy_memory_mib: DEFAULT_BUSY_MEMORY_MIB,
+    };
+    let mut cands = vec![
+        cand("node1", &a100),
+        cand("node2", &rtx),
+        cand("node3", &none),
+        cand("node4", &failed),
+    ];
+    let need = |gpus| Requirements {
+        gpus,
+        ..Requirements::default()
+    };
+    for strategy in [
+        Strategy::Random,
+        Strategy::RoundRobin,
+        Strategy::LeastLoaded,
+    ] {
+        for rr in 0..4 {
+            let mut rng = rand::rng();
+            // No GPUs asked: every host fits, with or without GPUs.
+            assert_eq!(
+                rank(&cands, &need(0), strategy, rr, &mut rng)
+                    .unwrap()
+                    .len(),
+                4
+            );
+            // 2: node1 has 3 free (one busy), node2 has 2.
+            let mut two = rank(&cands, &need(2), strategy, rr, &mut rng).unwrap();
+            two.sort();
+            assert_eq!(two, vec![0, 1], "{strategy:?}");
+            // 3: only node1.
+            assert_eq!(
+                rank(&cands, &need(3), strategy, rr, &mut rng).unwrap(),
+                vec![0]
+            );
+        }
+    }
+    // Held GPUs are not free, whatever the facts say.
+    cands[0].held_gpus = a100.gpus.gpus()[..2]
+        .iter()
+        .map(|g| g.uuid.clone())
+        .collect();
+    let err = rank(&cands, &need(3), Strategy::Random, 0, &mut rand::rng())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("no host has 3 free GPUs: node1: 1 of 4 GPUs free ("),
+        "{err}"
+    );
+    assert!(err.contains("GPU 0 held by a server; GPU 1 held by a server; GPU 2 busy: pid 31337 uses 20480 MiB), 3 asked"), "{err}");
+    assert!(err.contains("node2: 2 of 2 GPUs free, 3 asked"), "{err}");
+    assert!(
+        err.contains("node3: no GPUs (no nvidia-smi), 3 asked"),
+        "{err}"
+    );
+    assert!(
+        err.contains("node4: GPUs unknown (nvidia-smi --query-gpu exited with status 9), 3 asked"),
+        "{err}"
+    );
+    // A larger busy amount counts the 20 GiB job as idle.
+    cands[0].gpu_busy_memory_mib = 30_000;
+    cands[0].held_gpus.clear();
+    assert_eq!(
+        rank(&cands, &need(4), Strategy::Random, 0, &mut rand::rng()).unwrap(),
+        vec![0]
+    );
+}

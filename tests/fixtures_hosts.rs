@@ -248,18 +248,24 @@ fn host_choice_from_the_reported_facts() {
             max_servers: Some(100),
             draining: false,
             facts: Ok(&busy),
+            held_gpus: Default::default(),
+            gpu_busy_memory_mib: 100,
         },
         Candidate {
             name: "node1-earlier",
             max_servers: None,
             draining: false,
             facts: Ok(&calmer),
+            held_gpus: Default::default(),
+            gpu_busy_memory_mib: 100,
         },
         Candidate {
             name: "node4",
             max_servers: None,
             draining: false,
             facts: Ok(&idle),
+            held_gpus: Default::default(),
+            gpu_busy_memory_mib: 100,
         },
     ];
     let order = rank(
@@ -275,6 +281,7 @@ fn host_choice_from_the_reported_facts() {
     let need = Requirements {
         mem_guarantee: Some(20 << 30),
         cpu_guarantee: None,
+        gpus: 0,
     };
     let err = rank(&cands, &need, Strategy::Random, 0, &mut rand::rng()).unwrap_err();
     assert_eq!(

@@ -53,7 +53,7 @@ fn value() -> impl Strategy<Value = String> {
 
 fn key() -> impl Strategy<Value = String> {
     prop_oneof![
-        4 => prop::sample::select(vec!["host", "mem_limit", "cpu_limit", "_xsrf"]).prop_map(str::to_string),
+        4 => prop::sample::select(vec!["host", "mem_limit", "cpu_limit", "gpus", "_xsrf"]).prop_map(str::to_string),
         1 => any::<String>(),
     ]
 }
@@ -70,13 +70,15 @@ fn bounds() -> impl Strategy<Value = Bounds> {
         ),
         prop::option::of(0u64..(1 << 42)),
         prop::option::of(0.0f64..64.0),
+        0u32..9,
     )
-        .prop_map(|(hosts, mem, cpu)| Bounds {
+        .prop_map(|(hosts, mem, cpu, gpus)| Bounds {
             hosts: hosts.into_iter().map(str::to_string).collect(),
             mem_limit_max: mem,
             cpu_limit_max: cpu,
             mem_limit_default: mem.map(|m| m / 2),
             cpu_limit_default: cpu,
+            gpus_max: gpus,
         })
 }
 
@@ -114,6 +116,13 @@ fn assert_within(choice: &form::Choice, b: &Bounds) {
         assert!(
             c.is_finite() && (MIN_CPU..=max).contains(&c),
             "cpu {c} outside"
+        );
+    }
+    if let Some(g) = choice.gpus {
+        assert!(
+            b.gpus_max > 0 && g <= b.gpus_max,
+            "{g} GPUs outside 0..={}",
+            b.gpus_max
         );
     }
 }

@@ -795,6 +795,7 @@ async fn stop_removes_only_a_server_directory_under_the_logins_home() {
         tunnel_port: None,
         hub_forward_port: None,
         hub_forward_to: None,
+        gpus: Vec::new(),
         extra: Default::default(),
     };
     // A directory alice owns that no stop may remove: her home itself, and a
@@ -1220,6 +1221,7 @@ async fn no_host_fits_names_every_host() {
     req.requirements = Requirements {
         mem_guarantee: Some(1 << 50),
         cpu_guarantee: None,
+        gpus: 0,
     };
     let err = sp.prepare(&req, &Progress::new()).await.unwrap_err();
     let msg = err.to_string();

@@ -305,6 +305,39 @@ class SSHSpawner(Spawner):
         ``cpu_limit``. Unset: CPU is not a choice (``cpu_limit`` applies).""",
     ).tag(config=True)
 
+    gpus = Integer(
+        0,
+        min=0,
+        help="""GPUs each server gets. Only a host with this many free GPUs is
+        chosen (then by ``host_selection``); the server is given exactly those,
+        by UUID, in ``CUDA_VISIBLE_DEVICES`` and ``NVIDIA_VISIBLE_DEVICES``
+        (on a host with GPUs, a server that asked for none gets
+        ``CUDA_VISIBLE_DEVICES=""`` and ``NVIDIA_VISIBLE_DEVICES=void``).
+        A GPU is free when no server of this hub holds it and no other process
+        uses more than ``gpu_busy_memory_mib`` of its memory. The GPUs are
+        recorded in the server's state and in ``gpus`` in its run directory,
+        and held until it stops or is found gone. Set it per profile with
+        ProfilesSpawner; a user may ask for up to ``user_gpus_max`` with the
+        option ``gpus``. The variables are advisory: a program that resets
+        them sees every GPU of the host.""",
+    ).tag(config=True)
+
+    user_gpus_max = Integer(
+        0,
+        min=0,
+        help="""Most GPUs a user may ask for with the option ``gpus`` (the REST
+        API's ``{"gpus": 2}``), instead of ``gpus``. 0: GPUs are not a choice;
+        a larger count is refused with a message naming the limit.""",
+    ).tag(config=True)
+
+    gpu_busy_memory_mib = Integer(
+        100,
+        help="""MiB of a GPU's memory a process not started by this hub may
+        use while the GPU still counts as free (a monitoring agent's CUDA
+        context). A process using more (an ssh user's training job) makes the
+        GPU taken: it is not given to a server.""",
+    ).tag(config=True, rust=True)
+
     options_form_cache = Float(
         10.0,
         help="""Seconds the form's host figures are shared between page views,
@@ -425,6 +458,7 @@ class SSHSpawner(Spawner):
                 self.user_cpu_limit_max,
                 self.mem_limit or None,
                 self.cpu_limit or None,
+                self.user_gpus_max,
             )
         except _core.SpawnerError as e:  # a misnamed user_hosts
             raise ValueError(str(e)) from None
@@ -511,6 +545,7 @@ class SSHSpawner(Spawner):
                 "server_name": self.name or "",
                 "mem_guarantee": self.mem_guarantee or None,
                 "cpu_guarantee": self.cpu_guarantee or None,
+                "gpus": choice.get("gpus", self.gpus),
                 "mem_limit": choice.get("mem_limit") or self.mem_limit or None,
                 "cpu_limit": choice.get("cpu_limit") or self.cpu_limit or None,
                 "host": choice.get("host"),
@@ -619,8 +654,7 @@ class SSHSpawner(Spawner):
             env = self.get_env()
             hub_api = None
             if self.hub_tunnel:
-                hub_api = self._hub_api_to(env["JUPYTERHUB_API_URL"])
-                self.core.set_hub_api(hub_api)
+                hub_api = self.core.tell_hub_api(env["JUPYTERHUB_API_URL"], True)
             # The launch returns once the server listens (the hub's first
             # check then succeeds) or fails if it exits first; it waits at
             # most what is left of start_timeout, less a margin so the hub
@@ -688,25 +722,11 @@ class SSHSpawner(Spawner):
             return self.hub_connect_url.rstrip("/") + "/" + path.lstrip("/")
         return self.hub.api_url
 
-    @staticmethod
-    def _hub_api_to(url: str) -> str:
-        """``host:port`` a hub tunnel carries to for the API at ``url``."""
-        api = urlsplit(url)
-        port = api.port or (443 if api.scheme == "https" else 80)
-        host = api.hostname or "127.0.0.1"
-        if host in ("0.0.0.0", "", "::"):
-            host = "127.0.0.1"
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
     def _tell_hub_api(self) -> None:
         """A saved state's hub tunnel carries to this hub's API, nowhere else
         (also for a server started before hub_tunnel was turned off)."""
         if self.hub is not None:
-            try:
-                self.core.set_hub_api(self._hub_api_to(self._hub_api_url()))
-            except _core.SpawnerError:
-                if self.hub_tunnel:
-                    raise
+            self.core.tell_hub_api(self._hub_api_url(), self.hub_tunnel)
 
     async def poll(self):
         """The core's answer (``spawner::watch``): a host that does not answer

@@ -76,6 +76,10 @@ enum Cmd {
         /// Idle cores a host must have.
         #[arg(long)]
         cpu_guarantee: Option<f64>,
+        /// GPUs the server gets: only a host with this many free is chosen,
+        /// and the server sees those alone (CUDA_VISIBLE_DEVICES).
+        #[arg(long, default_value_t = 0)]
+        gpus: u32,
         /// Memory limit, e.g. 2G.
         #[arg(long)]
         mem_limit: Option<String>,
@@ -339,6 +343,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             host,
             mem_guarantee,
             cpu_guarantee,
+            gpus,
             mem_limit,
             cpu_limit,
             env,
@@ -362,6 +367,7 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
                 requirements: Requirements {
                     mem_guarantee: size(mem_guarantee)?,
                     cpu_guarantee,
+                    gpus,
                 },
                 limits: Limits {
                     mem: size(mem_limit)?,

@@ -30,7 +30,7 @@ pub const MIN_MEM: u64 = 128 << 20;
 pub const MIN_CPU: f64 = 0.1;
 
 /// Field names the form uses (and the REST API accepts).
-pub const FIELDS: [&str; 3] = ["host", "mem_limit", "cpu_limit"];
+pub const FIELDS: [&str; 4] = ["host", "mem_limit", "cpu_limit", "gpus"];
 
 /// What the admin lets users choose.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -51,6 +51,10 @@ pub struct Bounds {
     /// The admin's `cpu_limit`, used when the user leaves CPU empty.
     #[serde(default)]
     pub cpu_limit_default: Option<f64>,
+    /// Most GPUs a user may ask for (`user_gpus_max`); 0: GPUs are not a
+    /// choice (the admin's `gpus` applies).
+    #[serde(default)]
+    pub gpus_max: u32,
 }
 
 /// What a user chose, validated. `None` everywhere: the admin's defaults.
@@ -62,6 +66,9 @@ pub struct Choice {
     pub mem_limit: Option<u64>,
     /// CPU limit in cores.
     pub cpu_limit: Option<f64>,
+    /// GPUs; `None` (absent from the JSON): the admin's `gpus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
 }
 
 fn invalid(what: impl Into<String>, reason: impl Into<String>) -> Error {
@@ -233,10 +240,26 @@ pub fn parse(fields: &Fields, bounds: &Bounds) -> Result<Choice> {
             Some(cores)
         }
     };
+    let gpus = match single(fields, "gpus")? {
+        None => None,
+        Some(v) => {
+            let what = format!("GPUs (gpus) {}", shown(v));
+            if bounds.gpus_max == 0 {
+                return Err(invalid(what, "GPUs are not a choice on this hub"));
+            }
+            let max = bounds.gpus_max;
+            let n =
+                v.parse::<u32>().ok().filter(|n| *n <= max).ok_or_else(|| {
+                    invalid(&what, format!("must be a whole number from 0 to {max}"))
+                })?;
+            Some(n)
+        }
+    };
     Ok(Choice {
         host,
         mem_limit,
         cpu_limit,
+        gpus,
     })
 }
 
@@ -379,6 +402,7 @@ mod tests {
             cpu_limit_max: Some(4.0),
             mem_limit_default: Some(2 << 30),
             cpu_limit_default: None,
+            gpus_max: 2,
         }
     }
 
@@ -410,7 +434,8 @@ mod tests {
             Choice {
                 host: Some("node2".into()),
                 mem_limit: Some(4 << 30),
-                cpu_limit: Some(1.5)
+                cpu_limit: Some(1.5),
+                gpus: None,
             }
         );
     }
@@ -456,7 +481,18 @@ mod tests {
             (
                 fields(&[("image", "x")]),
                 "option \"image\"",
-                "host, mem_limit, cpu_limit",
+                "host, mem_limit, cpu_limit, gpus",
+            ),
+            (fields(&[("gpus", "9")]), "GPUs (gpus) \"9\"", "from 0 to 2"),
+            (
+                fields(&[("gpus", "-1")]),
+                "GPUs (gpus) \"-1\"",
+                "from 0 to 2",
+            ),
+            (
+                fields(&[("gpus", "1.5")]),
+                "GPUs (gpus) \"1.5\"",
+                "from 0 to 2",
             ),
             (
                 fields(&[("host", "node1"), ("host", "node2")]),
@@ -485,6 +521,10 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(msg.contains("not a choice"), "{msg}");
+        let msg = parse(&fields(&[("gpus", "1")]), &b)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("GPUs are not a choice"), "{msg}");
     }
 
     #[test]
@@ -493,6 +533,7 @@ mod tests {
             host: Some("node1".into()),
             mem_limit: Some(3 << 30),
             cpu_limit: Some(0.5),
+            gpus: Some(2),
         };
         let json = serde_json::to_value(&choice).unwrap();
         let f = fields_from_json(&json).unwrap();
@@ -604,6 +645,7 @@ mod tests {
             host: Some("node1".into()),
             mem_limit: Some(1 << 30),
             cpu_limit: None,
+            gpus: None,
         };
         let html = render(&rows, &bounds(), &c);
         assert!(html.contains("value=\"node1\" checked"), "{html}");

@@ -141,8 +141,9 @@ fn number<T: std::str::FromStr>(field: &str, what: &str) -> Result<Option<T>, St
 
 /// A UUID as `nvidia-smi` prints them (`GPU-` and hex groups): letters,
 /// digits and `-` only, so that a list of them joined by `,` is a safe
-/// value for `CUDA_VISIBLE_DEVICES`.
-fn valid_uuid(uuid: &str) -> bool {
+/// value for `CUDA_VISIBLE_DEVICES`. A saved state's GPUs are held to
+/// the same shape.
+pub fn valid_uuid(uuid: &str) -> bool {
     !uuid.is_empty()
         && uuid.len() <= 64
         && uuid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
@@ -416,11 +417,13 @@ pub fn choose<'a>(
 /// with NVIDIA's container toolkit. With no GPUs, CUDA sees none (`""`) and
 /// the toolkit mounts none (`void`).
 pub fn visible_devices(gpus: &[&Gpu]) -> [(&'static str, String); 2] {
-    let list = gpus
-        .iter()
-        .map(|g| g.uuid.as_str())
-        .collect::<Vec<_>>()
-        .join(",");
+    let uuids: Vec<&str> = gpus.iter().map(|g| g.uuid.as_str()).collect();
+    visible_devices_by_uuid(&uuids)
+}
+
+/// [`visible_devices`] from the UUIDs alone (as a saved state records them).
+pub fn visible_devices_by_uuid(uuids: &[&str]) -> [(&'static str, String); 2] {
+    let list = uuids.join(",");
     let nvidia = if list.is_empty() {
         "void".to_string()
     } else {
@@ -430,6 +433,16 @@ pub fn visible_devices(gpus: &[&Gpu]) -> [(&'static str, String); 2] {
         ("CUDA_VISIBLE_DEVICES", list),
         ("NVIDIA_VISIBLE_DEVICES", nvidia),
     ]
+}
+
+/// The progress line of a spawn given `gpus` on `host`: `GPUs assigned on
+/// node1: GPU 0 (NVIDIA A100-SXM4-40GB), GPU 3 (NVIDIA A100-SXM4-40GB)`.
+pub fn assigned(host: &str, gpus: &[Gpu]) -> String {
+    let list: Vec<String> = gpus
+        .iter()
+        .map(|g| format!("GPU {} ({})", g.index, g.name))
+        .collect();
+    format!("GPUs assigned on {host}: {}", list.join(", "))
 }
 
 /// A host's GPUs in a line: how many, of which models, how many free.

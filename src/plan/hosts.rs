@@ -262,6 +262,8 @@ pub struct Requirements {
     pub mem_guarantee: Option<u64>,
     /// Cores that must be idle.
     pub cpu_guarantee: Option<f64>,
+    /// GPUs that must be free ([`gpus::free_gpus`]); 0: none asked.
+    pub gpus: u32,
 }
 
 /// Why a draining host takes no server, as spawns, the form and `check` say.
@@ -278,6 +280,11 @@ pub struct Candidate<'a> {
     pub draining: bool,
     /// Its facts, or why they could not be read.
     pub facts: std::result::Result<&'a HostFacts, String>,
+    /// The GPUs (UUIDs) our servers hold there: not free, whatever the
+    /// facts say (they may be older than the claim).
+    pub held_gpus: BTreeSet<String>,
+    /// `gpu_busy_memory_mib`: a process using more makes a GPU taken.
+    pub gpu_busy_memory_mib: u64,
 }
 
 /// Why a host was passed over, in words for the spawn page.
@@ -308,6 +315,12 @@ fn unfit(c: &Candidate, req: &Requirements) -> Option<String> {
             return Some(format!("{:.1} cores idle", f.free_cores()));
         }
     }
+    if req.gpus > 0 {
+        let n = req.gpus as usize;
+        if let Err(why) = gpus::choose(&f.gpus, &c.held_gpus, c.gpu_busy_memory_mib, n) {
+            return Some(format!("{why}, {} asked", req.gpus));
+        }
+    }
     None
 }
 
@@ -336,6 +349,10 @@ pub fn rank(
         }
         if let Some(c) = req.cpu_guarantee {
             need.push(format!("{c} idle cores"));
+        }
+        if req.gpus > 0 {
+            let s = if req.gpus == 1 { "" } else { "s" };
+            need.push(format!("{} free GPU{s}", req.gpus));
         }
         let what = if need.is_empty() {
             "no host can take a server".to_string()
@@ -567,23 +584,30 @@ mem_available_kb=3250585\ncpus=4\nload1=1.50\nboot_id=abc\nservers=2\nsystemd_us
                 max_servers: None,
                 draining: false,
                 facts: Ok(&a),
+                held_gpus: Default::default(),
+                gpu_busy_memory_mib: 100,
             },
             Candidate {
                 name: "node2",
                 max_servers: Some(5),
                 draining: false,
                 facts: Ok(&b),
+                held_gpus: Default::default(),
+                gpu_busy_memory_mib: 100,
             },
             Candidate {
                 name: "node3",
                 max_servers: None,
                 draining: false,
                 facts: Err("timed out".into()),
+                held_gpus: Default::default(),
+                gpu_busy_memory_mib: 100,
             },
         ];
         let req = Requirements {
             mem_guarantee: Some(8 << 30),
             cpu_guarantee: None,
+            gpus: 0,
         };
         let err = rank(&cands, &req, Strategy::Random, 0, &mut rand::rng()).unwrap_err();
         assert_eq!(
@@ -601,12 +625,16 @@ mem_available_kb=3250585\ncpus=4\nload1=1.50\nboot_id=abc\nservers=2\nsystemd_us
                 max_servers: None,
                 draining: true,
                 facts: Ok(&idle),
+                held_gpus: Default::default(),
+                gpu_busy_memory_mib: 100,
             },
             Candidate {
                 name: "busy",
                 max_servers: None,
                 draining: false,
                 facts: Ok(&busy),
+                held_gpus: Default::default(),
+                gpu_busy_memory_mib: 100,
             },
         ];
         let req = Requirements::default();
@@ -643,18 +671,24 @@ mem_available_kb=3250585\ncpus=4\nload1=1.50\nboot_id=abc\nservers=2\nsystemd_us
                 max_servers: None,
                 draining: false,
                 facts: Ok(&a),
+                held_gpus: Default::default(),
+                gpu_busy_memory_mib: 100,
             },
             Candidate {
                 name: "b",
                 max_servers: None,
                 draining: false,
                 facts: Ok(&b),
+                held_gpus: Default::default(),
+                gpu_busy_memory_mib: 100,
             },
             Candidate {
                 name: "c",
                 max_servers: None,
                 draining: false,
                 facts: Ok(&c),
+                held_gpus: Default::default(),
+                gpu_busy_memory_mib: 100,
             },
         ];
         let req = Requirements::default();
@@ -681,6 +715,7 @@ mem_available_kb=3250585\ncpus=4\nload1=1.50\nboot_id=abc\nservers=2\nsystemd_us
         let req = Requirements {
             mem_guarantee: None,
             cpu_guarantee: Some(2.0),
+            gpus: 0,
         };
         assert_eq!(
             rank(&cands, &req, Strategy::LeastLoaded, 0, &mut rng).unwrap(),

@@ -60,6 +60,9 @@ pub struct LaunchSpec<'a> {
     /// connection keeps, [`crate::ssh::Pool::make_dir`]). The script then
     /// starts no `mkdir`; it still makes the directory when it is missing.
     pub dir_made: bool,
+    /// The GPUs (UUIDs) the server is given, written one a line to
+    /// `DIR/gpus` (0600) so the host records who holds what; none: no file.
+    pub gpus: &'a [String],
 }
 
 impl std::fmt::Debug for LaunchSpec<'_> {
@@ -78,6 +81,7 @@ impl std::fmt::Debug for LaunchSpec<'_> {
             .field("default_signal", &self.default_signal)
             .field("check_port", &self.check_port)
             .field("dir_made", &self.dir_made)
+            .field("gpus", &self.gpus)
             .finish()
     }
 }
@@ -178,6 +182,9 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
         lines.push(line.clone());
     }
 
+    if let Some(bad) = spec.gpus.iter().find(|g| !super::gpus::valid_uuid(g)) {
+        return Err(invalid(format!("GPU {bad:?}"), "is not a GPU UUID"));
+    }
     let default_signal = match spec.default_signal {
         Some(true) => "yes",
         Some(false) => "no",
@@ -191,6 +198,7 @@ pub fn launch_script(spec: &LaunchSpec) -> Result<String> {
         .number("ready_cs", spec.ready_cs)
         .number("check_port", u8::from(spec.check_port))
         .number("dir_made", u8::from(spec.dir_made))
+        .value("gpus", &spec.gpus.join("\n"), "GPUs")?
         .flag("default_signal", default_signal)
         .number("cd_home", u8::from(spec.workdir.is_none()))
         .value("workdir", spec.workdir.unwrap_or(""), "working directory")?

@@ -16,6 +16,9 @@ use super::run::{is_boot_id, is_run_id};
 use super::sh::{self, Preamble};
 use crate::error::{Cause, Error, Result};
 
+/// Most GPUs a state may name (more than any host has).
+const MAX_GPUS: usize = 64;
+
 /// The version this build writes.
 pub const STATE_VERSION: u32 = 1;
 
@@ -79,6 +82,10 @@ pub struct ServerState {
     /// Hub tunnel: the hub API address (`host:port`) it carries to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub_forward_to: Option<String>,
+    /// The GPUs (UUIDs, `GPU-…`) the server was given: a restarted hub
+    /// claims them again on its first poll, so they are not given twice.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpus: Vec<String>,
     /// Fields this version does not know, kept as they were.
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -165,6 +172,22 @@ impl ServerState {
         }
         if let Some(to) = &self.hub_forward_to {
             check_host_port(to).map_err(|r| bad(format!("bad hub_forward_to {to:?}: {r}")))?;
+        }
+        // The UUIDs go into the server's environment and a file on the
+        // host: the shape nvidia-smi prints, no more than a host can have.
+        if self.gpus.len() > MAX_GPUS {
+            return Err(bad(format!(
+                "{} GPUs (at most {MAX_GPUS})",
+                self.gpus.len()
+            )));
+        }
+        for (i, g) in self.gpus.iter().enumerate() {
+            if !super::gpus::valid_uuid(g) {
+                return Err(bad(format!("bad GPU UUID {g:?}")));
+            }
+            if self.gpus[..i].contains(g) {
+                return Err(bad(format!("GPU {g} listed twice")));
+            }
         }
         Ok(())
     }
@@ -255,6 +278,43 @@ pub fn check_host_port(text: &str) -> std::result::Result<(), String> {
     }
 }
 
+/// `host:port` (`[v6]:port`) a hub tunnel carries to for the hub API at
+/// `url` (`http://10.0.0.1:8081/hub/api`): the scheme's port when the URL
+/// names none, and the hub's loopback when it names a wildcard address
+/// (`0.0.0.0`, `::`) or no host.
+pub fn hub_api_to(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let netloc = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let hostport = netloc.rsplit_once('@').map_or(netloc, |(_, h)| h);
+    let (host, port) = match hostport.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((h, p)) => (h, p.strip_prefix(':')),
+            None => (v6, None),
+        },
+        None => match hostport.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        },
+    };
+    let port = port.and_then(|p| p.parse::<u16>().ok()).unwrap_or(
+        if scheme.eq_ignore_ascii_case("https") {
+            443
+        } else {
+            80
+        },
+    );
+    let host = host.to_ascii_lowercase();
+    let host = match host.as_str() {
+        "0.0.0.0" | "" | "::" => "127.0.0.1",
+        h => h,
+    };
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 /// The server's URL as the state says it is reached now: `url` (what the
 /// hub has) with its host and port replaced by the tunnel's local port, or
 /// else by the state's address and port (a host re-addressed since).
@@ -342,8 +402,60 @@ mod tests {
             tunnel_port: None,
             hub_forward_port: None,
             hub_forward_to: None,
+            gpus: Vec::new(),
             extra: BTreeMap::new(),
         }
+    }
+
+    #[test]
+    fn the_hub_api_a_hub_tunnel_carries_to() {
+        for (url, want) in [
+            ("http://127.0.0.1:8081/hub/api", "127.0.0.1:8081"),
+            ("https://hub.example/hub/api", "hub.example:443"),
+            ("http://Hub.Example/hub/api", "hub.example:80"),
+            ("http://[::1]:8081/hub/api", "[::1]:8081"),
+            ("http://[fe80::1]/x", "[fe80::1]:80"),
+            ("http://0.0.0.0:8081/hub/api", "127.0.0.1:8081"),
+            ("http://[::]:8081/hub/api", "127.0.0.1:8081"),
+            ("http://:8081/hub/api", "127.0.0.1:8081"),
+            ("http://user:pw@10.0.0.1:9000/hub/api", "10.0.0.1:9000"),
+            ("http://10.0.0.1:8081?x=1", "10.0.0.1:8081"),
+        ] {
+            assert_eq!(hub_api_to(url), want, "{url}");
+        }
+    }
+
+    #[test]
+    fn gpus_round_trip_are_absent_without_gpus_and_must_be_uuids() {
+        let plain = encode(&sample()).unwrap();
+        assert!(!plain.contains("gpus"), "{plain}");
+        let mut s = sample();
+        s.gpus = vec![
+            "GPU-4f1c9d2e-8a7b-4c3d-9e1f-0a2b3c4d5e6f".into(),
+            "GPU-0a2b3c4d-5e6f-4a7b-8c9d-0e1f2a3b4c5d".into(),
+        ];
+        s.validate().unwrap();
+        assert_eq!(decode(&encode(&s).unwrap()).unwrap(), s);
+        // What a forged state could smuggle into the server's environment
+        // or the host's `RUN/gpus` file is refused.
+        for bad in [
+            "GPU-1,GPU-2",
+            "GPU-1\nrm -rf ~",
+            "GPU 1",
+            "",
+            "$(id)",
+            "GPU-1;x",
+        ] {
+            let mut s = sample();
+            s.gpus = vec![bad.into()];
+            let e = s.validate().unwrap_err().to_string();
+            assert!(e.contains("bad GPU UUID"), "{bad:?}: {e}");
+        }
+        let mut s = sample();
+        s.gpus = vec!["GPU-1".into(), "GPU-1".into()];
+        assert!(s.validate().unwrap_err().to_string().contains("twice"));
+        s.gpus = (0..65).map(|i| format!("GPU-{i}")).collect();
+        assert!(s.validate().unwrap_err().to_string().contains("at most 64"));
     }
 
     #[test]

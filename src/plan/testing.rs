@@ -370,6 +370,7 @@ pub(crate) fn spec<'a>(
         default_signal: None,
         check_port: true,
         dir_made: false,
+        gpus: &[],
     }
 }
 

@@ -37,7 +37,7 @@ pub struct HostCheck {
     /// What the admin should do so that systemd enforces the limits there.
     pub limits_advice: Option<String>,
     /// The host's GPUs: how many, which models, how many no process uses
-    /// (more than [`gpus::DEFAULT_BUSY_MEMORY_MIB`]); `None` when it has no
+    /// (more than `gpu_busy_memory_mib`); `None` when it has no
     /// `nvidia-smi` (or was not reached).
     pub gpus: Option<gpus::GpuSummary>,
     /// `nvidia-smi` is there but failed: which query, its status, what it
@@ -149,7 +149,8 @@ impl Spawner {
                         // check knows no hub's servers: free is "no process
                         // uses it".
                         let held = Default::default();
-                        match gpus::summary(&f.gpus, &held, gpus::DEFAULT_BUSY_MEMORY_MIB) {
+                        let busy = self.config.gpu_busy_memory_mib;
+                        match gpus::summary(&f.gpus, &held, busy) {
                             None => {}
                             Some(Ok(s)) => c.gpus = Some(s),
                             Some(Err(e)) => c.gpu_error = Some(e),

@@ -10,10 +10,11 @@
 //!
 //! One file per job: [`progress`] (what a spawn tells its user), `facts`
 //! (reading and caching hosts' facts), `prepare` (host and port choice),
-//! `certs` (internal TLS), `start` (launch and the start loop), `ready`
-//! (waiting from the hub for a launched server to listen), `tunnels`,
-//! `poll`, `stop`, `admin` (`check`, `list`), `trust` (which saved states
-//! it acts on, and where). [`Spawner`] itself holds the shared state.
+//! `gpus` (which GPUs this hub's servers hold), `certs` (internal TLS),
+//! `start` (launch and the start loop), `ready` (waiting from the hub for
+//! a launched server to listen), `tunnels`, `poll`, `stop`, `admin`
+//! (`check`, `list`), `trust` (which saved states it acts on, and
+//! where). [`Spawner`] itself holds the shared state.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,6 +37,7 @@ use crate::ssh::{LocalForward, RemoteForward};
 mod admin;
 mod certs;
 mod facts;
+mod gpus;
 mod poll;
 mod prepare;
 pub mod progress;
@@ -60,7 +62,7 @@ pub struct SpawnRequest {
     pub username: String,
     /// Named server ("" for the default server).
     pub server_name: String,
-    /// Memory and cores a host must have free.
+    /// Memory, cores and GPUs a host must have free.
     pub requirements: Requirements,
     /// Limits to enforce.
     pub limits: Limits,
@@ -116,6 +118,8 @@ pub struct Spawner {
     /// Tunnels by run id; closed on stop and when the last clone is dropped.
     tunnels: Arc<Mutex<HashMap<String, ServerTunnels>>>,
     claims: Arc<Mutex<PortClaims>>,
+    /// GPUs held by this hub's servers, by host ([`gpus`]).
+    gpu_claims: Arc<Mutex<gpus::GpuClaims>>,
     /// One facts read at a time per (host, user): starts that miss the cache
     /// together wait for the first read instead of each running their own.
     facts_reads: Arc<Mutex<FactsReads>>,
@@ -155,6 +159,7 @@ impl Spawner {
             poll_execs: Arc::new(AtomicUsize::new(0)),
             tunnels: Arc::new(Mutex::new(HashMap::new())),
             claims: Arc::new(Mutex::new(HashMap::new())),
+            gpu_claims: Arc::new(Mutex::new(HashMap::new())),
             facts_reads: Arc::new(Mutex::new(HashMap::new())),
             hub_api: Arc::new(Mutex::new(None)),
             history: Arc::new(Mutex::new(history)),

@@ -73,10 +73,11 @@ impl Spawner {
             match self.adopt(state).await {
                 Ok(Some(s)) => s,
                 Ok(None) => {
+                    self.release_gpus(&state.host, &state.run_id);
                     return PollOutcome::Exited {
                         status: None,
                         reason: poll::ExitReason::Gone,
-                    }
+                    };
                 }
                 Err(e) => return PollOutcome::Unknown(e),
             }
@@ -132,10 +133,13 @@ impl Spawner {
         match answer {
             Ok(Ok(ProcStatus::Running)) => {
                 metrics::server_running(&state.run_id, &state.host);
+                // A restarted hub learns here what its servers hold.
+                self.reclaim_gpus(&state);
                 PollOutcome::Running
             }
             Ok(Ok(ProcStatus::Exited { status, reason })) => {
                 metrics::server_gone(&state.run_id);
+                self.release_gpus(&state.host, &state.run_id);
                 PollOutcome::Exited { status, reason }
             }
             Ok(Err(e)) => PollOutcome::Unknown(e),

@@ -5,6 +5,7 @@
 use crate::config::{check_username, HostConfig};
 use crate::error::{Error, Result};
 use crate::metrics;
+use crate::plan::gpus as gpu;
 use crate::plan::health;
 use crate::plan::hosts::{self, Candidate, HostFacts, Strategy, DRAINING};
 use crate::plan::limits::Limits;
@@ -241,6 +242,12 @@ impl Spawner {
                 max_servers: h.max_servers,
                 draining: h.drain,
                 facts: f.as_ref().map_err(String::clone),
+                held_gpus: if req.requirements.gpus > 0 {
+                    self.held_gpus(h.display_name())
+                } else {
+                    BTreeSet::new()
+                },
+                gpu_busy_memory_mib: self.config.gpu_busy_memory_mib,
             })
             .collect();
         let rr = self.round_robin.fetch_add(1, Ordering::Relaxed);
@@ -259,16 +266,30 @@ impl Spawner {
             (_, e) => e,
         })?;
         let fit = order.len();
+        // Hosts whose GPUs other spawns claimed since the ranking, and why.
+        let mut gpus_gone = Vec::new();
         for i in order {
             let (host, Ok(f)) = (hosts[i], &facts[i]) else {
                 continue;
             };
+            let run_id = new_run_id();
+            // The GPUs are chosen and claimed under one lock, against the
+            // claims as they are now (the ranking saw them a moment ago).
+            let gpus =
+                match self.claim_gpus(host.display_name(), &f.gpus, req.requirements.gpus, &run_id)
+                {
+                    Ok(g) => g,
+                    Err(why) => {
+                        gpus_gone.push(format!("{}: {why}", host.display_name()));
+                        continue;
+                    }
+                };
             let Some(port) = self.claim_port(host.display_name(), &f.listening, &BTreeSet::new())
             else {
+                self.release_gpus(host.display_name(), &run_id);
                 continue;
             };
             tracing::Span::current().record("host", host.display_name());
-            let run_id = new_run_id();
             let rest = self.config.state_dir.trim_start_matches("~/");
             let base = format!("{}/{rest}", f.home.trim_end_matches('/'));
             let state = ServerState {
@@ -291,6 +312,7 @@ impl Spawner {
                 tunnel_port: None,
                 hub_forward_port: None,
                 hub_forward_to: None,
+                gpus: gpus.iter().map(|g| g.uuid.clone()).collect(),
                 extra: Default::default(),
             };
             self.reserve(
@@ -336,6 +358,9 @@ impl Spawner {
                     }
                 ),
             );
+            if !gpus.is_empty() {
+                progress.emit(22, gpu::assigned(host.display_name(), &gpus));
+            }
             let mut prologue = self.config.prologue.clone();
             prologue.extend(host.prologue.iter().cloned());
             return Ok(Prepared {
@@ -345,6 +370,21 @@ impl Spawner {
                 limits: req.limits,
                 prologue,
                 started,
+            });
+        }
+        if !gpus_gone.is_empty() {
+            // Other spawns claimed the GPUs the ranking saw free.
+            let n = req.requirements.gpus;
+            let detail = format!(
+                "no host has {n} free GPU{}: {}",
+                if n == 1 { "" } else { "s" },
+                gpus_gone.join(", ")
+            );
+            return Err(Error::NoHost {
+                detail: match &req.host {
+                    Some(h) => format!("{h}, the host you chose, cannot take the server now ({detail}); choose another host or let the spawner choose"),
+                    None => detail,
+                },
             });
         }
         Err(Error::NoHost {

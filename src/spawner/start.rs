@@ -8,6 +8,7 @@ use super::{SpawnRequest, Spawner, RUN_ENV};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics;
+use crate::plan::gpus::{self, GpuFacts};
 use crate::plan::launch::{self, LaunchSpec};
 use crate::plan::limits;
 use crate::plan::ports::{self, PortProbe};
@@ -163,6 +164,15 @@ impl Spawner {
         // even after the server itself died and they were re-parented.
         let mut env = env.to_vec();
         env.push((RUN_ENV.to_string(), state.run_id.clone()));
+        // On a host with GPUs the server sees exactly its own (none when it
+        // asked for none), whatever the hub's environment said; on a host
+        // without nvidia-smi the environment is left as it is.
+        if !state.gpus.is_empty() || !matches!(prepared.facts.gpus, GpuFacts::None) {
+            let uuids: Vec<&str> = state.gpus.iter().map(String::as_str).collect();
+            let visible = gpus::visible_devices_by_uuid(&uuids);
+            env.retain(|(k, _)| !visible.iter().any(|(name, _)| k == name));
+            env.extend(visible.map(|(k, v)| (k.to_string(), v)));
+        }
         // The port is asked of sshd while the run directory is made over the
         // connection's kept SFTP session: no program runs on the host for
         // either.
@@ -202,6 +212,7 @@ impl Spawner {
             default_signal: prepared.facts.default_signal,
             check_port,
             dir_made,
+            gpus: &state.gpus,
         };
         let script = launch::launch_script(&spec)?;
         let launch_command = launch::launch_command(&spec)?;
@@ -401,7 +412,9 @@ impl Spawner {
             match retry::next(retry::Failure::of(&e), &at) {
                 retry::Next::OtherPort => {
                     let taken = prepared.state.port;
-                    let next = self.repick_port(&mut prepared)?;
+                    let next = self.repick_port(&mut prepared).inspect_err(|_| {
+                        self.release_gpus(&host, &prepared.state.run_id);
+                    })?;
                     progress.emit(
                         40,
                         format!("Port {taken} was taken meanwhile; trying port {next}"),
@@ -427,12 +440,16 @@ impl Spawner {
                 }
                 retry::Next::Fail { why, abandon } => {
                     if abandon {
+                        // Its GPUs stay claimed until the clean-up's stop:
+                        // the server may run there.
                         self.abandon(
                             &prepared.state,
                             format!("launch on {host} unanswered"),
                             hooks,
                         )
                         .await;
+                    } else {
+                        self.release_gpus(&host, &prepared.state.run_id);
                     }
                     return Err(match why {
                         retry::Stop::AsItIs | retry::Stop::CertificateNamesHost => e,

@@ -104,6 +104,11 @@ impl Spawner {
     pub async fn stop(&self, state: &ServerState) -> Result<stop::Stopped> {
         let stopped = self.stop_inner(state).await;
         self.close_tunnel(&state.run_id, true, true);
+        // Its GPUs are free once it is gone, not before: a stop that could
+        // not reach the host keeps them held (it may still run there).
+        if stopped.is_ok() {
+            self.release_gpus(&state.host, &state.run_id);
+        }
         stopped
     }
 

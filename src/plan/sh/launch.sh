@@ -9,6 +9,8 @@
 #   check_port    1: refuse to start when something listens on the port
 #   dir_made      1: the spawner made `d` already (only check it is there);
 #                 0: make it here
+#   gpus          the server's GPU UUIDs, one a line, for `$d/gpus`; empty:
+#                 none
 #   default_signal yes|no|test: whether `env --default-signal` is used, or
 #                 tested here
 #   cd_home       1: start in $HOME; 0: start in `workdir`
@@ -140,6 +142,9 @@ for f in pid exit_status exit_status.tmp; do
   if [ -e "$d/$f" ]; then rm -f -- "$d/$f"; fi
 done
 : >>"$d/server.log"
+# The server's GPUs, one UUID a line (0600 by the umask above), so that the
+# host records who holds which; no file when it has none.
+if [ -n "$gpus" ]; then printf '%s\n' "$gpus" >"$d/gpus"; fi
 # The exports, prologue and start run in a command substitution (a
 # subshell) so that neither the env (think IFS or PATH) nor the prologue
 # can change the variables and IFS the rest of the script relies on; what

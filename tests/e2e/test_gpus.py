@@ -1,0 +1,75 @@
+"""GPUs through a real hub: node2 gets the testbed's stand-in nvidia-smi
+printing two idle RTX 4090s (the other hosts have none), put back to none
+when the test ends however it ends."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from .conftest import proc_environ, wait_polls
+
+ALICE = "tb-alice"
+BOB = "tb.bob-2"
+TESTBED = Path(__file__).resolve().parents[2] / "scripts" / "testbed"
+
+
+def gpus(host: str, fixture_set: str) -> None:
+    subprocess.run([str(TESTBED), "gpus", host, fixture_set], check=True)
+
+
+def test_gpu_servers_see_their_gpu_a_count_over_the_max_is_refused_and_a_restart_keeps_the_claim(
+    testbed, hub_factory
+):
+    gpus("node2", "rtx4090x2-idle")
+    try:
+        hub = hub_factory(
+            {
+                "SSHSpawner.gpus": 1,
+                "SSHSpawner.user_gpus_max": 1,
+                "JupyterHub.cleanup_servers": False,
+                "Spawner.poll_interval": 1,
+            }
+        )
+        # c.SSHSpawner.gpus = 1: the only host with GPUs, one of them, and
+        # the server's environment names it alone.
+        hub.spawn(ALICE)
+        alice = hub.ssh_state(ALICE)
+        assert alice["host"] == "node2", alice
+        assert len(alice["gpus"]) == 1, alice
+        env = proc_environ(alice["pid"])
+        assert env["CUDA_VISIBLE_DEVICES"] == alice["gpus"][0], env
+        assert env["NVIDIA_VISIBLE_DEVICES"] == alice["gpus"][0], env
+
+        # More than user_gpus_max through the REST API: a clear 400.
+        r = hub.request_spawn(BOB, json={"gpus": 9})
+        assert r.status_code == 400, (r.status_code, r.text)
+        said = r.json()["message"]
+        assert 'GPUs (gpus) "9": must be a whole number from 0 to 1' in said, said
+        assert not hub.user_model(BOB)["servers"]
+
+        # A restarted hub claims alice's GPU again on its first poll: bob,
+        # asking for one, gets the other (the same one, least used by index,
+        # if the claim were lost), and then none is left.
+        hub.stop()
+        since = len(hub.log_text())
+        hub.start()
+        wait_polls(hub, ALICE, 1, since)
+        # (Bob's refused options are stored: he asks again, within bounds.)
+        r = hub.request_spawn(BOB, json={"gpus": 1})
+        assert r.status_code in (201, 202), (r.status_code, r.text)
+        hub.wait_ready(BOB)
+        bob = hub.ssh_state(BOB)
+        assert bob["host"] == "node2" and len(bob["gpus"]) == 1, bob
+        assert bob["gpus"] != alice["gpus"], (bob, alice)
+        assert proc_environ(bob["pid"])["CUDA_VISIBLE_DEVICES"] == bob["gpus"][0]
+        r = hub.request_spawn(ALICE, "more")
+        said = r.text + "\n" + hub.progress_failure(ALICE, "more")
+        assert "no host has 1 free GPU" in said and "node2: 0 of 2 GPUs free" in said, said
+
+        # A stop releases: alice's second server gets her first one's GPU.
+        hub.stop_server(ALICE)
+        hub.spawn(ALICE, "again")
+        assert hub.ssh_state(ALICE, "again")["gpus"] == alice["gpus"]
+    finally:
+        gpus("node2", "none")

@@ -1,0 +1,382 @@
+//! GPUs through the spawner against the testbed's real sshds: node1 gets
+//! the stand-in `nvidia-smi` printing four A100s (one busy with another
+//! user's job), node2 two idle RTX 4090s, node3 none (`scripts/testbed gpus`,
+//! put back to `none` when the test ends, however it ends). A server asking
+//! for GPUs lands on a host with enough free, sees exactly its own in its
+//! environment (read from `/proc/PID/environ`: nodes 1-3 share this
+//! machine's pid namespace), and the run directory lists them; concurrent
+//! spawns never share one; a stop releases them.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{testbed, Testbed};
+use ssh_spawner::config::Config;
+use ssh_spawner::plan::state::ServerState;
+use ssh_spawner::spawner::{Progress, SpawnRequest, Spawner};
+
+/// The A100 the fixture's other user's job keeps busy: never given.
+const BUSY_A100: &str = "GPU-c2a5f8d1-6e7b-4a3c-9d0e-5b8f1a2c4e36";
+
+/// Gives hosts a stand-in `nvidia-smi`; puts every one back to `none` when
+/// dropped, so the shared bed is left as it was found.
+struct Gpus<'a> {
+    tb: &'a Testbed,
+    hosts: Vec<&'static str>,
+}
+
+impl<'a> Gpus<'a> {
+    fn set(tb: &'a Testbed, sets: &[(&'static str, &str)]) -> Gpus<'a> {
+        let g = Gpus {
+            tb,
+            hosts: sets.iter().map(|(h, _)| *h).collect(),
+        };
+        for (host, set) in sets {
+            g.run(host, set);
+        }
+        g
+    }
+
+    fn run(&self, host: &str, set: &str) {
+        let status = std::process::Command::new(Testbed::script())
+            .args(["gpus", host, set])
+            .status()
+            .expect("scripts/testbed gpus");
+        assert!(status.success(), "scripts/testbed gpus {host} {set}");
+        let _ = self.tb;
+    }
+}
+
+impl Drop for Gpus<'_> {
+    fn drop(&mut self) {
+        for host in &self.hosts {
+            let _ = std::process::Command::new(Testbed::script())
+                .args(["gpus", host, "none"])
+                .status();
+        }
+    }
+}
+
+/// Nodes 1-3 (node4, when up, has no stand-in here: it would get none
+/// anyway), facts cached for a minute: every spawn of the test chooses from
+/// the same, soon stale, facts, and only the claims keep GPUs apart.
+fn config(tb: &Testbed) -> Config {
+    let hosts: Vec<String> = tb
+        .hosts
+        .iter()
+        .filter(|h| ["node1", "node2", "node3"].contains(&h.name.as_str()))
+        .map(|h| {
+            format!(
+                "[[hosts]]\naddress = \"{}\"\nname = \"{}\"\n",
+                h.address, h.name
+            )
+        })
+        .collect();
+    let text = format!(
+        "known_hosts = \"{}\"\nkey_path = \"{}\"\nconnect_timeout = 5\ncommand_timeout = 20\n\
+         stop_grace = 3\nfacts_cache = 60\nready_timeout = 0.5\n{}",
+        tb.known_hosts.display(),
+        tb.hub_key.display(),
+        hosts.join("\n")
+    );
+    let c: Config = toml::from_str(&text).unwrap();
+    c.validate().unwrap();
+    c
+}
+
+fn request(user: &str, gpus: u32) -> SpawnRequest {
+    let mut req = SpawnRequest {
+        username: user.into(),
+        ..Default::default()
+    };
+    req.requirements.gpus = gpus;
+    req
+}
+
+/// A hub environment that names other GPUs: the spawner's must win.
+fn env(_: &ServerState) -> Vec<(String, String)> {
+    vec![
+        ("CUDA_VISIBLE_DEVICES".into(), "0,1,2,3".into()),
+        ("NVIDIA_VISIBLE_DEVICES".into(), "all".into()),
+        ("JUPYTERHUB_USER".into(), "gpu-test".into()),
+    ]
+}
+
+fn cmd() -> Vec<String> {
+    vec!["sleep".into(), "2500".into()]
+}
+
+fn environ(pid: u32) -> BTreeMap<String, String> {
+    let data = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    data.split(|b| *b == 0)
+        .filter_map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+/// Stops every server it was given when dropped during a panic.
+struct StopAll(Vec<common::StopOnPanic>);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_spawns_land_where_gpus_are_free_get_exactly_theirs_and_never_share_one() {
+    let Some(tb) =
+        testbed("gpu_spawns_land_where_gpus_are_free_get_exactly_theirs_and_never_share_one")
+    else {
+        return;
+    };
+    let _gpus = Gpus::set(
+        &tb,
+        &[("node1", "a100x4-one-busy"), ("node2", "rtx4090x2-idle")],
+    );
+    let sp = Spawner::new(config(&tb)).unwrap();
+    let user = tb.alice().name.clone();
+    let mut guards = StopAll(Vec::new());
+
+    // Two GPUs: node1 (3 free) or node2 (2 free), never node3.
+    let progress = Progress::new();
+    let two = sp
+        .spawn(&request(&user, 2), env, &cmd(), &progress)
+        .await
+        .expect("a 2-GPU spawn");
+    guards.0.push(common::StopOnPanic::new(&sp, &two));
+    assert!(
+        ["node1", "node2"].contains(&two.host.as_str()),
+        "{}",
+        two.host
+    );
+    assert_eq!(two.gpus.len(), 2, "{two:?}");
+    assert!(!two.gpus.iter().any(|g| g == BUSY_A100), "{:?}", two.gpus);
+    let env_seen = environ(two.pid.unwrap());
+    let want = two.gpus.join(",");
+    assert_eq!(env_seen.get("CUDA_VISIBLE_DEVICES"), Some(&want));
+    assert_eq!(env_seen.get("NVIDIA_VISIBLE_DEVICES"), Some(&want));
+    let file = format!("{}/gpus", two.dir);
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        format!("{}\n", two.gpus.join("\n"))
+    );
+    assert_eq!(common::mode_of(std::path::Path::new(&file)), 0o600);
+    let said: Vec<String> = progress
+        .snapshot(0)
+        .into_iter()
+        .map(|e| e.message)
+        .collect();
+    assert!(
+        said.iter()
+            .any(|m| m.starts_with(&format!("GPUs assigned on {}: GPU ", two.host))),
+        "{said:?}"
+    );
+    // Its state round-trips with the GPUs.
+    let decoded =
+        ssh_spawner::plan::state::decode(&ssh_spawner::plan::state::encode(&two).unwrap()).unwrap();
+    assert_eq!(decoded.gpus, two.gpus);
+    sp.stop(&two).await.unwrap();
+    assert!(sp.held_gpus(&two.host).is_empty(), "stop released them");
+
+    // Twenty one-GPU spawns at once, from the same cached facts: the five
+    // free GPUs (3 on node1, 2 on node2) each go to one server, the other
+    // fifteen are refused saying why.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let (sp, user) = (sp.clone(), user.clone());
+            tokio::spawn(async move {
+                sp.spawn(&request(&user, 1), env, &cmd(), &Progress::new())
+                    .await
+            })
+        })
+        .collect();
+    let mut servers = Vec::new();
+    let mut refused = Vec::new();
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(s) => {
+                guards.0.push(common::StopOnPanic::new(&sp, &s));
+                servers.push(s);
+            }
+            Err(e) => refused.push(e.to_string()),
+        }
+    }
+    let given: Vec<&String> = servers.iter().flat_map(|s| &s.gpus).collect();
+    let distinct: BTreeSet<&String> = given.iter().copied().collect();
+    assert_eq!(given.len(), distinct.len(), "a GPU given twice: {given:?}");
+    assert_eq!((servers.len(), refused.len()), (5, 15), "{refused:?}");
+    assert!(!distinct.contains(&BUSY_A100.to_string()));
+    for s in &servers {
+        assert_eq!(
+            environ(s.pid.unwrap()).get("CUDA_VISIBLE_DEVICES"),
+            Some(&s.gpus[0])
+        );
+    }
+    for e in &refused {
+        assert!(e.contains("no host has 1 free GPU"), "{e}");
+        assert!(e.contains("node1: 0 of 4 GPUs free"), "{e}");
+        assert!(e.contains("node2: 0 of 2 GPUs free"), "{e}");
+        assert!(e.contains("node3: no GPUs (no nvidia-smi), 1 asked"), "{e}");
+    }
+
+    // A stop releases: the next spawn gets that GPU again.
+    let on_node2 = servers
+        .iter()
+        .position(|s| s.host == "node2")
+        .expect("a server on node2");
+    let freed = servers.remove(on_node2);
+    sp.stop(&freed).await.unwrap();
+    let again = sp
+        .spawn(&request(&user, 1), env, &cmd(), &Progress::new())
+        .await
+        .expect("the freed GPU");
+    guards.0.push(common::StopOnPanic::new(&sp, &again));
+    assert_eq!((again.host.as_str(), &again.gpus), ("node2", &freed.gpus));
+    servers.push(again);
+
+    for s in &servers {
+        sp.stop(s).await.unwrap();
+    }
+    for host in ["node1", "node2"] {
+        assert!(sp.held_gpus(host).is_empty(), "{host}");
+    }
+    // Without GPUs asked, a server on a host with GPUs sees none.
+    let mut plain = request(&user, 0);
+    plain.host = Some("node2".into());
+    let none = sp
+        .spawn(&plain, env, &cmd(), &Progress::new())
+        .await
+        .unwrap();
+    guards.0.push(common::StopOnPanic::new(&sp, &none));
+    let seen = environ(none.pid.unwrap());
+    assert_eq!(
+        seen.get("CUDA_VISIBLE_DEVICES").map(String::as_str),
+        Some("")
+    );
+    assert_eq!(
+        seen.get("NVIDIA_VISIBLE_DEVICES").map(String::as_str),
+        Some("void")
+    );
+    assert!(!std::path::Path::new(&format!("{}/gpus", none.dir)).exists());
+    sp.stop(&none).await.unwrap();
+}
+
+/// A stand-in `nvidia-smi` printing `set` on the PATH of an sshd of the
+/// test's own (the bed's sshds are left alone: this one can be blackholed),
+/// and a configuration with it as host `gpu1` alone.
+fn own_gpu_host(tb: &Testbed, scratch: &common::Scratch, set: &str) -> (common::OwnSshd, Config) {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sets = scratch.path("gpus");
+    std::fs::create_dir_all(sets.join(set)).unwrap();
+    for file in std::fs::read_dir(repo.join("fixtures/gpus").join(set)).unwrap() {
+        let file = file.unwrap();
+        std::fs::copy(file.path(), sets.join(set).join(file.file_name())).unwrap();
+    }
+    let selected = scratch.path("selected");
+    std::fs::write(&selected, format!("{set}\n")).unwrap();
+    let bin = scratch.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let standin = std::fs::read_to_string(repo.join("scripts/testbed-nvidia-smi"))
+        .unwrap()
+        .replace("@SELECTION@", selected.to_str().unwrap())
+        .replace("@FIXTURES@", sets.to_str().unwrap());
+    std::fs::write(bin.join("nvidia-smi"), standin).unwrap();
+    std::fs::set_permissions(
+        bin.join("nvidia-smi"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "PATH={}:/usr/local/bin:/usr/bin:/bin:/usr/games",
+        bin.display()
+    );
+    let sshd = common::OwnSshd::start(tb, &[("SetEnv", &path)]);
+    let known_hosts = scratch.path("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        std::fs::read_to_string(&tb.known_hosts).unwrap()
+            + &std::fs::read_to_string(&sshd.known_hosts).unwrap(),
+    )
+    .unwrap();
+    let mut c = config(tb);
+    c.known_hosts = known_hosts;
+    c.connect_timeout = 2.0;
+    c.command_timeout = 4.0;
+    c.facts_cache = 0.0;
+    let mut host: ssh_spawner::config::HostConfig =
+        toml::from_str(&format!("address = \"{}\"\nname = \"gpu1\"", sshd.address)).unwrap();
+    host.port = sshd.port;
+    c.hosts = vec![host];
+    (sshd, c)
+}
+
+#[tokio::test]
+async fn a_held_gpu_is_not_given_away_while_its_host_does_not_answer() {
+    let Some(tb) = testbed("a_held_gpu_is_not_given_away_while_its_host_does_not_answer") else {
+        return;
+    };
+    let scratch = common::Scratch::new("gpu-outage");
+    let (sshd, cfg) = own_gpu_host(&tb, &scratch, "rtx4090x2-idle");
+    let sp = Spawner::new(cfg).unwrap();
+    let user = tb.alice().name.clone();
+    let first = sp
+        .spawn(&request(&user, 1), env, &cmd(), &Progress::new())
+        .await
+        .unwrap();
+    let _stop_first = common::StopOnPanic::new(&sp, &first);
+    let held = BTreeSet::from([first.gpus[0].clone()]);
+    assert_eq!(sp.held_gpus("gpu1"), held);
+
+    // The host stops answering: a poll cannot say, a stop cannot reach it;
+    // the server may run on, so its GPU stays held.
+    sshd.blackhole();
+    let polled = sp.poll(&first).await;
+    assert!(
+        matches!(polled, ssh_spawner::spawner::PollOutcome::Unknown(_)),
+        "{polled:?}"
+    );
+    assert_eq!(
+        sp.held_gpus("gpu1"),
+        held,
+        "after a poll that could not ask"
+    );
+    let stopped = sp.stop(&first).await;
+    assert!(stopped.is_err(), "{stopped:?}");
+    assert_eq!(
+        sp.held_gpus("gpu1"),
+        held,
+        "after a stop that could not reach"
+    );
+    sshd.heal();
+
+    // Once it answers, a new server gets the other GPU, and a third finds
+    // none free: the first still runs there with its GPU.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let second = loop {
+        match sp
+            .spawn(&request(&user, 1), env, &cmd(), &Progress::new())
+            .await
+        {
+            Ok(s) => break s,
+            // Marked down by the outage until the probe finds it back.
+            Err(e) if std::time::Instant::now() < deadline && e.to_string().contains("down") => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let _stop_second = common::StopOnPanic::new(&sp, &second);
+    assert_ne!(second.gpus, first.gpus);
+    let third = sp
+        .spawn(&request(&user, 1), env, &cmd(), &Progress::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(third.contains("gpu1: 0 of 2 GPUs free"), "{third}");
+    assert!(matches!(
+        sp.poll(&first).await,
+        ssh_spawner::spawner::PollOutcome::Running
+    ));
+    sp.stop(&first).await.unwrap();
+    sp.stop(&second).await.unwrap();
+    assert!(sp.held_gpus("gpu1").is_empty());
+}
