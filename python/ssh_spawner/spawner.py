@@ -136,8 +136,11 @@ class SSHSpawner(Spawner):
 
     prologue = List(
         Unicode(),
-        help="""Shell lines run before the server starts, e.g.
-        ``["module load python/3.11", "source /opt/conda/bin/activate lab"]``.""",
+        help="""Shell lines run before the server starts, in the shell that then
+        starts it, e.g. ``["module load python/3.11", "source
+        /opt/conda/bin/activate lab"]``. Their output goes to the server's log
+        (``server.log`` in its directory); a job they start in the background
+        (``Xvfb :99 &``) does not hold the start up.""",
     ).tag(config=True, rust=True)
 
     enforcement = Unicode(
