@@ -223,6 +223,29 @@ def test_drained_then_removed_host_under_an_old_remote_user_keeps_its_servers_ac
         assert left <= {"server.log", "exit_status"}, f"left in {d}: {left}"
 
 
+def test_a_prologue_that_backgrounds_a_job_starts_fast_logs_to_server_log_and_stops_with_it(
+    testbed, hub_factory
+):
+    """A lab's prologue that starts something in the background (``Xvfb :99
+    &``) does not hold the start up: the server is ready long before the job
+    ends, the prologue's output is in ``server.log``, and the job ends with
+    the server's stop."""
+    said, job = "e2e-prologue-said", "47.25"
+    hub = hub_factory({"SSHSpawner.prologue": [f"echo {said}", f"sleep {job} &"]})
+    _, took = hub.spawn(ALICE)
+    assert took < 15, f"the start took {took:.1f} s: the background job held it"
+    state = hub.ssh_state(ALICE)
+    assert_server_process(testbed, state, ALICE)
+    assert said in (Path(state["dir"]) / "server.log").read_text()
+
+    def jobs() -> list:
+        return [p for p in all_procs() if p.argv[:2] == ["sleep", job]]
+
+    assert jobs(), "the prologue's background job is not running"
+    hub.stop_server(ALICE)
+    wait_until(lambda: not jobs(), 15, what="the prologue's job to end with the server")
+
+
 def test_two_named_servers_at_once(testbed, hub):
     names = ["one", "two"]
     results, errors = {}, []
