@@ -224,11 +224,26 @@ async fn gpu_spawns_land_where_gpus_are_free_get_exactly_theirs_and_never_share_
         .position(|s| s.host == "node2")
         .expect("a server on node2");
     let freed = servers.remove(on_node2);
-    sp.stop(&freed).await.unwrap();
+    let stopped = sp.stop(&freed).await.unwrap();
+    let held = |h: &str| sp.held_gpus(h);
+    assert!(
+        !held("node2").contains(&freed.gpus[0]),
+        "stop ({stopped}) did not release {:?}: node2 holds {:?}",
+        freed.gpus,
+        held("node2")
+    );
     let again = sp
         .spawn(&request(&user, 1), env, &cmd(), &Progress::new())
         .await
-        .expect("the freed GPU");
+        .unwrap_or_else(|e| {
+            panic!(
+                "the freed GPU: {e}; stop said {stopped}; held on node1 {:?}, node2 {:?}; freed {} on {}",
+                held("node1"),
+                held("node2"),
+                freed.run_id,
+                freed.host
+            )
+        });
     guards.0.push(common::StopOnPanic::new(&sp, &again));
     assert_eq!((again.host.as_str(), &again.gpus), ("node2", &freed.gpus));
     servers.push(again);
