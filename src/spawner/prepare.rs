@@ -373,13 +373,32 @@ impl Spawner {
             });
         }
         if !gpus_gone.is_empty() {
-            // Other spawns claimed the GPUs the ranking saw free.
+            // Other spawns claimed the GPUs the ranking saw free. Said as a
+            // ranking with the claims as they are now says it: every host,
+            // and why it cannot take the server (the GPUs claimed meanwhile
+            // among the reasons).
             let n = req.requirements.gpus;
-            let detail = format!(
-                "no host has {n} free GPU{}: {}",
-                if n == 1 { "" } else { "s" },
-                gpus_gone.join(", ")
-            );
+            let now: Vec<Candidate> = candidates
+                .iter()
+                .map(|c| Candidate {
+                    held_gpus: self.held_gpus(c.name),
+                    ..c.clone()
+                })
+                .collect();
+            let detail = match hosts::rank(
+                &now,
+                &req.requirements,
+                self.config.host_selection,
+                rr,
+                &mut rand::rng(),
+            ) {
+                Err(Error::NoHost { detail }) => detail,
+                _ => format!(
+                    "no host has {n} free GPU{}: {}",
+                    if n == 1 { "" } else { "s" },
+                    gpus_gone.join(", ")
+                ),
+            };
             return Err(Error::NoHost {
                 detail: match &req.host {
                     Some(h) => format!("{h}, the host you chose, cannot take the server now ({detail}); choose another host or let the spawner choose"),
