@@ -279,41 +279,10 @@ async fn gpu_spawns_land_where_gpus_are_free_get_exactly_theirs_and_never_share_
 /// test's own (the bed's sshds are left alone: this one can be blackholed),
 /// and a configuration with it as host `gpu1` alone.
 fn own_gpu_host(tb: &Testbed, scratch: &common::Scratch, set: &str) -> (common::OwnSshd, Config) {
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let sets = scratch.path("gpus");
-    std::fs::create_dir_all(sets.join(set)).unwrap();
-    for file in std::fs::read_dir(repo.join("fixtures/gpus").join(set)).unwrap() {
-        let file = file.unwrap();
-        std::fs::copy(file.path(), sets.join(set).join(file.file_name())).unwrap();
-    }
-    let selected = scratch.path("selected");
-    std::fs::write(&selected, format!("{set}\n")).unwrap();
-    let bin = scratch.path("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let standin = std::fs::read_to_string(repo.join("scripts/testbed-nvidia-smi"))
-        .unwrap()
-        .replace("@SELECTION@", selected.to_str().unwrap())
-        .replace("@FIXTURES@", sets.to_str().unwrap());
-    std::fs::write(bin.join("nvidia-smi"), standin).unwrap();
-    std::fs::set_permissions(
-        bin.join("nvidia-smi"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let path = format!(
-        "PATH={}:/usr/local/bin:/usr/bin:/bin:/usr/games",
-        bin.display()
-    );
+    let path = common::standin_nvidia_smi(scratch, &[set]);
     let sshd = common::OwnSshd::start(tb, &[("SetEnv", &path)]);
-    let known_hosts = scratch.path("known_hosts");
-    std::fs::write(
-        &known_hosts,
-        std::fs::read_to_string(&tb.known_hosts).unwrap()
-            + &std::fs::read_to_string(&sshd.known_hosts).unwrap(),
-    )
-    .unwrap();
     let mut c = config(tb);
-    c.known_hosts = known_hosts;
+    c.known_hosts = common::known_hosts_with(tb, &sshd, scratch);
     c.connect_timeout = 2.0;
     c.command_timeout = 4.0;
     c.facts_cache = 0.0;

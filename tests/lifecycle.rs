@@ -72,15 +72,8 @@ fn with_own_sshd(
     scratch: &Scratch,
     name: &str,
 ) -> (Config, ssh_spawner::config::HostConfig) {
-    let known_hosts = scratch.path("known_hosts");
-    std::fs::write(
-        &known_hosts,
-        std::fs::read_to_string(&tb.known_hosts).unwrap()
-            + &std::fs::read_to_string(&sshd.known_hosts).unwrap(),
-    )
-    .unwrap();
     let mut c = config(tb);
-    c.known_hosts = known_hosts;
+    c.known_hosts = common::known_hosts_with(tb, sshd, scratch);
     let mut host: ssh_spawner::config::HostConfig = toml::from_str(&format!(
         "address = \"{}\"\nname = \"{name}\"",
         sshd.address
@@ -1288,34 +1281,7 @@ async fn over_real_sshd_facts_and_check_read_gpus_from_the_stand_in_nvidia_smi()
     // sessions a PATH with the stand-in first, as `scripts/testbed gpus`
     // sets a host up, reading the set from a file this test rewrites.
     let scratch = Scratch::new("gpus");
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let sets = scratch.path("gpus");
-    for set in ["a100x4-one-busy", "fails-driver"] {
-        let from = repo.join("fixtures/gpus").join(set);
-        std::fs::create_dir_all(sets.join(set)).unwrap();
-        for file in std::fs::read_dir(&from).unwrap() {
-            let file = file.unwrap();
-            std::fs::copy(file.path(), sets.join(set).join(file.file_name())).unwrap();
-        }
-    }
-    let selected = scratch.path("selected");
-    std::fs::write(&selected, "a100x4-one-busy\n").unwrap();
-    let bin = scratch.path("bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    let standin = std::fs::read_to_string(repo.join("scripts/testbed-nvidia-smi"))
-        .unwrap()
-        .replace("@SELECTION@", selected.to_str().unwrap())
-        .replace("@FIXTURES@", sets.to_str().unwrap());
-    std::fs::write(bin.join("nvidia-smi"), standin).unwrap();
-    std::fs::set_permissions(
-        bin.join("nvidia-smi"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    let path = format!(
-        "PATH={}:/usr/local/bin:/usr/bin:/bin:/usr/games",
-        bin.display()
-    );
+    let path = common::standin_nvidia_smi(&scratch, &["a100x4-one-busy", "fails-driver"]);
     let sshd = common::OwnSshd::start(&tb, &[("SetEnv", &path)]);
     let (mut c, host) = with_own_sshd(&tb, &sshd, &scratch, "gpu1");
     c.hosts = vec![host];
@@ -1336,7 +1302,7 @@ async fn over_real_sshd_facts_and_check_read_gpus_from_the_stand_in_nvidia_smi()
     );
     // The driver goes away: check says why and fails, every other figure
     // is still read.
-    std::fs::write(&selected, "fails-driver\n").unwrap();
+    std::fs::write(scratch.path("selected"), "fails-driver\n").unwrap();
     let rows = sp.check(&user).await.unwrap();
     let r = &rows[0];
     assert_eq!(r.gpu_column(), "FAILED", "{r:?}");

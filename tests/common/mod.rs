@@ -409,3 +409,50 @@ pub async fn until_true(limit: Duration, mut cond: impl FnMut() -> bool) -> bool
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A stand-in `nvidia-smi` (scripts/testbed-nvidia-smi) in `scratch/bin`,
+/// printing the fixture set named in `scratch/selected` (a test switches it
+/// by writing that file; `sets` are copied
+/// from fixtures/gpus, the first one selected): returns the `PATH` an sshd
+/// gives its sessions (`SetEnv`) so they find it first.
+pub fn standin_nvidia_smi(scratch: &Scratch, sets: &[&str]) -> String {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = scratch.path("gpus");
+    for set in sets {
+        std::fs::create_dir_all(dir.join(set)).unwrap();
+        for file in std::fs::read_dir(repo.join("fixtures/gpus").join(set)).unwrap() {
+            let file = file.unwrap();
+            std::fs::copy(file.path(), dir.join(set).join(file.file_name())).unwrap();
+        }
+    }
+    let selected = scratch.path("selected");
+    std::fs::write(&selected, format!("{}\n", sets[0])).unwrap();
+    let bin = scratch.path("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let standin = std::fs::read_to_string(repo.join("scripts/testbed-nvidia-smi"))
+        .unwrap()
+        .replace("@SELECTION@", selected.to_str().unwrap())
+        .replace("@FIXTURES@", dir.to_str().unwrap());
+    std::fs::write(bin.join("nvidia-smi"), standin).unwrap();
+    std::fs::set_permissions(
+        bin.join("nvidia-smi"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    format!(
+        "PATH={}:/usr/local/bin:/usr/bin:/bin:/usr/games",
+        bin.display()
+    )
+}
+
+/// The bed's known_hosts plus `sshd`'s key, in `scratch/known_hosts`.
+pub fn known_hosts_with(tb: &Testbed, sshd: &OwnSshd, scratch: &Scratch) -> PathBuf {
+    let known_hosts = scratch.path("known_hosts");
+    std::fs::write(
+        &known_hosts,
+        std::fs::read_to_string(&tb.known_hosts).unwrap()
+            + &std::fs::read_to_string(&sshd.known_hosts).unwrap(),
+    )
+    .unwrap();
+    known_hosts
+}
