@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
 import time
 from pathlib import Path
 
@@ -330,3 +331,26 @@ def test_stop_kills_the_whole_scope_even_what_left_the_group(hub_factory, testbe
     assert_scope_gone(sysd, uid, run, "the stopped server")
     left = [p for p in procs if p and (q := read_proc(p.pid)) and q.start == p.start]
     assert not left, f"left running after stop: {[(p.pid, p.argv) for p in left]}"
+
+
+def test_a_user_scope_on_cgroup_v1_accepts_a_device_rule_and_does_not_enforce_it(testbed, sysd):
+    """Why GPUs are not fenced by a device rule (docs/security.md, "GPUs:
+    what is enforced where"): the admins' probe, run on node4 as a user the
+    hub logs in as, finds that a `systemd --user` scope with
+    DevicePolicy=closed still reads /dev/zero. If a host ever enforces it,
+    this fails and the docs (and the spawner) should change."""
+    probe = Path(__file__).resolve().parents[2] / "scripts" / "device-policy-probe"
+    key = next(u for u in testbed["users"] if u["name"] == ALICE)["keys"]["ed25519"]
+    with probe.open("rb") as script:
+        r = subprocess.run(
+            [
+                "ssh", "-i", key, "-o", f"UserKnownHostsFile={sysd['known_hosts']}",
+                "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
+                f"{ALICE}@{sysd['address']}", "sh", "-s",
+            ],
+            stdin=script, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    said = r.stdout + r.stderr
+    assert "cgroup: v1" in said and "user manager: running" in said, said
+    assert "DevicePolicy=closed in a user scope: NOT enforced" in said, said
+    assert r.returncode == 1, (r.returncode, said)
