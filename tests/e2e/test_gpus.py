@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from .conftest import proc_environ, wait_polls
+from .conftest import all_at_once, proc_environ, wait_polls
 
 ALICE = "tb-alice"
 BOB = "tb.bob-2"
@@ -18,7 +18,7 @@ def gpus(host: str, fixture_set: str) -> None:
     subprocess.run([str(TESTBED), "gpus", host, fixture_set], check=True)
 
 
-def test_gpu_servers_see_their_gpu_a_count_over_the_max_is_refused_and_a_restart_keeps_the_claim(
+def test_twenty_gpu_spawns_share_no_gpu_servers_see_theirs_over_max_refused_restart_keeps_claims(
     testbed, hub_factory
 ):
     gpus("node2", "rtx4090x2-idle")
@@ -31,6 +31,19 @@ def test_gpu_servers_see_their_gpu_a_count_over_the_max_is_refused_and_a_restart
                 "Spawner.poll_interval": 1,
             }
         )
+        # Twenty one-GPU spawns at once through the hub (ten named servers
+        # each of alice and bob): exactly two start, on node2's two GPUs, one
+        # each; eighteen are refused by name; their stops free both GPUs.
+        rush = [(u, f"rush-{i}") for u in (ALICE, BOB) for i in range(10)]
+        started, refused = all_at_once(lambda u, n: hub.spawn(u, n, timeout=120), rush, 180)
+        assert len(started) == 2 and len(refused) == 18, (sorted(started), refused)
+        held = [hub.ssh_state(u, n)["gpus"] for u, n in started]
+        assert all(len(g) == 1 for g in held) and held[0] != held[1], held
+        for said in refused:
+            assert "no host has 1 free GPU" in said and "node2: 0 of 2 GPUs free" in said, said
+        _, errors = all_at_once(hub.stop_server, list(started), 120)
+        assert not errors, errors
+
         # c.SSHSpawner.gpus = 1: the only host with GPUs, one of them, and
         # the server's environment names it alone.
         hub.spawn(ALICE)
