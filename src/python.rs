@@ -458,7 +458,10 @@ impl Core {
     fn new(config_json: &str) -> PyResult<Self> {
         let config = Config::from_json(config_json).map_err(py_err)?;
         let _guard = bridge::runtime()?.enter();
-        Spawner::new(config).map(Core).map_err(py_err)
+        // One claim set for all cores: see `Spawner::sharing_process_gpu_claims`.
+        Spawner::new(config)
+            .map(|s| Core(s.sharing_process_gpu_claims()))
+            .map_err(py_err)
     }
 
     /// Choose host and port. `request_json`: username, server_name,

@@ -10,6 +10,7 @@
 //! its first poll ([`Spawner::reclaim_gpus`]).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
 
 use super::Spawner;
 use crate::plan::gpus::{self, Gpu, GpuFacts};
@@ -20,6 +21,9 @@ pub(super) type HostClaims = BTreeMap<String, String>;
 
 /// GPU claims by host display name.
 pub(super) type GpuClaims = std::collections::HashMap<String, HostClaims>;
+
+/// The claims every core of this process shares ([`Spawner::sharing_process_gpu_claims`]).
+static PROCESS_CLAIMS: std::sync::OnceLock<Arc<Mutex<GpuClaims>>> = std::sync::OnceLock::new();
 
 /// Choose `n` GPUs of `facts` not in `held` (nor busy with another
 /// process) and record them as held by `run_id`: the decision made inside
@@ -45,6 +49,17 @@ pub(super) fn claim(
 }
 
 impl Spawner {
+    /// This spawner, holding its GPU claims in the set every other spawner
+    /// of the process that called this shares, instead of its own. The hub
+    /// makes one core per distinct core configuration (ProfilesSpawner
+    /// profiles that differ in a `rust=True` option such as `hosts`); they
+    /// all hand out the same hosts' GPUs, so they must see each other's
+    /// claims. A host is the same host when its display name is.
+    pub fn sharing_process_gpu_claims(mut self) -> Spawner {
+        self.gpu_claims = PROCESS_CLAIMS.get_or_init(Default::default).clone();
+        self
+    }
+
     /// The GPUs (UUIDs) this hub's servers hold on `host`.
     pub fn held_gpus(&self, host: &str) -> BTreeSet<String> {
         self.gpu_claims
@@ -219,5 +234,31 @@ mod tests {
         sp.release_gpus("node1", "r1");
         assert!(!sp.held_gpus("node1").contains(&uuid));
         assert_eq!(sp.held_gpus("node1").len(), 2);
+    }
+
+    #[tokio::test]
+    async fn cores_of_one_hub_process_share_their_gpu_claims_and_a_plain_spawner_keeps_its_own() {
+        // Two cores, as ProfilesSpawner profiles that differ in `hosts`
+        // make: what one claims on node1 the other does not give, and its
+        // release is seen by both. The host name is unique to this test, as
+        // the process set is shared with any other test that asks for it.
+        let (a, b) = (
+            spawner().sharing_process_gpu_claims(),
+            spawner().sharing_process_gpu_claims(),
+        );
+        let own = spawner();
+        let facts = a100();
+        let first = a.claim_gpus("shared-node", &facts, 2, "ra").unwrap();
+        let second = b.claim_gpus("shared-node", &facts, 1, "rb").unwrap();
+        assert!(first.iter().all(|g| g.uuid != second[0].uuid));
+        assert_eq!(b.held_gpus("shared-node"), a.held_gpus("shared-node"));
+        let e = b.claim_gpus("shared-node", &facts, 1, "rc").unwrap_err();
+        assert!(e.starts_with("0 of 4 GPUs free"), "{e}");
+        // A spawner made on its own (the CLI, a test) is not part of it.
+        assert!(own.held_gpus("shared-node").is_empty());
+        a.release_gpus("shared-node", "ra");
+        assert_eq!(b.held_gpus("shared-node").len(), 1);
+        b.release_gpus("shared-node", "rb");
+        assert!(a.held_gpus("shared-node").is_empty());
     }
 }
