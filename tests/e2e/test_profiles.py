@@ -2,7 +2,9 @@
 SSHSpawner: two profiles, "small on any host" and "large on node3", each
 spawned through the REST API and through the form in a browser; where and with
 which limits each runs; poll, stop and a hub restart through the wrapper (the
-SSHSpawner state round-trips inside the wrapper's).
+SSHSpawner state round-trips inside the wrapper's). With GPUs (node3 gets the
+stand-in nvidia-smi with two GPUs): `gpus` per profile, and two profiles that
+are cores of their own never give one GPU twice.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -31,24 +35,29 @@ SMALL_MEM = 512 * 1024**2
 LARGE_MEM = 2 * 1024**3
 
 
-def wrapped_state(hub, user: str) -> dict:
+def wrapped_state(hub, user: str, name: str = "") -> dict:
     """The wrapper's state in the hub's database (profile, child_state)."""
     db = sqlite3.connect(hub.dir / "jupyterhub.sqlite")
     try:
         row = db.execute(
             "SELECT spawners.state FROM spawners JOIN users ON spawners.user_id = users.id"
-            " WHERE users.name = ? AND spawners.name = ''",
-            (user,),
+            " WHERE users.name = ? AND spawners.name = ?",
+            (user, name),
         ).fetchone()
     finally:
         db.close()
-    assert row and row[0], f"no spawner state for {user}"
+    assert row and row[0], f"no spawner state for {user}/{name}"
     return json.loads(row[0])
 
 
-def profiles_config(testbed) -> dict:
+TESTBED = Path(__file__).resolve().parents[2] / "scripts" / "testbed"
+
+
+def profiles_config(testbed, gpus: bool = False) -> dict:
+    """Two profiles; with `gpus`, "large" asks for one GPU and a third
+    profile, "gpu" (any host, so the same core as "small"), asks for one."""
     node3 = next(h for h in testbed["hosts"] if h["name"] == "node3")
-    return {
+    config = {
         "JupyterHub.spawner_class": "wrapspawner.ProfilesSpawner",
         "JupyterHub.cleanup_servers": False,
         "Spawner.poll_interval": 2,
@@ -71,11 +80,26 @@ def profiles_config(testbed) -> dict:
             ),
         ],
     }
+    if gpus:
+        profiles = config["ProfilesSpawner.profiles"]
+        profiles[1][3]["gpus"] = 1
+        profiles.append(("One GPU, any host", "gpu", "ssh_spawner.SSHSpawner", {"gpus": 1}))
+    return config
 
 
-def test_profiles_spawner_wraps_sshspawner(testbed, hub_factory):
+def test_profiles_spawner_wraps_sshspawner_with_gpus_per_profile_never_given_twice(
+    testbed, hub_factory
+):
     pytest.importorskip("wrapspawner")
-    hub = hub_factory(profiles_config(testbed))
+    subprocess.run([str(TESTBED), "gpus", "node3", "rtx4090x2-idle"], check=True)
+    try:
+        profiles_spawner_round(testbed, hub_factory)
+    finally:
+        subprocess.run([str(TESTBED), "gpus", "node3", "none"], check=True)
+
+
+def profiles_spawner_round(testbed, hub_factory):
+    hub = hub_factory(profiles_config(testbed, gpus=True))
 
     r = hub.request_spawn(ALICE, json={"profile": "small"})
     assert r.status_code in (201, 202), (r.status_code, r.text)
@@ -92,6 +116,21 @@ def test_profiles_spawner_wraps_sshspawner(testbed, hub_factory):
     _, env_large = assert_server_process(testbed, s_large, BOB)
     assert env_small["MEM_LIMIT"] == str(SMALL_MEM) and env_small["CPU_LIMIT"] == "0.5"
     assert env_large["MEM_LIMIT"] == str(LARGE_MEM) and env_large["CPU_LIMIT"] == "2.0"
+    # "large" asked for a GPU (small for none); "gpu" is another core (its
+    # hosts differ from large's) and still does not get large's GPU, then
+    # finds none left.
+    assert len(s_large["gpus"]) == 1 and env_large["CUDA_VISIBLE_DEVICES"] == s_large["gpus"][0]
+    assert not s_small.get("gpus"), s_small
+    r = hub.request_spawn(ALICE, "g", json={"profile": "gpu"})
+    assert r.status_code in (201, 202), (r.status_code, r.text)
+    hub.wait_ready(ALICE, "g")
+    s_gpu = wrapped_state(hub, ALICE, "g")["child_state"]["ssh"]
+    assert s_gpu["host"] == "node3" and len(s_gpu["gpus"]) == 1, s_gpu
+    assert s_gpu["gpus"] != s_large["gpus"], (s_gpu, s_large)
+    r = hub.request_spawn(BOB, "g", json={"profile": "gpu"})
+    said = r.text + "\n" + hub.progress_failure(BOB, "g")
+    assert "no host has 1 free GPU" in said and "node3: 0 of 2 GPUs free" in said, said
+    hub.stop_server(ALICE, "g")
     for user in (ALICE, BOB):
         r = hub.proxy_get(f"/user/{user}/api/status")
         assert r.status_code == 200, (user, r.status_code, r.text[:300])
