@@ -364,3 +364,67 @@ async fn a_held_gpu_is_not_given_away_while_its_host_does_not_answer() {
     sp.stop(&second).await.unwrap();
     assert!(sp.held_gpus("gpu1").is_empty());
 }
+
+#[tokio::test]
+async fn a_restarted_hub_holds_the_gpus_of_a_pending_stop_until_the_stop_is_done() {
+    let Some(tb) =
+        testbed("a_restarted_hub_holds_the_gpus_of_a_pending_stop_until_the_stop_is_done")
+    else {
+        return;
+    };
+    let scratch = common::Scratch::new("gpu-pending");
+    let (sshd, cfg) = own_gpu_host(&tb, &scratch, "rtx4090x2-idle");
+    let sp = Spawner::new(cfg.clone()).unwrap();
+    let user = tb.alice().name.clone();
+    let first = sp
+        .spawn(&request(&user, 1), env, &cmd(), &Progress::new())
+        .await
+        .unwrap();
+    let _stop_first = common::StopOnPanic::new(&sp, &first);
+    let held = BTreeSet::from([first.gpus[0].clone()]);
+
+    // The hub stopped it while its host did not answer (a pending stop in
+    // the journal), then restarted: the new process's claims start empty,
+    // and nothing it polls names that server any more.
+    sshd.blackhole();
+    let journal = ssh_spawner::journal::Journal::new(scratch.path("journal").to_str().unwrap());
+    let text = ssh_spawner::plan::state::encode(&first).unwrap();
+    journal
+        .stops()
+        .write(&text, ssh_spawner::journal::this_process())
+        .unwrap();
+    let restarted = Spawner::new(cfg).unwrap();
+    assert!(restarted.held_gpus("gpu1").is_empty());
+    let retry = std::time::Duration::from_millis(500);
+    ssh_spawner::pending::ensure_retrier(&restarted, &journal, retry, true);
+    let holds = common::until_true(std::time::Duration::from_secs(30), || {
+        restarted.held_gpus("gpu1") == held
+    })
+    .await;
+    assert!(
+        holds,
+        "the retrier did not hold the pending stop's GPU: {:?}",
+        restarted.held_gpus("gpu1")
+    );
+
+    // Back: the retrier stops it and only then lets the GPU go.
+    sshd.heal();
+    let freed = common::until_true(std::time::Duration::from_secs(60), || {
+        restarted.held_gpus("gpu1").is_empty()
+    })
+    .await;
+    assert!(
+        freed,
+        "the pending stop did not free its GPU: {:?}",
+        restarted.held_gpus("gpu1")
+    );
+    assert!(
+        journal.stops().read_all().0.is_empty(),
+        "the pending stop is done"
+    );
+    let polled = restarted.poll(&first).await;
+    assert!(
+        matches!(polled, ssh_spawner::spawner::PollOutcome::Exited { .. }),
+        "the server is gone: {polled:?}"
+    );
+}
