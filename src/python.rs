@@ -523,6 +523,20 @@ impl Core {
     /// carried to is an error only when `strict` (`hub_tunnel` is on);
     /// otherwise it is left unset and None is returned.
     fn tell_hub_api(&self, url: &str, strict: bool) -> PyResult<Option<String>> {
+        // `strict`: hub_tunnel is on. Without internal_ssl its port on each
+        // host carries the token in clear (docs/security.md): say so once.
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if strict
+            && state::hub_api_in_clear(url)
+            && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+        {
+            tracing::warn!(
+                "SSHSpawner: hub_tunnel without internal_ssl: each server's hub API calls, its token included, \
+                 cross the tunnel's port on its host in clear, and a user of that host who takes the port while \
+                 the hub is away receives them; set c.JupyterHub.internal_ssl = True on hosts users you do not \
+                 trust share (docs/security.md, \"The hub tunnel's port on a shared host\")"
+            );
+        }
         let to = state::hub_api_to(url);
         match self.0.set_hub_api(&to) {
             Ok(()) => Ok(Some(to)),

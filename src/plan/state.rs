@@ -315,6 +315,15 @@ pub fn hub_api_to(url: &str) -> String {
     }
 }
 
+/// Whether the hub API at `url` is spoken without TLS (anything but
+/// `https://`): through a hub tunnel, the token then crosses the tunnel's
+/// port on the host in clear.
+pub fn hub_api_in_clear(url: &str) -> bool {
+    !url.trim_start()
+        .get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+}
+
 /// The server's URL as the state says it is reached now: `url` (what the
 /// hub has) with its host and port replaced by the tunnel's local port, or
 /// else by the state's address and port (a host re-addressed since).
@@ -422,6 +431,16 @@ mod tests {
             ("http://10.0.0.1:8081?x=1", "10.0.0.1:8081"),
         ] {
             assert_eq!(hub_api_to(url), want, "{url}");
+        }
+    }
+
+    #[test]
+    fn only_an_https_hub_api_is_not_in_clear() {
+        for url in ["https://hub/hub/api", "HTTPS://10.0.0.1:8081/hub/api"] {
+            assert!(!hub_api_in_clear(url), "{url}");
+        }
+        for url in ["http://127.0.0.1:8081/hub/api", "hub:8081", "", "https:/x"] {
+            assert!(hub_api_in_clear(url), "{url}");
         }
     }
 

@@ -214,6 +214,9 @@ def test_hub_tunnel_for_a_host_that_cannot_reach_the_hub(testbed, hub_factory):
         # A token the server has never seen is checked with the hub API,
         # through the remote forward.
         assert status_with_fresh_token(hub, BOB) == 200
+        # Without internal_ssl, the admin is told once what that costs.
+        warned = "hub_tunnel without internal_ssl: each server's hub API calls, its token included"
+        assert hub.log_text().count(warned) == 1, hub.log_tail(4000)
 
         hub.stop()
         hub.start()
@@ -352,6 +355,7 @@ def test_internal_ssl_runs_end_to_end_through_both_tunnels_and_keeps_the_token_f
             }
         )
         hub.spawn(ALICE)
+        assert "hub_tunnel without internal_ssl" not in hub.log_text()
         state = hub.ssh_state(ALICE)
         _, env = assert_server_process(testbed, state, ALICE)
         assert env["JUPYTERHUB_SERVICE_URL"].startswith(f"https://127.0.0.1:{state['port']}/")
