@@ -605,6 +605,7 @@ impl Core {
         mem_limit_default: Option<u64>,
         cpu_limit_default: Option<f64>,
         gpus_max: u32,
+        gpus_default: u32,
     ) -> PyResult<String> {
         let names = self.host_names();
         let hosts = if user_hosts.is_empty() {
@@ -631,14 +632,16 @@ impl Core {
             mem_limit_default,
             cpu_limit_default,
             gpus_max,
+            gpus_default,
         };
         serde_json::to_string(&bounds).map_err(|e| SpawnerError::new_err(e.to_string()))
     }
 
     /// The options form's HTML for `username`: the hosts in `bounds.hosts`
-    /// with live figures (read through the pool, shared for `max_age`
-    /// seconds, each waited for at most `wait` seconds), and the memory and
-    /// CPU fields the bounds allow. `current_json`: earlier options.
+    /// with live figures and GPUs (read through the pool, shared for
+    /// `max_age` seconds, each waited for at most `wait` seconds), and the
+    /// memory, CPU and GPU fields the bounds allow. `current_json`: earlier
+    /// options. The rows are kept for [`Core::validate_form`].
     fn options_form<'py>(
         &self,
         py: Python<'py>,
@@ -660,7 +663,7 @@ impl Core {
             let rows = if bounds.hosts.is_empty() {
                 Vec::new()
             } else {
-                sp.host_status(
+                sp.form_rows(
                     &username,
                     &bounds.hosts,
                     Config::duration(max_age),
@@ -668,20 +671,25 @@ impl Core {
                 )
                 .await?
             };
-            let rows: Vec<form::HostRow> = rows
-                .into_iter()
-                .map(|(name, status)| form::HostRow {
-                    name,
-                    status: status.map(|f| form::HostLoad {
-                        mem_available: f.mem_available,
-                        load1: f.load1,
-                        cpus: f.cpus,
-                        servers: f.servers,
-                    }),
-                })
-                .collect();
             Ok(form::render(&rows, &bounds, &current))
         })
+    }
+
+    /// The options form `username` submitted (JSON of its fields),
+    /// validated as `validate_options` does, then refused when it asks for
+    /// more GPUs than any host it may use had free in the form `username`
+    /// was last shown (`plan::form::refuse_gpus`); returns the choice as JSON.
+    fn validate_form(
+        &self,
+        username: &str,
+        options_json: &str,
+        bounds_json: &str,
+    ) -> PyResult<String> {
+        let json = validate_options(options_json, bounds_json)?;
+        let choice: form::Choice =
+            serde_json::from_str(&json).map_err(|e| SpawnerError::new_err(e.to_string()))?;
+        self.0.refuse_form(username, &choice).map_err(py_err)?;
+        Ok(json)
     }
 
     /// Write `state_json` to the journal in `journal_dir` (durably, before
