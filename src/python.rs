@@ -596,7 +596,8 @@ impl Core {
 
     /// The options form's bounds, as JSON (`plan::form::Bounds`): the hosts
     /// a user may choose (`user_hosts`, or else every configured host), each
-    /// a configured host's name, and the limits.
+    /// a configured host's name, and the limits; GPUs as `(user_gpus_max,
+    /// gpus)`.
     fn form_bounds(
         &self,
         user_hosts: Vec<String>,
@@ -604,9 +605,9 @@ impl Core {
         cpu_limit_max: Option<f64>,
         mem_limit_default: Option<u64>,
         cpu_limit_default: Option<f64>,
-        gpus_max: u32,
-        gpus_default: u32,
+        gpus: (u32, u32),
     ) -> PyResult<String> {
+        let (gpus_max, gpus_default) = gpus;
         let names = self.host_names();
         let hosts = if user_hosts.is_empty() {
             names.clone()
