@@ -329,8 +329,11 @@ class SSHSpawner(Spawner):
         0,
         min=0,
         help="""Most GPUs a user may ask for with the option ``gpus`` (the REST
-        API's ``{"gpus": 2}``), instead of ``gpus``. 0: GPUs are not a choice;
-        a larger count is refused with a message naming the limit.""",
+        API's ``{"gpus": 2}``, the options form's GPU field, which starts at
+        ``gpus``), instead of ``gpus``. 0: GPUs are not a choice; a larger
+        count is refused with a message naming the limit. A form asking for
+        more GPUs than any host had free in the figures it showed is refused
+        above the form, naming each host's free GPUs.""",
     ).tag(config=True)
 
     gpu_busy_memory_mib = Integer(
@@ -461,8 +464,7 @@ class SSHSpawner(Spawner):
                 self.user_cpu_limit_max,
                 self.mem_limit or None,
                 self.cpu_limit or None,
-                self.user_gpus_max,
-                self.gpus,
+                (self.user_gpus_max, self.gpus),
             )
         except _core.SpawnerError as e:  # a misnamed user_hosts
             raise ValueError(str(e)) from None
