@@ -613,7 +613,8 @@ impl Core {
 
     /// The options form's bounds, as JSON (`plan::form::Bounds`): the hosts
     /// a user may choose (`user_hosts`, or else every configured host), each
-    /// a configured host's name, and the limits.
+    /// a configured host's name, and the limits; GPUs as `(user_gpus_max,
+    /// gpus)`.
     fn form_bounds(
         &self,
         user_hosts: Vec<String>,
@@ -621,8 +622,9 @@ impl Core {
         cpu_limit_max: Option<f64>,
         mem_limit_default: Option<u64>,
         cpu_limit_default: Option<f64>,
-        gpus_max: u32,
+        gpus: (u32, u32),
     ) -> PyResult<String> {
+        let (gpus_max, gpus_default) = gpus;
         let names = self.host_names();
         let hosts = if user_hosts.is_empty() {
             names.clone()
@@ -648,14 +650,16 @@ impl Core {
             mem_limit_default,
             cpu_limit_default,
             gpus_max,
+            gpus_default,
         };
         serde_json::to_string(&bounds).map_err(|e| SpawnerError::new_err(e.to_string()))
     }
 
     /// The options form's HTML for `username`: the hosts in `bounds.hosts`
-    /// with live figures (read through the pool, shared for `max_age`
-    /// seconds, each waited for at most `wait` seconds), and the memory and
-    /// CPU fields the bounds allow. `current_json`: earlier options.
+    /// with live figures and GPUs (read through the pool, shared for
+    /// `max_age` seconds, each waited for at most `wait` seconds), and the
+    /// memory, CPU and GPU fields the bounds allow. `current_json`: earlier
+    /// options. The rows are kept for [`Core::validate_form`].
     fn options_form<'py>(
         &self,
         py: Python<'py>,
@@ -677,7 +681,7 @@ impl Core {
             let rows = if bounds.hosts.is_empty() {
                 Vec::new()
             } else {
-                sp.host_status(
+                sp.form_rows(
                     &username,
                     &bounds.hosts,
                     Config::duration(max_age),
@@ -685,20 +689,25 @@ impl Core {
                 )
                 .await?
             };
-            let rows: Vec<form::HostRow> = rows
-                .into_iter()
-                .map(|(name, status)| form::HostRow {
-                    name,
-                    status: status.map(|f| form::HostLoad {
-                        mem_available: f.mem_available,
-                        load1: f.load1,
-                        cpus: f.cpus,
-                        servers: f.servers,
-                    }),
-                })
-                .collect();
             Ok(form::render(&rows, &bounds, &current))
         })
+    }
+
+    /// The options form `username` submitted (JSON of its fields),
+    /// validated as `validate_options` does, then refused when it asks for
+    /// more GPUs than any host it may use had free in the form `username`
+    /// was last shown (`plan::form::refuse_gpus`); returns the choice as JSON.
+    fn validate_form(
+        &self,
+        username: &str,
+        options_json: &str,
+        bounds_json: &str,
+    ) -> PyResult<String> {
+        let json = validate_options(options_json, bounds_json)?;
+        let choice: form::Choice =
+            serde_json::from_str(&json).map_err(|e| SpawnerError::new_err(e.to_string()))?;
+        self.0.refuse_form(username, &choice).map_err(py_err)?;
+        Ok(json)
     }
 
     /// Write `state_json` to the journal in `journal_dir` (durably, before

@@ -3,7 +3,10 @@
 //! panic, and a choice it accepts always lies within the admin's bounds.
 
 use proptest::prelude::*;
+use std::collections::BTreeSet;
+
 use ssh_spawner::plan::form::{self, Bounds, Fields, MIN_CPU, MIN_MEM};
+use ssh_spawner::plan::gpus::{ComputeApp, Gpu, GpuFacts, GpuReport};
 
 fn value() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -79,6 +82,7 @@ fn bounds() -> impl Strategy<Value = Bounds> {
             mem_limit_default: mem.map(|m| m / 2),
             cpu_limit_default: cpu,
             gpus_max: gpus,
+            gpus_default: gpus / 2,
         })
 }
 
@@ -153,23 +157,62 @@ proptest! {
 
     #[test]
     fn rendering_never_panics_and_never_lets_markup_through(
-        names in prop::collection::vec(any::<String>(), 0..4),
+        names in prop::collection::vec(any::<String>(), 0..6),
         why in any::<String>(),
+        model in any::<String>(),
+        gpus_asked in prop::option::of(0u32..9),
         b in bounds(),
     ) {
         // "<zq" starts no tag of the form's own: if it shows up, markup got through.
+        // Rows take turns: not answering, no GPUs, GPUs (one of them held,
+        // one busy, the model is the host's text), nvidia-smi failed.
+        let uuid = |i: usize| format!("GPU-{i}");
+        let gpu = |i: usize| Gpu {
+            index: i as u32,
+            uuid: uuid(i),
+            name: format!("<zq{model}"),
+            memory_total_mib: Some(1),
+            memory_used_mib: None,
+            utilization: None,
+        };
         let rows: Vec<form::HostRow> = names
             .iter()
             .enumerate()
             .map(|(i, n)| form::HostRow {
                 name: format!("<zq{n}"),
-                status: if i % 2 == 0 { Err(format!("<zq{why}")) } else {
-                    Ok(form::HostLoad { mem_available: 1, load1: f64::NAN, cpus: 0, servers: 0 })
+                status: if i % 4 == 0 { Err(format!("<zq{why}")) } else {
+                    Ok(form::HostLoad {
+                        mem_available: 1,
+                        load1: f64::NAN,
+                        cpus: 0,
+                        servers: 0,
+                        gpus: match i % 4 {
+                            1 => GpuFacts::None,
+                            2 => GpuFacts::Ok(GpuReport {
+                                gpus: (0..3).map(gpu).collect(),
+                                apps: vec![ComputeApp { gpu_uuid: uuid(1), pid: 1, used_memory_mib: None }],
+                                skipped: Vec::new(),
+                            }),
+                            _ => GpuFacts::Failed { reason: format!("<zq{why}") },
+                        },
+                        held_gpus: BTreeSet::from([uuid(0)]),
+                        gpu_busy_memory_mib: 100,
+                    })
                 },
             })
             .collect();
-        let current = form::Choice { host: names.first().map(|n| format!("<zq{n}")), ..Default::default() };
+        let current = form::Choice {
+            host: names.first().map(|n| format!("<zq{n}")),
+            gpus: gpus_asked,
+            ..Default::default()
+        };
         let html = form::render(&rows, &b, &current);
         prop_assert!(!html.contains("<zq"), "{}", html);
+        // The refusal of a GPU count never panics either, and a host with
+        // a free GPU (the third row: 1 of 3) takes one.
+        let refused = form::refuse_gpus(&rows, &current);
+        if gpus_asked == Some(1) && current.host.is_none() && rows.len() > 2 {
+            prop_assert!(refused.is_ok(), "{:?}", refused);
+        }
     }
 }

@@ -329,8 +329,11 @@ class SSHSpawner(Spawner):
         0,
         min=0,
         help="""Most GPUs a user may ask for with the option ``gpus`` (the REST
-        API's ``{"gpus": 2}``), instead of ``gpus``. 0: GPUs are not a choice;
-        a larger count is refused with a message naming the limit.""",
+        API's ``{"gpus": 2}``, the options form's GPU field, which starts at
+        ``gpus``), instead of ``gpus``. 0: GPUs are not a choice; a larger
+        count is refused with a message naming the limit. A form asking for
+        more GPUs than any host had free in the figures it showed is refused
+        above the form, naming each host's free GPUs.""",
     ).tag(config=True)
 
     gpu_busy_memory_mib = Integer(
@@ -461,21 +464,21 @@ class SSHSpawner(Spawner):
                 self.user_cpu_limit_max,
                 self.mem_limit or None,
                 self.cpu_limit or None,
-                self.user_gpus_max,
+                (self.user_gpus_max, self.gpus),
             )
         except _core.SpawnerError as e:  # a misnamed user_hosts
             raise ValueError(str(e)) from None
 
     def _options_from_form_fields(self, form_data):
         """Check the submitted form on the hub; a refused value raises with a
-        message the spawn page shows above the form."""
-        fields = {}
+        message the spawn page shows above the form: a value out of bounds, or
+        more GPUs than any host had free in the form this user was shown."""
         for key, values in form_data.items():
             if not all(isinstance(v, str) for v in values):
                 raise ValueError(f"invalid option {key!r}: files are not accepted")
-            fields[key] = values
         try:
-            return json.loads(_core.validate_options(json.dumps(fields), self._bounds_json()))
+            fields = json.dumps(form_data)
+            return json.loads(self.core.validate_form(self.user.name, fields, self._bounds_json()))
         except _core.SpawnerError as e:
             raise ValueError(str(e)) from None
 

@@ -12,8 +12,10 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use super::hosts::human_bytes;
-use super::hosts::parse_size;
+use std::collections::BTreeSet;
+
+use super::gpus::{self, GpuFacts};
+use super::hosts::{self, human_bytes, parse_size};
 use crate::error::{Error, Result};
 
 /// Form fields as a browser sends them: name → values.
@@ -55,6 +57,9 @@ pub struct Bounds {
     /// choice (the admin's `gpus` applies).
     #[serde(default)]
     pub gpus_max: u32,
+    /// The admin's `gpus`, what the form's GPU field starts at.
+    #[serde(default)]
+    pub gpus_default: u32,
 }
 
 /// What a user chose, validated. `None` everywhere: the admin's defaults.
@@ -283,6 +288,21 @@ pub struct HostLoad {
     pub cpus: u32,
     /// Servers of all users on the host.
     pub servers: usize,
+    /// Its GPUs as `nvidia-smi` reported them (or that it has none, or why
+    /// `nvidia-smi` failed).
+    pub gpus: GpuFacts,
+    /// The GPUs (UUIDs) this hub's servers held there when the row was
+    /// made: not free, as placement counts them.
+    pub held_gpus: BTreeSet<String>,
+    /// `gpu_busy_memory_mib`: a process using more makes a GPU taken.
+    pub gpu_busy_memory_mib: u64,
+}
+
+impl HostLoad {
+    /// Whether `nvidia-smi` is on the host (answering or not).
+    fn has_gpus(&self) -> bool {
+        !matches!(self.gpus, GpuFacts::None)
+    }
 }
 
 /// Escape text for HTML element content and attribute values.
@@ -313,6 +333,71 @@ pub fn describe(load: &HostLoad) -> String {
     )
 }
 
+/// What a host row says of its GPUs, counted as placement counts them
+/// ([`gpus::summary`]: a GPU a server of ours holds, or that another
+/// process uses, is not free): `GPUs: 3 of 4 free (NVIDIA A100-SXM4-40GB)`,
+/// every model with its count when they differ, `GPUs unknown (why)` when
+/// `nvidia-smi` failed. A host without `nvidia-smi` says nothing, or
+/// `no GPUs` when `others_have_gpus` (another row has them).
+pub fn describe_gpus(load: &HostLoad, others_have_gpus: bool) -> Option<String> {
+    match gpus::summary(&load.gpus, &load.held_gpus, load.gpu_busy_memory_mib) {
+        None => others_have_gpus.then(|| "no GPUs".to_string()),
+        Some(Err(reason)) => Some(format!("GPUs unknown ({reason})")),
+        Some(Ok(s)) if s.count == 0 => Some("no GPUs (nvidia-smi lists none)".to_string()),
+        Some(Ok(s)) => {
+            let models = match &s.models[..] {
+                [(one, _)] => one.clone(),
+                _ => s.models_text(),
+            };
+            Some(format!("GPUs: {} of {} free ({models})", s.free, s.count))
+        }
+    }
+}
+
+/// Refuse a submitted form that asks for more GPUs than any host it may
+/// use (the pinned one, else every row) had free in `rows`, the figures
+/// the user was shown; in the words of placement's refusal (`no host has 2
+/// free GPUs: node1: 1 of 4 GPUs free (GPU 2 busy: ...), 2 asked, ...`).
+/// `Ok` when some host had them, when the choice asks for none, or when the
+/// rows say nothing of the host asked for: the spawn's own placement
+/// decides then, and always has the last word.
+pub fn refuse_gpus(rows: &[HostRow], choice: &Choice) -> Result<()> {
+    let n = choice.gpus.unwrap_or(0);
+    if n == 0 {
+        return Ok(());
+    }
+    let rows: Vec<&HostRow> = rows
+        .iter()
+        .filter(|r| choice.host.as_deref().is_none_or(|h| h == r.name))
+        .collect();
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut reasons = Vec::new();
+    for row in rows {
+        let why = match &row.status {
+            Ok(load) => {
+                match hosts::gpus_unfit(&load.gpus, &load.held_gpus, load.gpu_busy_memory_mib, n) {
+                    None => return Ok(()),
+                    Some(why) => why,
+                }
+            }
+            Err(e) => hosts::unread(e),
+        };
+        reasons.push(format!("{}: {why}", row.name));
+    }
+    let req = hosts::Requirements {
+        gpus: n,
+        ..hosts::Requirements::default()
+    };
+    match (hosts::no_host(&req, &reasons), &choice.host) {
+        (Error::NoHost { detail }, Some(h)) => Err(Error::NoHost {
+            detail: hosts::pinned_refusal(h, &detail),
+        }),
+        (e, _) => Err(e),
+    }
+}
+
 /// The form's HTML (JupyterHub wraps it in a `<form>` with a submit
 /// button). `current` preselects earlier choices. Everything inserted is
 /// escaped; a host with an error is shown "not answering" and disabled.
@@ -320,6 +405,9 @@ pub fn render(rows: &[HostRow], bounds: &Bounds, current: &Choice) -> String {
     let mut h = String::new();
     let checked = |yes: bool| if yes { " checked" } else { "" };
     h.push_str("<div class=\"ssh-spawner-options\">\n");
+    let any_gpus = rows
+        .iter()
+        .any(|r| r.status.as_ref().is_ok_and(HostLoad::has_gpus));
     if !rows.is_empty() {
         h.push_str(
             "<fieldset class=\"form-group\" id=\"ssh-spawner-hosts\">\n<legend>Host</legend>\n",
@@ -333,7 +421,13 @@ pub fn render(rows: &[HostRow], bounds: &Bounds, current: &Choice) -> String {
         for (i, row) in rows.iter().enumerate() {
             let name = escape(&row.name);
             let (detail, disabled) = match &row.status {
-                Ok(load) => (escape(&describe(load)), ""),
+                Ok(load) => {
+                    let mut d = describe(load);
+                    if let Some(g) = describe_gpus(load, any_gpus) {
+                        d = format!("{d}; {g}");
+                    }
+                    (escape(&d), "")
+                }
                 // Marked down for every user (plan::health): say since when;
                 // drained by the admin: say so.
                 Err(why)
@@ -387,6 +481,22 @@ pub fn render(rows: &[HostRow], bounds: &Bounds, current: &Choice) -> String {
             escape(&bounds.cpu_limit_default.map(|c| c.to_string()).unwrap_or_else(|| "e.g. 1".into())),
         );
     }
+    if bounds.gpus_max > 0 {
+        let (max, default) = (bounds.gpus_max, bounds.gpus_default);
+        // An admin's `gpus` above the users' maximum cannot be typed in:
+        // the field starts empty then, which keeps the admin's count.
+        let value = current
+            .gpus
+            .or(Some(default))
+            .filter(|n| *n <= max)
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        let _ = writeln!(
+            h,
+            "<div class=\"form-group\"><label for=\"ssh-gpus\">GPUs (from 0 to {max}; default {default})</label>\
+             <input class=\"form-control\" type=\"number\" id=\"ssh-gpus\" name=\"gpus\" min=\"0\" max=\"{max}\" step=\"1\" value=\"{value}\" placeholder=\"{default}\"></div>",
+        );
+    }
     h.push_str("</div>\n");
     h
 }
@@ -403,6 +513,7 @@ mod tests {
             mem_limit_default: Some(2 << 30),
             cpu_limit_default: None,
             gpus_max: 2,
+            gpus_default: 0,
         }
     }
 
@@ -562,6 +673,7 @@ mod tests {
                     load1: 0.3,
                     cpus: 2,
                     servers: 1,
+                    ..load(GpuFacts::None)
                 }),
             },
             HostRow {
@@ -639,6 +751,7 @@ mod tests {
                 load1: 0.0,
                 cpus: 1,
                 servers: 0,
+                ..load(GpuFacts::None)
             }),
         }];
         let c = Choice {
@@ -651,5 +764,253 @@ mod tests {
         assert!(html.contains("value=\"node1\" checked"), "{html}");
         assert!(html.contains("value=\"auto\">"), "{html}");
         assert!(html.contains("name=\"mem_limit\" value=\"1G\""), "{html}");
+    }
+
+    const A100: &str = include_str!("../../fixtures/gpus/a100x4-one-busy/query-gpu.csv");
+    const A100_APPS: &str =
+        include_str!("../../fixtures/gpus/a100x4-one-busy/query-compute-apps.csv");
+    const RTX: &str = include_str!("../../fixtures/gpus/rtx4090x2-idle/query-gpu.csv");
+    const MIXED: &str = include_str!("../../fixtures/gpus/mixed/query-gpu.csv");
+    const MIXED_APPS: &str = include_str!("../../fixtures/gpus/mixed/query-compute-apps.csv");
+    const DRIVER: &str = include_str!("../../fixtures/gpus/fails-driver/output.txt");
+
+    fn load(gpus: GpuFacts) -> HostLoad {
+        HostLoad {
+            mem_available: 8 << 30,
+            load1: 0.5,
+            cpus: 8,
+            servers: 2,
+            gpus,
+            held_gpus: BTreeSet::new(),
+            gpu_busy_memory_mib: gpus::DEFAULT_BUSY_MEMORY_MIB,
+        }
+    }
+
+    fn ok(gpu: &str, apps: &str) -> GpuFacts {
+        gpus::from_facts(Some("ok"), gpu, apps, &[])
+    }
+
+    /// node1: 4 A100s, GPU 2 busy; node2: 2 idle 4090s; node3: no
+    /// nvidia-smi; node4: nvidia-smi fails; node5: four models, two busy.
+    fn gpu_rows() -> Vec<HostRow> {
+        let row = |name: &str, gpus| HostRow {
+            name: name.into(),
+            status: Ok(load(gpus)),
+        };
+        vec![
+            row("node1", ok(A100, A100_APPS)),
+            row("node2", ok(RTX, "")),
+            row("node3", GpuFacts::None),
+            row(
+                "node4",
+                gpus::from_facts(Some("failed query-gpu 9"), "", "", &[DRIVER]),
+            ),
+            row("node5", ok(MIXED, MIXED_APPS)),
+        ]
+    }
+
+    fn label<'a>(html: &'a str, host: &str) -> &'a str {
+        let start = html
+            .find(&format!("<strong>{host}</strong>"))
+            .unwrap_or_else(|| panic!("no row for {host}: {html}"));
+        let rest = &html[start..];
+        &rest[..rest.find("</label>").unwrap_or(rest.len())]
+    }
+
+    #[test]
+    fn each_host_row_says_its_free_gpus_and_model_as_placement_counts_them() {
+        let mut rows = gpu_rows();
+        let html = render(&rows, &bounds(), &Choice::default());
+        assert_eq!(
+            label(&html, "node1"),
+            "<strong>node1</strong>: 8G free, load 0.5 on 8 cores, 2 servers; \
+             GPUs: 3 of 4 free (NVIDIA A100-SXM4-40GB)"
+        );
+        assert!(
+            label(&html, "node2").ends_with("; GPUs: 2 of 2 free (NVIDIA GeForce RTX 4090)"),
+            "{html}"
+        );
+        assert!(
+            label(&html, "node3").ends_with("2 servers; no GPUs"),
+            "{html}"
+        );
+        assert!(
+            label(&html, "node4").ends_with(
+                "; GPUs unknown (nvidia-smi --query-gpu exited with status 9: NVIDIA-SMI has \
+                 failed because it couldn&#39;t communicate with the NVIDIA driver. Make sure \
+                 that the latest NVIDIA driver is installed and running.)"
+            ),
+            "{html}"
+        );
+        assert!(
+            label(&html, "node5").ends_with(
+                "; GPUs: 2 of 4 free (1 × NVIDIA H100 80GB HBM3, 1 × NVIDIA A100-PCIE-40GB, \
+                 1 × NVIDIA L40S, 1 × Tesla T4)"
+            ),
+            "{html}"
+        );
+        // A GPU a server of this hub holds is not free, as for placement.
+        if let Ok(l) = &mut rows[1].status {
+            l.held_gpus.insert(l.gpus.gpus()[0].uuid.clone());
+        }
+        let html = render(&rows, &bounds(), &Choice::default());
+        assert!(label(&html, "node2").ends_with("; GPUs: 1 of 2 free (NVIDIA GeForce RTX 4090)"));
+        // With no GPUs anywhere, rows say nothing of GPUs.
+        let html = render(&rows[2..3], &bounds(), &Choice::default());
+        assert!(label(&html, "node3").ends_with("2 servers"), "{html}");
+    }
+
+    #[test]
+    fn a_model_name_is_escaped() {
+        let gpu = "0, GPU-1, <img src=x onerror=alert(1)>, 100, 0, 0\n";
+        let html = render(
+            &[HostRow {
+                name: "node1".into(),
+                status: Ok(load(ok(gpu, ""))),
+            }],
+            &bounds(),
+            &Choice::default(),
+        );
+        assert!(!html.contains("<img"), "{html}");
+        assert!(
+            html.contains("(&lt;img src=x onerror=alert(1)&gt;)"),
+            "{html}"
+        );
+    }
+
+    #[test]
+    fn the_gpu_field_is_there_when_users_may_choose_gpus() {
+        let b = Bounds {
+            gpus_max: 4,
+            gpus_default: 1,
+            ..bounds()
+        };
+        let html = render(&gpu_rows(), &b, &Choice::default());
+        assert!(
+            html.contains(
+                "<label for=\"ssh-gpus\">GPUs (from 0 to 4; default 1)</label>\
+                 <input class=\"form-control\" type=\"number\" id=\"ssh-gpus\" name=\"gpus\" \
+                 min=\"0\" max=\"4\" step=\"1\" value=\"1\" placeholder=\"1\">"
+            ),
+            "{html}"
+        );
+        let earlier = Choice {
+            gpus: Some(3),
+            ..Choice::default()
+        };
+        assert!(render(&gpu_rows(), &b, &earlier).contains("value=\"3\" placeholder=\"1\""));
+        // An admin's count above the users' maximum: empty, it keeps it.
+        let above = Bounds {
+            gpus_default: 6,
+            ..b.clone()
+        };
+        let html = render(&gpu_rows(), &above, &Choice::default());
+        assert!(html.contains("value=\"\" placeholder=\"6\""), "{html}");
+        let none = Bounds { gpus_max: 0, ..b };
+        assert!(!render(&gpu_rows(), &none, &Choice::default()).contains("name=\"gpus\""));
+    }
+
+    fn asking(n: u32, host: Option<&str>) -> Choice {
+        Choice {
+            gpus: Some(n),
+            host: host.map(str::to_string),
+            ..Choice::default()
+        }
+    }
+
+    #[test]
+    fn a_count_no_host_had_free_is_refused_naming_it_and_every_host() {
+        let rows = gpu_rows();
+        let msg = refuse_gpus(&rows, &asking(4, None))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.starts_with(
+                "no host has 4 free GPUs: node1: 3 of 4 GPUs free (GPU 2 busy: pid 31337 uses \
+                 20480 MiB), 4 asked, node2: 2 of 2 GPUs free, 4 asked, node3: no GPUs (no \
+                 nvidia-smi), 4 asked, node4: GPUs unknown (nvidia-smi --query-gpu exited with \
+                 status 9: NVIDIA-SMI has failed"
+            ),
+            "{msg}"
+        );
+        assert!(msg.contains(", node5: 2 of 4 GPUs free ("), "{msg}");
+        for n in [0, 1, 3] {
+            refuse_gpus(&rows, &asking(n, None)).unwrap();
+        }
+        refuse_gpus(&rows, &Choice::default()).unwrap();
+        // Pinned: that host alone, said as placement says it.
+        let msg = refuse_gpus(&rows, &asking(3, Some("node2")))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            msg,
+            "node2, the host you chose, cannot take the server now (no host has 3 free GPUs: \
+             node2: 2 of 2 GPUs free, 3 asked); choose another host or let the spawner choose"
+        );
+        refuse_gpus(&rows, &asking(3, Some("node1"))).unwrap();
+        // Rows that say nothing of the host asked for: placement decides.
+        refuse_gpus(&rows, &asking(3, Some("node9"))).unwrap();
+        refuse_gpus(&[], &asking(3, None)).unwrap();
+        // A host down or drained gives nothing, and says why.
+        let down = [
+            HostRow {
+                name: "node1".into(),
+                status: Err("no answer within 3s".into()),
+            },
+            HostRow {
+                name: "node2".into(),
+                status: Err(hosts::DRAINING.into()),
+            },
+        ];
+        assert_eq!(
+            refuse_gpus(&down, &asking(1, None))
+                .unwrap_err()
+                .to_string(),
+            format!(
+                "no host has 1 free GPU: node1: down (no answer within 3s), node2: {}",
+                hosts::DRAINING
+            )
+        );
+    }
+
+    #[test]
+    fn the_refusal_says_what_placement_says_over_the_same_figures() {
+        let rows = gpu_rows();
+        let report = "hostname=h\nhome=/h\nuid=1\nmem_total_kb=1\nmem_available_kb=1\ncpus=8\n\
+                      load1=0.5\nboot_id=b\nservers=2\nsystemd_user=no\nprlimit=yes\n";
+        let facts: Vec<hosts::HostFacts> = rows
+            .iter()
+            .map(|r| {
+                let mut f = hosts::parse_facts(report).unwrap();
+                f.gpus = r.status.as_ref().unwrap().gpus.clone();
+                f
+            })
+            .collect();
+        let candidates: Vec<hosts::Candidate> = rows
+            .iter()
+            .zip(&facts)
+            .map(|(r, f)| hosts::Candidate {
+                name: &r.name,
+                max_servers: None,
+                draining: false,
+                facts: Ok(f),
+                held_gpus: BTreeSet::new(),
+                gpu_busy_memory_mib: gpus::DEFAULT_BUSY_MEMORY_MIB,
+            })
+            .collect();
+        let req = hosts::Requirements {
+            gpus: 4,
+            ..Default::default()
+        };
+        let placement = hosts::rank(
+            &candidates,
+            &req,
+            hosts::Strategy::Random,
+            0,
+            &mut rand::rng(),
+        )
+        .unwrap_err();
+        let form = refuse_gpus(&rows, &asking(4, None)).unwrap_err();
+        assert_eq!(form.to_string(), placement.to_string());
     }
 }

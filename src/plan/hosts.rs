@@ -294,11 +294,7 @@ fn unfit(c: &Candidate, req: &Requirements) -> Option<String> {
     }
     let f = match &c.facts {
         Ok(f) => f,
-        // Marked down for everyone (plan::health): the reason says since when.
-        Err(e) if e.starts_with("down since") || e.starts_with("answering again") => {
-            return Some(e.clone())
-        }
-        Err(e) => return Some(format!("down ({e})")),
+        Err(e) => return Some(unread(e)),
     };
     if let Some(max) = c.max_servers {
         if f.servers >= max {
@@ -315,13 +311,64 @@ fn unfit(c: &Candidate, req: &Requirements) -> Option<String> {
             return Some(format!("{:.1} cores idle", f.free_cores()));
         }
     }
-    if req.gpus > 0 {
-        let n = req.gpus as usize;
-        if let Err(why) = gpus::choose(&f.gpus, &c.held_gpus, c.gpu_busy_memory_mib, n) {
-            return Some(format!("{why}, {} asked", req.gpus));
-        }
+    gpus_unfit(&f.gpus, &c.held_gpus, c.gpu_busy_memory_mib, req.gpus)
+}
+
+/// Why a host whose facts could not be read takes no server, from why they
+/// could not (`e`), in the words spawns and the options form use.
+pub fn unread(e: &str) -> String {
+    // Marked down for everyone (plan::health): the reason says since when;
+    // drained by the admin: it says so.
+    if e.starts_with("down since") || e.starts_with("answering again") || e == DRAINING {
+        e.to_string()
+    } else {
+        format!("down ({e})")
     }
-    None
+}
+
+/// Why a host cannot give `n` GPUs now (how many it has free and why the
+/// others are not), `None` when it can: [`gpus::choose`] with `held` taken.
+pub fn gpus_unfit(
+    facts: &GpuFacts,
+    held: &BTreeSet<String>,
+    busy_memory_mib: u64,
+    n: u32,
+) -> Option<String> {
+    if n == 0 {
+        return None;
+    }
+    gpus::choose(facts, held, busy_memory_mib, n as usize)
+        .err()
+        .map(|why| format!("{why}, {n} asked"))
+}
+
+/// A refusal (`detail`) of the host `host` the user pinned the server to.
+pub fn pinned_refusal(host: &str, detail: &str) -> String {
+    format!("{host}, the host you chose, cannot take the server now ({detail}); choose another host or let the spawner choose")
+}
+
+/// The refusal when no host fits `req`: what it needs, then every host and
+/// why not (`reasons`, `name: why`).
+pub fn no_host(req: &Requirements, reasons: &[String]) -> Error {
+    let mut need = Vec::new();
+    if let Some(m) = req.mem_guarantee {
+        need.push(format!("{} free", human_bytes(m)));
+    }
+    if let Some(c) = req.cpu_guarantee {
+        need.push(format!("{c} idle cores"));
+    }
+    if req.gpus > 0 {
+        let s = if req.gpus == 1 { "" } else { "s" };
+        need.push(format!("{} free GPU{s}", req.gpus));
+    }
+    let what = if need.is_empty() {
+        "no host can take a server".to_string()
+    } else {
+        format!("no host has {}", need.join(" and "))
+    };
+    Error::NoHost {
+        detail: format!("{what}: {}", reasons.join(", ")),
+    }
 }
 
 /// Order the hosts that fit, best first (the rest are the fail-over order).
@@ -343,25 +390,7 @@ pub fn rank(
         }
     }
     if fit.is_empty() {
-        let mut need = Vec::new();
-        if let Some(m) = req.mem_guarantee {
-            need.push(format!("{} free", human_bytes(m)));
-        }
-        if let Some(c) = req.cpu_guarantee {
-            need.push(format!("{c} idle cores"));
-        }
-        if req.gpus > 0 {
-            let s = if req.gpus == 1 { "" } else { "s" };
-            need.push(format!("{} free GPU{s}", req.gpus));
-        }
-        let what = if need.is_empty() {
-            "no host can take a server".to_string()
-        } else {
-            format!("no host has {}", need.join(" and "))
-        };
-        return Err(Error::NoHost {
-            detail: format!("{what}: {}", reasons.join(", ")),
-        });
+        return Err(no_host(req, &reasons));
     }
     match strategy {
         Strategy::Random => fit.shuffle(rng),

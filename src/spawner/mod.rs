@@ -9,7 +9,8 @@
 //! [`Spawner::repick_port`] chooses another.
 //!
 //! One file per job: [`progress`] (what a spawn tells its user), `facts`
-//! (reading and caching hosts' facts), `prepare` (host and port choice),
+//! (reading and caching hosts' facts), `form` (the options form's rows, and
+//! a submitted form checked against them), `prepare` (host and port choice),
 //! `gpus` (which GPUs this hub's servers hold), `certs` (internal TLS),
 //! `start` (launch and the start loop), `ready` (waiting from the hub for
 //! a launched server to listen), `tunnels`, `poll`, `stop`, `admin`
@@ -37,6 +38,7 @@ use crate::ssh::{LocalForward, RemoteForward};
 mod admin;
 mod certs;
 mod facts;
+mod form;
 mod gpus;
 mod poll;
 mod prepare;
@@ -137,6 +139,8 @@ pub struct Spawner {
     cleaning: Arc<Mutex<std::collections::HashSet<String>>>,
     /// See [`Spawner::set_ready_wait_on_host`].
     ready_on_host: Arc<std::sync::atomic::AtomicBool>,
+    /// The rows of the options form each user was last shown ([`form`]).
+    form_shown: Arc<Mutex<form::Shown>>,
 }
 
 impl Spawner {
@@ -168,6 +172,7 @@ impl Spawner {
             noted: Arc::new(Mutex::new(Default::default())),
             cleaning: Arc::new(Mutex::new(Default::default())),
             ready_on_host: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            form_shown: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 

@@ -261,7 +261,7 @@ impl Spawner {
         .map_err(|e| match (&req.host, e) {
             // The user pinned this host: say so, and do not move the server.
             (Some(h), Error::NoHost { detail }) => Error::NoHost {
-                detail: format!("{h}, the host you chose, cannot take the server now ({detail}); choose another host or let the spawner choose"),
+                detail: hosts::pinned_refusal(h, &detail),
             },
             (_, e) => e,
         })?;
@@ -401,7 +401,7 @@ impl Spawner {
             };
             return Err(Error::NoHost {
                 detail: match &req.host {
-                    Some(h) => format!("{h}, the host you chose, cannot take the server now ({detail}); choose another host or let the spawner choose"),
+                    Some(h) => hosts::pinned_refusal(h, &detail),
                     None => detail,
                 },
             });

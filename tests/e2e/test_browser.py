@@ -67,6 +67,25 @@ def browser():
         driver.quit()
 
 
+def page_wait(driver, timeout: float = 60):
+    """A wait that looks again when the page is replaced under it (form →
+    pending page → server): an element gone stale mid-check."""
+    return WebDriverWait(
+        driver,
+        timeout,
+        poll_frequency=0.1,
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
+    )
+
+
+def log_in(driver, hub, user: str) -> None:
+    driver.get(f"{hub.url}/hub/login")
+    driver.find_element(By.ID, "username_input").send_keys(user)
+    driver.find_element(By.ID, "password_input").send_keys("e2e")
+    driver.find_element(By.ID, "login_submit").click()
+    page_wait(driver).until(lambda d: "/hub/login" not in d.current_url)
+
+
 def shots_dir(tmp_path: Path) -> Path:
     d = Path(os.environ.get("SSH_SPAWNER_SCREENSHOTS") or tmp_path / "screenshots")
     d.mkdir(parents=True, exist_ok=True)
@@ -90,22 +109,9 @@ def test_spawn_page_in_a_browser(testbed, hub_factory, browser, tmp_path):
         }
     )
     shots = shots_dir(tmp_path)
-    # Pages are replaced under the waits (form → pending page → server):
-    # an element gone stale mid-check means "look again".
-    wait = WebDriverWait(
-        browser,
-        60,
-        poll_frequency=0.1,
-        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException),
-    )
+    wait = page_wait(browser)
     b = browser
-
-    # Log in.
-    b.get(f"{hub.url}/hub/login")
-    b.find_element(By.ID, "username_input").send_keys(ALICE)
-    b.find_element(By.ID, "password_input").send_keys("e2e")
-    b.find_element(By.ID, "login_submit").click()
-    wait.until(lambda d: "/hub/login" not in d.current_url)
+    log_in(b, hub, ALICE)
 
     # The form: every host with live figures, "let the spawner choose" preselected.
     b.get(f"{hub.url}/hub/spawn")

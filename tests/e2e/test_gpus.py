@@ -1,17 +1,21 @@
-"""GPUs through a real hub: node2 gets the testbed's stand-in nvidia-smi
-printing two idle RTX 4090s (the other hosts have none), put back to none
-when the test ends however it ends."""
+"""GPUs through a real hub: hosts get the testbed's stand-in nvidia-smi
+printing a fixture set (node2 two idle RTX 4090s; for the options form in
+Chromium also node1 four A100s, one busy), put back to none when the test
+ends however it ends."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
 
+from . import test_browser
 from .conftest import all_at_once, proc_environ, wait_polls
 
 ALICE = "tb-alice"
 BOB = "tb.bob-2"
 TESTBED = Path(__file__).resolve().parents[2] / "scripts" / "testbed"
+
+browser = test_browser.browser  # headless Chromium, as the spawn page test drives it
 
 
 def gpus(host: str, fixture_set: str) -> None:
@@ -85,4 +89,62 @@ def test_twenty_gpu_spawns_share_no_gpu_servers_see_theirs_over_max_refused_rest
         hub.spawn(ALICE, "again")
         assert hub.ssh_state(ALICE, "again")["gpus"] == alice["gpus"]
     finally:
+        gpus("node2", "none")
+
+
+def test_the_form_shows_free_gpus_refuses_a_count_no_host_has_and_starts_one_with_its_gpu(
+    testbed, hub_factory, browser
+):
+    gpus("node1", "a100x4-one-busy")
+    gpus("node2", "rtx4090x2-idle")
+    try:
+        hub = hub_factory({"SSHSpawner.options_form_enabled": True, "SSHSpawner.user_gpus_max": 4})
+        b, by = browser, test_browser.By
+        wait = test_browser.page_wait(b)
+        test_browser.log_in(b, hub, ALICE)
+
+        # Each host says its free GPUs and model, as placement counts them.
+        b.get(f"{hub.url}/hub/spawn")
+        wait.until(lambda d: d.find_elements(by.ID, "spawn_form"))
+        labels = {
+            lab.text.split(":")[0]: lab.text
+            for lab in b.find_elements(by.CSS_SELECTOR, "#ssh-spawner-hosts label")
+        }
+        assert labels["node1"].endswith("; GPUs: 3 of 4 free (NVIDIA A100-SXM4-40GB)"), labels
+        assert labels["node2"].endswith("; GPUs: 2 of 2 free (NVIDIA GeForce RTX 4090)"), labels
+        assert labels["node3"].endswith("; no GPUs"), labels
+        field = b.find_element(by.NAME, "gpus")
+        assert (field.get_attribute("value"), field.get_attribute("max")) == ("0", "4")
+
+        # 4 GPUs: within user_gpus_max, but no host has them free. Refused
+        # above the form, naming what each host has, by the form's check
+        # (a ValueError of options_from_form): no spawn is attempted, so
+        # placement never refuses it ("Not starting ...", same words).
+        since = len(hub.log_text())
+        field.clear()
+        field.send_keys("4")
+        b.find_element(by.CSS_SELECTOR, '#spawn_form button[type="submit"]').click()
+        error = wait.until(
+            lambda d: [e.text for e in d.find_elements(by.CSS_SELECTOR, ".spawn-error-msg")]
+        )[0]
+        assert (
+            "no host has 4 free GPUs: node1: 3 of 4 GPUs free (GPU 2 busy: pid 31337 uses"
+            " 20480 MiB), 4 asked, node2: 2 of 2 GPUs free, 4 asked" in error
+        ), error
+        assert not hub.user_model(ALICE)["servers"]
+        log = hub.log_text()[since:]
+        assert "ValueError: no host has 4 free GPUs: node1: 3 of 4" in log, log[-3000:]
+        assert "Not starting" not in log and "starting tb-alice" not in log, log[-3000:]
+
+        # 1 GPU: the server starts and its environment names its GPU.
+        field = b.find_element(by.NAME, "gpus")
+        field.clear()
+        field.send_keys("1")
+        b.find_element(by.CSS_SELECTOR, '#spawn_form button[type="submit"]').click()
+        wait.until(lambda d: f"/user/{ALICE}/" in d.current_url)
+        state = hub.ssh_state(ALICE)
+        assert state["host"] in ("node1", "node2") and len(state["gpus"]) == 1, state
+        assert proc_environ(state["pid"])["CUDA_VISIBLE_DEVICES"] == state["gpus"][0]
+    finally:
+        gpus("node1", "none")
         gpus("node2", "none")
