@@ -250,7 +250,20 @@ async fn gpu_spawns_land_where_gpus_are_free_get_exactly_theirs_and_never_share_
         .find(|l| l.starts_with(&format!("{} ", two.host)) && l.contains(&two.run_id))
         .unwrap_or_else(|| panic!("no row of {} as bob:\n{bob}", two.run_id));
     assert!(row.ends_with(" ?"), "{row}");
+    // The GPU gauges of /hub/metrics, from this process's table: the
+    // host's GPUs, the two held, and on node1 the A100 another user's job
+    // keeps busy.
+    let gauges = |host: &str| {
+        ssh_spawner::metrics::snapshot()
+            .gpus
+            .into_iter()
+            .find(|(h, _)| h == host)
+            .map(|(_, c)| (c.total, c.held, c.busy))
+    };
+    let (total, busy) = if two.host == "node1" { (4, 1) } else { (2, 0) };
+    assert_eq!(gauges(&two.host), Some((total, 2, busy)));
     sp.stop(&two).await.unwrap();
+    assert_eq!(gauges(&two.host), Some((total, 0, busy)), "after the stop");
     assert!(sp.held_gpus(&two.host).is_empty(), "stop released them");
 
     // Twenty one-GPU spawns at once, from the same cached facts: the five
