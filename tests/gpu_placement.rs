@@ -236,10 +236,21 @@ async fn gpu_spawns_land_where_gpus_are_free_get_exactly_theirs_and_never_share_
         .lines()
         .find(|l| l.starts_with(&format!("{}: GPU ", two.host)))
         .unwrap_or_else(|| panic!("no GPU line of {}:\n{listed}", two.host));
+    // Each of its GPUs names it among the holders (on the bed, a server of
+    // the other test, on its own sshd in node1's namespace with the same
+    // stand-in UUIDs, shows up on every host too: one process table, one
+    // home).
+    let rest = line.split_once(": ").unwrap().1;
     for name in &names {
         let index = name.split(' ').nth(1).unwrap();
+        let holders = rest
+            .split("; ")
+            .find_map(|part| part.strip_prefix(&format!("GPU {index} ")))
+            .unwrap_or_else(|| panic!("GPU {index} not in {line}"));
         assert!(
-            line.contains(&format!("GPU {index} {user}/{}", two.run_id)),
+            holders
+                .split(", ")
+                .any(|h| h == format!("{user}/{}", two.run_id)),
             "{line}"
         );
     }
