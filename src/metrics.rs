@@ -100,6 +100,46 @@ pub struct Snapshot {
     /// Hub tunnel ports asked for again by number and refused by sshd (taken
     /// on the host's loopback, presumably by another user), by host.
     pub hub_tunnel_port_taken: Vec<(String, u64)>,
+    /// GPUs by host display name, of the hosts whose `nvidia-smi` answered
+    /// at the latest facts read ([`gpu_counts`]).
+    pub gpus: Vec<(String, GpuCounts)>,
+}
+
+/// A host's GPUs as the hub sees them: how many `nvidia-smi` lists, how
+/// many of those this hub's servers hold, how many others use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct GpuCounts {
+    /// GPUs `nvidia-smi` listed at the latest facts read.
+    pub total: u64,
+    /// Of those, the ones this hub process's servers hold (its claims).
+    pub held: u64,
+    /// Of those not held, the ones a process uses more than
+    /// `gpu_busy_memory_mib` of (busy with others: never given).
+    pub busy: u64,
+}
+
+/// [`GpuCounts`] of a host from its latest facts (each GPU's UUID and
+/// whether a process uses it above the busy amount) and the UUIDs this
+/// hub's servers hold there. A held GPU is never counted busy (its
+/// server's own process uses it); a held UUID the facts do not list is not
+/// counted (a GPU the host no longer shows).
+pub fn gpu_counts<'a>(
+    gpus: &[(String, bool)],
+    held: impl IntoIterator<Item = &'a String> + Clone,
+) -> GpuCounts {
+    let is_held = |u: &String| held.clone().into_iter().any(|h| h == u);
+    let mut c = GpuCounts {
+        total: gpus.len() as u64,
+        ..GpuCounts::default()
+    };
+    for (uuid, used) in gpus {
+        if is_held(uuid) {
+            c.held += 1;
+        } else if *used {
+            c.busy += 1;
+        }
+    }
+    c
 }
 
 #[derive(Default)]
@@ -120,6 +160,12 @@ struct Table {
     draining: BTreeSet<String>,
     swept: BTreeMap<String, u64>,
     tunnel_taken: BTreeMap<String, u64>,
+    /// host `address:port` -> (GPU UUID, used by a process above the busy
+    /// amount), from the latest facts read of hosts whose `nvidia-smi` answered.
+    gpu_facts: BTreeMap<String, Vec<(String, bool)>>,
+    /// host display name -> GPU UUID -> run id holding it, over every
+    /// spawner of the process.
+    gpu_claims: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 fn unix(t: std::time::SystemTime) -> f64 {
@@ -261,6 +307,39 @@ pub fn hub_tunnel_port_taken(host_label: &str) {
     with(|t| *t.tunnel_taken.entry(host_label.to_string()).or_default() += 1);
 }
 
+/// The GPUs of the host `address:port` as a facts read found them: each
+/// UUID and whether a process uses it above `gpu_busy_memory_mib`; `None`
+/// when it has no `nvidia-smi` or it failed (the host is then not listed).
+pub fn gpu_facts(host_label: &str, gpus: Option<Vec<(String, bool)>>) {
+    with(|t| match gpus {
+        Some(g) => {
+            t.gpu_facts.insert(host_label.to_string(), g);
+        }
+        None => {
+            t.gpu_facts.remove(host_label);
+        }
+    });
+}
+
+/// The server `run_id` holds `uuids` on `host` (display name).
+pub fn gpus_claimed<'a>(host: &str, run_id: &str, uuids: impl IntoIterator<Item = &'a String>) {
+    with(|t| {
+        let held = t.gpu_claims.entry(host.to_string()).or_default();
+        for u in uuids {
+            held.insert(u.clone(), run_id.to_string());
+        }
+    });
+}
+
+/// The server `run_id` holds nothing on `host` any more.
+pub fn gpus_released(host: &str, run_id: &str) {
+    with(|t| {
+        if let Some(held) = t.gpu_claims.get_mut(host) {
+            held.retain(|_, r| r != run_id);
+        }
+    });
+}
+
 /// Everything counted so far.
 pub fn snapshot() -> Snapshot {
     let Ok(t) = table().lock() else {
@@ -312,6 +391,16 @@ pub fn snapshot() -> Snapshot {
             .iter()
             .map(|(h, n)| (h.clone(), *n))
             .collect(),
+        gpus: t
+            .gpu_facts
+            .iter()
+            .map(|(label, gpus)| {
+                let name = t.names.get(label).cloned().unwrap_or_else(|| label.clone());
+                let held = t.gpu_claims.get(&name).map(|h| h.keys());
+                let counts = gpu_counts(gpus, held.into_iter().flatten());
+                (name, counts)
+            })
+            .collect(),
     }
 }
 
@@ -346,6 +435,66 @@ mod tests {
         assert_eq!(n(&snapshot()), Some(1));
         server_gone("metrics-test-b");
         assert_eq!(n(&snapshot()), None);
+    }
+
+    #[test]
+    fn gpu_counts_count_held_then_busy_with_others() {
+        let g = |u: &str, used: bool| (u.to_string(), used);
+        let gpus = [
+            g("GPU-a", false),
+            g("GPU-b", true),
+            g("GPU-c", true),
+            g("GPU-d", false),
+        ];
+        let held = ["GPU-b".to_string(), "GPU-gone".to_string()];
+        // b is held (its server's process uses it: not busy), c is busy with
+        // another's process, a and d are free; GPU-gone is not on the host.
+        assert_eq!(
+            gpu_counts(&gpus, &held),
+            GpuCounts {
+                total: 4,
+                held: 1,
+                busy: 1
+            }
+        );
+        assert_eq!(gpu_counts(&[], &held), GpuCounts::default());
+    }
+
+    #[test]
+    fn gpu_gauges_follow_the_facts_and_the_claims_of_every_spawner() {
+        let label = "metrics-gpu-test:22";
+        name_host(label.into(), "metrics-gpu-host");
+        let of = |s: &Snapshot| {
+            s.gpus
+                .iter()
+                .find(|(h, _)| h == "metrics-gpu-host")
+                .map(|(_, c)| *c)
+        };
+        let uuids: Vec<String> = ["GPU-1", "GPU-2", "GPU-3"].map(String::from).into();
+        gpu_facts(
+            label,
+            Some(vec![
+                (uuids[0].clone(), false),
+                (uuids[1].clone(), true),
+                (uuids[2].clone(), false),
+            ]),
+        );
+        assert_eq!(
+            of(&snapshot()).map(|c| (c.total, c.held, c.busy)),
+            Some((3, 0, 1))
+        );
+        gpus_claimed("metrics-gpu-host", "run-a", &uuids[..1]);
+        gpus_claimed("metrics-gpu-host", "run-b", &uuids[2..]);
+        assert_eq!(
+            of(&snapshot()).map(|c| (c.total, c.held, c.busy)),
+            Some((3, 2, 1))
+        );
+        gpus_released("metrics-gpu-host", "run-a");
+        assert_eq!(of(&snapshot()).map(|c| c.held), Some(1));
+        gpus_released("metrics-gpu-host", "run-b");
+        // nvidia-smi gone or failing: the host is not listed.
+        gpu_facts(label, None);
+        assert_eq!(of(&snapshot()), None);
     }
 
     #[test]

@@ -358,3 +358,63 @@ fn a_gpu_spawn_goes_only_to_a_host_with_enough_free_gpus() {
         vec![0]
     );
 }
+
+/// The GPU headings of docs/troubleshooting.md are the messages a spawn
+/// shows (an admin searches for what the spawn page said), made here from
+/// the fixtures by the same decisions.
+#[test]
+fn troubleshooting_gpu_headings_are_the_messages_spawns_show() {
+    use ssh_spawner::plan::hosts::{rank, Candidate, Requirements};
+    let doc = std::fs::read_to_string(root().join("docs/troubleshooting.md")).unwrap();
+    let headings: Vec<&str> = doc
+        .lines()
+        .filter_map(|l| l.strip_prefix("### `"))
+        .filter_map(|l| l.split('`').next())
+        .collect();
+    let message = |hosts: &[(&str, &ssh_spawner::plan::hosts::HostFacts, &[u32])], n: u32| {
+        let cands: Vec<Candidate> = hosts
+            .iter()
+            .map(|(name, f, held)| Candidate {
+                name,
+                max_servers: None,
+                draining: false,
+                facts: Ok(f),
+                held_gpus: f
+                    .gpus
+                    .gpus()
+                    .iter()
+                    .filter(|g| held.contains(&g.index))
+                    .map(|g| g.uuid.clone())
+                    .collect(),
+                gpu_busy_memory_mib: DEFAULT_BUSY_MEMORY_MIB,
+            })
+            .collect();
+        let need = Requirements {
+            gpus: n,
+            ..Requirements::default()
+        };
+        rank(&cands, &need, Default::default(), 0, &mut rand::rng())
+            .unwrap_err()
+            .to_string()
+    };
+    let failing = |status: &str, said: &str| {
+        let mut f = host_with(None);
+        let lines: Vec<&str> = said.lines().collect();
+        f.gpus = ssh_spawner::plan::gpus::from_facts(Some(status), "", "", &lines);
+        f
+    };
+    let (a100, none) = (host_with(Some("a100x4-one-busy")), host_with(None));
+    let mismatch = failing("failed query-gpu 18", &fixture("fails-mismatch/output.txt"));
+    let hung = failing("failed query-gpu 124", "");
+    for want in [
+        message(&[("node1", &a100, &[0, 1]), ("node2", &none, &[])], 2),
+        message(&[("gpu1", &mismatch, &[])], 1),
+        message(&[("gpu1", &hung, &[])], 1),
+    ] {
+        assert!(
+            headings.contains(&want.as_str()),
+            "docs/troubleshooting.md has no heading `{want}`; its headings:\n{}",
+            headings.join("\n")
+        );
+    }
+}

@@ -62,6 +62,13 @@ impl Drop for Gpus<'_> {
 /// anyway), facts cached for a minute: every spawn of the test chooses from
 /// the same, soon stale, facts, and only the claims keep GPUs apart.
 fn config(tb: &Testbed) -> Config {
+    let c: Config = toml::from_str(&config_text(tb)).unwrap();
+    c.validate().unwrap();
+    c
+}
+
+/// [`config`] as the text of a configuration file, for the CLI.
+fn config_text(tb: &Testbed) -> String {
     let hosts: Vec<String> = tb
         .hosts
         .iter()
@@ -73,16 +80,49 @@ fn config(tb: &Testbed) -> Config {
             )
         })
         .collect();
-    let text = format!(
+    format!(
         "known_hosts = \"{}\"\nkey_path = \"{}\"\nconnect_timeout = 5\ncommand_timeout = 20\n\
          stop_grace = 3\nfacts_cache = 60\nready_timeout = 0.5\n{}",
         tb.known_hosts.display(),
         tb.hub_key.display(),
         hosts.join("\n")
-    );
-    let c: Config = toml::from_str(&text).unwrap();
-    c.validate().unwrap();
-    c
+    )
+}
+
+/// `ssh-spawner list --user USER` (the CLI, a process of its own, with no
+/// claims of the test's spawner) with [`config_text`]: its output.
+fn list_cli(tb: &Testbed, user: &str) -> String {
+    let scratch = common::Scratch::new("gpu-list");
+    let file = scratch.path("spawner.toml");
+    std::fs::write(&file, config_text(tb)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ssh-spawner"))
+        .args(["--config", file.to_str().unwrap(), "list", "--user", user])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{out:?}");
+    text
+}
+
+/// `GPU 0 (NVIDIA GeForce RTX 4090)` for each of `uuids`, as `list` names
+/// them from the host's `nvidia-smi` (the fixture `set`).
+fn named(set: &str, uuids: &[String]) -> Vec<String> {
+    let csv = std::fs::read_to_string(format!(
+        "{}/fixtures/gpus/{set}/query-gpu.csv",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let (gpus, _) = ssh_spawner::plan::gpus::parse_gpus(&csv);
+    uuids
+        .iter()
+        .map(|u| {
+            let g = gpus
+                .iter()
+                .find(|g| g.uuid == *u)
+                .expect("a GPU of the set");
+            format!("GPU {} ({})", g.index, g.name)
+        })
+        .collect()
 }
 
 fn request(user: &str, gpus: u32) -> SpawnRequest {
@@ -174,7 +214,67 @@ async fn gpu_spawns_land_where_gpus_are_free_get_exactly_theirs_and_never_share_
     let decoded =
         ssh_spawner::plan::state::decode(&ssh_spawner::plan::state::encode(&two).unwrap()).unwrap();
     assert_eq!(decoded.gpus, two.gpus);
+    // `ssh-spawner list`, which knows nothing of this spawner's claims,
+    // names the holder and its GPUs from the host's run directory: in the
+    // server's row, and in the host's line under the table.
+    let set = if two.host == "node1" {
+        "a100x4-one-busy"
+    } else {
+        "rtx4090x2-idle"
+    };
+    let names = named(set, &two.gpus);
+    let listed = list_cli(&tb, &user);
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(&format!("{} ", two.host)) && l.contains(&two.run_id))
+        .unwrap_or_else(|| panic!("no row of {} on {}:\n{listed}", two.run_id, two.host));
+    assert!(
+        row.ends_with(&format!(" {}", names.join(", "))),
+        "{row}\n{listed}"
+    );
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(&format!("{}: GPU ", two.host)))
+        .unwrap_or_else(|| panic!("no GPU line of {}:\n{listed}", two.host));
+    // Each of its GPUs names it among the holders (on the bed, a server of
+    // the other test, on its own sshd in node1's namespace with the same
+    // stand-in UUIDs, shows up on every host too: one process table, one
+    // home).
+    let rest = line.split_once(": ").unwrap().1;
+    for name in &names {
+        let index = name.split(' ').nth(1).unwrap();
+        let holders = rest
+            .split("; ")
+            .find_map(|part| part.strip_prefix(&format!("GPU {index} ")))
+            .unwrap_or_else(|| panic!("GPU {index} not in {line}"));
+        assert!(
+            holders
+                .split(", ")
+                .any(|h| h == format!("{user}/{}", two.run_id)),
+            "{line}"
+        );
+    }
+    // Another login cannot read the run directory: `?`, not "no GPUs".
+    let bob = list_cli(&tb, &tb.bob().name);
+    let row = bob
+        .lines()
+        .find(|l| l.starts_with(&format!("{} ", two.host)) && l.contains(&two.run_id))
+        .unwrap_or_else(|| panic!("no row of {} as bob:\n{bob}", two.run_id));
+    assert!(row.ends_with(" ?"), "{row}");
+    // The GPU gauges of /hub/metrics, from this process's table: the
+    // host's GPUs, the two held, and on node1 the A100 another user's job
+    // keeps busy.
+    let gauges = |host: &str| {
+        ssh_spawner::metrics::snapshot()
+            .gpus
+            .into_iter()
+            .find(|(h, _)| h == host)
+            .map(|(_, c)| (c.total, c.held, c.busy))
+    };
+    let (total, busy) = if two.host == "node1" { (4, 1) } else { (2, 0) };
+    assert_eq!(gauges(&two.host), Some((total, 2, busy)));
     sp.stop(&two).await.unwrap();
+    assert_eq!(gauges(&two.host), Some((total, 0, busy)), "after the stop");
     assert!(sp.held_gpus(&two.host).is_empty(), "stop released them");
 
     // Twenty one-GPU spawns at once, from the same cached facts: the five

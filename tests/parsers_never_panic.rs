@@ -142,6 +142,13 @@ proptest! {
             prop_assert!(!l.run_id.is_empty());
         }
         let _ = listening_ports(&text);
+        // What `list` reads of the run directories: bounded, UUIDs only.
+        let held = ssh_spawner::plan::holders::parse_run_gpus(&text);
+        prop_assert!(held.by_run.len() <= ssh_spawner::plan::holders::MAX_RUNS);
+        for uuids in held.by_run.values() {
+            prop_assert!(uuids.len() <= ssh_spawner::plan::holders::MAX_GPUS_PER_RUN);
+            prop_assert!(uuids.iter().all(|u| ssh_spawner::plan::gpus::valid_uuid(u)));
+        }
     }
 
     #[test]

@@ -532,40 +532,38 @@ async fn run(cli: Cli) -> Result<ExitCode, Error> {
             let hosts = sp.list(&user).await?;
             sp.pool().close_all().await;
             let draining = |h: &str| sp.config().host(h).is_some_and(|c| c.drain);
-            let mut failed = false;
+            let failed = hosts.iter().any(|(_, r)| r.is_err());
             if cli.json {
                 let v: Vec<_> = hosts
                     .iter()
                     .map(|(h, r)| match r {
-                        Ok(l) => serde_json::json!({"host": h, "draining": draining(h), "servers": l}),
+                        Ok(l) => serde_json::json!({
+                            "host": h, "draining": draining(h), "servers": l.servers,
+                            "gpus": l.gpus, "gpu_error": l.gpu_error, "gpus_skipped": l.skipped,
+                        }),
                         Err(e) => serde_json::json!({"host": h, "draining": draining(h), "error": e.to_string()}),
                     })
                     .collect();
-                failed = hosts.iter().any(|(_, r)| r.is_err());
                 print_json(&v);
             } else {
-                println!(
-                    "{:<10} {:>8} {:<16} {:>12} RUN",
-                    "HOST", "PGID", "USER", "UPTIME"
-                );
+                println!("{}", ssh_spawner::plan::holders::header());
+                let mut gpu_lines = Vec::new();
                 for (h, r) in &hosts {
                     if draining(h) {
                         println!("{h:<10} {}", ssh_spawner::plan::hosts::DRAINING);
                     }
                     match r {
                         Ok(list) => {
-                            for l in list {
-                                println!(
-                                    "{:<10} {:>8} {:<16} {:>12} {}",
-                                    h, l.pgid, l.user, l.elapsed, l.run_id
-                                );
+                            for row in list.rows() {
+                                println!("{row}");
                             }
+                            gpu_lines.extend(list.gpu_line());
                         }
-                        Err(e) => {
-                            failed = true;
-                            println!("{h:<10} error: {e}");
-                        }
+                        Err(e) => println!("{h:<10} error: {e}"),
                     }
+                }
+                for line in gpu_lines {
+                    println!("{line}");
                 }
             }
             Ok(if failed {

@@ -220,6 +220,37 @@ pub fn families(snap: &Snapshot, pool: &[(String, usize, usize)]) -> Vec<Family>
         vec![],
         vec![plain(&[], snap.states_refused as f64)],
     ));
+    // A host's GPUs (hosts whose nvidia-smi answered at the latest facts
+    // read only): how many, held by this hub's servers, busy with others.
+    type Pick = fn(&super::GpuCounts) -> u64;
+    for (name, help, pick) in [
+        (
+            "ssh_spawner_host_gpus",
+            "GPUs nvidia-smi listed on the host at the latest facts read (hosts whose nvidia-smi answered)",
+            (|c| c.total) as Pick,
+        ),
+        (
+            "ssh_spawner_host_gpus_held",
+            "GPUs of the host this hub's servers hold (claimed when given, released at stop or when the server is found gone)",
+            |c| c.held,
+        ),
+        (
+            "ssh_spawner_host_gpus_busy",
+            "GPUs of the host not held by this hub's servers that a process uses more than gpu_busy_memory_mib of, at the latest facts read: busy with others, never given",
+            |c| c.busy,
+        ),
+    ] {
+        out.push((
+            "gauge",
+            name,
+            help,
+            vec!["host"],
+            snap.gpus
+                .iter()
+                .map(|(h, c)| plain(&[h], pick(c) as f64))
+                .collect(),
+        ));
+    }
     out.push((
         "counter",
         "ssh_spawner_hub_tunnel_port_taken",
@@ -286,5 +317,26 @@ mod tests {
             ]
         );
         assert_eq!(polls[0].2, 9.0);
+        // GPUs: a gauge each, by host.
+        snap.gpus.push((
+            "node1".into(),
+            super::super::GpuCounts {
+                total: 4,
+                held: 1,
+                busy: 2,
+            },
+        ));
+        let fams = families(&snap, &[]);
+        for (name, v) in [
+            ("ssh_spawner_host_gpus", 4.0),
+            ("ssh_spawner_host_gpus_held", 1.0),
+            ("ssh_spawner_host_gpus_busy", 2.0),
+        ] {
+            let f = fams.iter().find(|f| f.1 == name).unwrap();
+            assert_eq!(
+                (f.0, &f.4),
+                ("gauge", &vec![(vec!["node1".to_string()], vec![], v)])
+            );
+        }
     }
 }

@@ -3,6 +3,8 @@
 //! - [`hosts`]: what a host reports, and which host a server goes to.
 //! - [`gpus`]: a host's GPUs as `nvidia-smi` reports them, which are free,
 //!   and which a server gets.
+//! - [`holders`]: which server holds which GPU, as the hosts' run
+//!   directories say (`ssh-spawner list`).
 //! - [`health`]: which hosts answer, for every user at once.
 //! - [`ports`]: listening sockets from `/proc/net/tcp*`, and port choice.
 //! - [`limits`]: how memory and CPU limits are enforced on a host, and the
@@ -27,6 +29,7 @@ pub mod form;
 pub mod gpus;
 pub mod health;
 pub mod history;
+pub mod holders;
 pub mod hosts;
 pub mod journal;
 pub mod launch;

@@ -57,10 +57,12 @@ pub(crate) const REMOVE_DIR: &str = include_str!("sh/remove_dir.sh");
 pub(crate) const FACTS: &str = include_str!("sh/facts.sh");
 /// The directory guard ([`super::state::host_guard`]).
 pub(crate) const GUARD: &str = include_str!("sh/guard.sh");
+/// The GPUs of the login's servers ([`super::holders::run_gpus_script`]).
+pub(crate) const RUN_GPUS: &str = include_str!("sh/run_gpus.sh");
 
 /// Every file in `sh/`, by name, for the tests.
 #[cfg(test)]
-pub(crate) const ALL: [(&str, &str); 10] = [
+pub(crate) const ALL: [(&str, &str); 11] = [
     ("lib.sh", LIB),
     ("launch.sh", LAUNCH),
     ("wrapper.sh", WRAPPER),
@@ -71,6 +73,7 @@ pub(crate) const ALL: [(&str, &str); 10] = [
     ("remove_dir.sh", REMOVE_DIR),
     ("facts.sh", FACTS),
     ("guard.sh", GUARD),
+    ("run_gpus.sh", RUN_GPUS),
 ];
 
 /// A file's code: its lines without the comment lines and the blank ones.

@@ -228,7 +228,7 @@ impl ServerState {
 }
 
 /// `state_dir` (`~/NAME`) without `~/` and trailing slashes.
-fn state_rel(state_dir: &str) -> &str {
+pub(crate) fn state_rel(state_dir: &str) -> &str {
     state_dir
         .strip_prefix("~/")
         .unwrap_or(state_dir)

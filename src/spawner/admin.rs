@@ -4,6 +4,7 @@
 use super::{futures_join, Spawner};
 use crate::error::{Error, Result};
 use crate::plan::gpus;
+use crate::plan::holders;
 use crate::plan::hosts;
 use crate::plan::limits;
 use crate::plan::quote;
@@ -185,16 +186,52 @@ impl Spawner {
             .collect())
     }
 
-    /// Servers running on each host (all users), looked up as `username`.
-    pub async fn list(&self, username: &str) -> Result<Vec<(String, Result<Vec<hosts::Listed>>)>> {
+    /// Servers running on each host (all users), looked up as `username`,
+    /// with the GPUs each of that login's servers holds (its run
+    /// directory's `gpus`) and the host's GPUs with their holders. Three
+    /// commands per host at once: the process list, the `gpus` files and
+    /// the facts (whose failure only leaves the GPUs unnamed).
+    pub async fn list(&self, username: &str) -> Result<Vec<(String, Result<holders::HostList>)>> {
         let targets = self.all_targets(username)?;
-        let results = futures_join(targets.iter().map(|t| async move {
-            let out = self
-                .pool
-                .exec(t, &self.command(hosts::list_script()))
-                .await?
-                .check(t)?;
-            Ok(hosts::parse_list(&String::from_utf8_lossy(&out.stdout)))
+        let run_gpus = holders::run_gpus_script(&self.config.state_dir)?;
+        let busy = self.config.gpu_busy_memory_mib;
+        let results = futures_join(self.config.hosts.iter().zip(&targets).map(|(h, t)| {
+            let run_gpus = run_gpus.clone();
+            async move {
+                let ps = async {
+                    let out = self
+                        .pool
+                        .exec(t, &self.command(hosts::list_script()))
+                        .await?
+                        .check(t)?;
+                    Ok::<_, Error>(hosts::parse_list(&String::from_utf8_lossy(&out.stdout)))
+                };
+                let files = async {
+                    let out = self.run_script(t, run_gpus).await?.check(t)?;
+                    Ok::<_, Error>(holders::parse_run_gpus(&String::from_utf8_lossy(
+                        &out.stdout,
+                    )))
+                };
+                let (listed, files, facts) = tokio::join!(ps, files, self.host_facts(t, None));
+                let facts = facts
+                    .map(|f| f.gpus)
+                    .map_err(|e| format!("facts not read: {e}"));
+                let files = files.unwrap_or_else(|e| holders::RunGpus {
+                    skipped: vec![gpus::Skipped {
+                        line: String::new(),
+                        reason: format!("run directories not read: {e}"),
+                    }],
+                    ..Default::default()
+                });
+                Ok(holders::host_list(
+                    h.display_name(),
+                    &t.user,
+                    listed?,
+                    files,
+                    facts.as_ref().map_err(Clone::clone),
+                    busy,
+                ))
+            }
         }))
         .await;
         Ok(self

@@ -6,6 +6,7 @@ use super::progress::short_reason;
 use super::{futures_join, Spawner, StatusCell};
 use crate::config::{check_username, Config, HostConfig};
 use crate::error::{Error, Result};
+use crate::plan::gpus;
 use crate::plan::hosts::{self, HostFacts};
 use crate::ssh::Target;
 use std::sync::Arc;
@@ -30,7 +31,20 @@ impl Spawner {
             .run_script(target, hosts::facts_script(command_check))
             .await?
             .check(target)?;
-        hosts::parse_facts(&String::from_utf8_lossy(&out.stdout))
+        let facts = hosts::parse_facts(&String::from_utf8_lossy(&out.stdout))?;
+        // The GPU gauges (docs/metrics.md): each GPU and whether a process
+        // uses it; which of them this hub holds is counted at the scrape.
+        let used = match &facts.gpus {
+            gpus::GpuFacts::Ok(report) => Some(
+                gpus::gpu_uses(report, &Default::default(), self.config.gpu_busy_memory_mib)
+                    .into_iter()
+                    .map(|(g, u)| (g.uuid.clone(), matches!(u, gpus::GpuUse::Busy(_))))
+                    .collect(),
+            ),
+            _ => None,
+        };
+        crate::metrics::gpu_facts(&target.host_label(), used);
+        Ok(facts)
     }
 
     pub(super) async fn cached_facts(

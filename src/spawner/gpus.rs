@@ -87,13 +87,15 @@ impl Spawner {
             .gpu_claims
             .lock()
             .map_err(|_| "the GPU claims are unreadable (a thread panicked)".to_string())?;
-        claim(
+        let chosen = claim(
             claims.entry(host.to_string()).or_default(),
             facts,
             busy,
             n,
             run_id,
-        )
+        )?;
+        crate::metrics::gpus_claimed(host, run_id, chosen.iter().map(|g| &g.uuid));
+        Ok(chosen)
     }
 
     /// Release what the server `run_id` holds on `host`: after its stop, or
@@ -105,6 +107,7 @@ impl Spawner {
                 held.retain(|_, r| r != run_id);
             }
         }
+        crate::metrics::gpus_released(host, run_id);
     }
 
     /// Claim again the GPUs a saved state names (a restarted hub's first
@@ -128,6 +131,7 @@ impl Spawner {
                 Some(_) => {}
                 None => {
                     held.insert(uuid.clone(), state.run_id.clone());
+                    crate::metrics::gpus_claimed(&state.host, &state.run_id, [uuid]);
                 }
             }
         }

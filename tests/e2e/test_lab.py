@@ -1,14 +1,18 @@
 """Running it in a lab: the hub's /hub/metrics and log lines that name the user.
 
-One real hub: alice's named server is spawned, polled and stopped (a child
-that ignores SIGTERM makes the stop escalate to SIGKILL), and bob asks for a
-host that is cut off. Then /hub/metrics is scraped with a token and every
-core log line of the hub's log is checked for the user, server and host.
+One real hub: alice's named server is spawned with a GPU (the first host
+gets the testbed's stand-in nvidia-smi printing two idle RTX 4090s, put back
+to none however the test ends), polled and stopped (a child that ignores
+SIGTERM makes the stop escalate to SIGKILL), and bob asks for a host that is
+cut off. Then /hub/metrics is scraped with a token and every core log line
+of the hub's log is checked for the user, server and host.
 """
 
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -22,6 +26,7 @@ pytestmark = pytest.mark.any_hub  # see conftest.ANY_HUB
 ALICE = "tb-alice"
 BOB = "tb.bob-2"
 CORE_LINE = re.compile(r"\[ssh_spawner(::\w+)*\] ")
+TESTBED = Path(__file__).resolve().parents[2] / "scripts" / "testbed"
 
 
 def scrape(hub) -> dict[tuple[str, tuple], float]:
@@ -47,6 +52,14 @@ def total(samples, name: str, **labels) -> float:
 
 def test_metrics_move_and_logs_name_the_user(testbed, hub_factory):
     hosts = [h["name"] for h in testbed["hosts"]]
+    subprocess.run([str(TESTBED), "gpus", hosts[0], "rtx4090x2-idle"], check=True)
+    try:
+        metrics_move_and_logs_name_the_user(testbed, hub_factory, hosts)
+    finally:
+        subprocess.run([str(TESTBED), "gpus", hosts[0], "none"], check=True)
+
+
+def metrics_move_and_logs_name_the_user(testbed, hub_factory, hosts):
     cut = hosts[-1]
     venv = testbed["venv"]
     hub = hub_factory(
@@ -61,6 +74,7 @@ def test_metrics_move_and_logs_name_the_user(testbed, hub_factory):
             "SSHSpawner.stop_grace": 1.0,
             "SSHSpawner.connect_timeout": 2.0,
             "Spawner.poll_interval": 1,
+            "SSHSpawner.user_gpus_max": 1,
             "JupyterHub.load_roles": [
                 {
                     "name": "e2e",
@@ -74,8 +88,8 @@ def test_metrics_move_and_logs_name_the_user(testbed, hub_factory):
     # Registered, and at zero, before anything happened.
     assert ("ssh_spawner_journal_swept_total", (("outcome", "stopped"),)) in before, sorted(before)
 
-    # alice: a named server on a host that is not cut.
-    r = hub.request_spawn(ALICE, "lab", json={"host": hosts[0]})
+    # alice: a named server with a GPU on a host that is not cut.
+    r = hub.request_spawn(ALICE, "lab", json={"host": hosts[0], "gpus": 1})
     assert r.status_code in (201, 202), (r.status_code, r.text)
     hub.wait_ready(ALICE, "lab")
     state = hub.ssh_state(ALICE, "lab")
@@ -120,6 +134,8 @@ def test_metrics_move_and_logs_name_the_user(testbed, hub_factory):
     stopped = scrape(hub)
     assert value(stopped, "ssh_spawner_servers_running", host=host) == 0
     assert value(stopped, "ssh_spawner_stops_escalated_total", host=host) == 1
+    assert value(stopped, "ssh_spawner_host_gpus_held", host=host) == 0
+    assert value(stopped, "ssh_spawner_host_gpus", host=host) == 2
     assert value(stopped, "ssh_spawner_ssh_sessions_in_use", host=host) == 0
 
     # The hub's log: every line of the core names the hub user and server,
