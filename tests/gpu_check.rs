@@ -6,7 +6,8 @@
 //! must fail saying so. The other cases use a **stand-in** `libcuda.so.1`,
 //! compiled here, that proves the script's plumbing and nothing of CUDA:
 //! its `cuDeviceGetCount` counts the entries of the `CUDA_VISIBLE_DEVICES`
-//! the spawner gave the server (or returns `STANDIN_CUDA_COUNT`), and its
+//! the spawner gave the server (both of node2's GPUs when it is unset, as the
+//! driver shows every GPU then; or returns `STANDIN_CUDA_COUNT`), and its
 //! `cuInit` returns `STANDIN_CUINIT` (default 0). With it the script passes
 //! on one device and fails, saying why, on two, on zero, and on a failing
 //! `cuInit`. Each run stops its server.
@@ -32,7 +33,9 @@ int cuDeviceGetCount(int *n) {
     const char *v = getenv("CUDA_VISIBLE_DEVICES");
     int c = 0;
     if (o) { *n = atoi(o); return 0; }
-    if (v && *v) { c = 1; for (; *v; v++) if (*v == ',') c++; }
+    /* Unset: every GPU of the host, as the driver does (node2's two). */
+    if (!v) { *n = 2; return 0; }
+    if (*v) { c = 1; for (; *v; v++) if (*v == ',') c++; }
     *n = c;
     return 0;
 }
@@ -158,6 +161,11 @@ fn gpu_check_fails_clearly_without_libcuda_and_checks_the_device_count_through_a
     assert!(said.contains("cuDeviceGetCount: 1\n"), "{said}");
     assert!(
         said.contains("gpu-check: PASS: 1 CUDA device visible, as expected"),
+        "{said}"
+    );
+    // A program that drops the variable sees both GPUs: nothing fences them.
+    assert!(
+        said.contains("gpu-check: note: a program in the server that unsets CUDA_VISIBLE_DEVICES sees 2 CUDA devices: the other GPUs are not fenced off"),
         "{said}"
     );
     let assigned = said
