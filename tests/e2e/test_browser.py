@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -93,13 +94,29 @@ def shots_dir(tmp_path: Path) -> Path:
 
 
 def test_spawn_page_in_a_browser(testbed, hub_factory, browser, tmp_path):
+    # node1 has four stand-in A100s (one busy with another user's job), so
+    # the form and the progress (and their screenshots in docs/) show GPUs.
+    standin_gpus("node1", "a100x4-one-busy")
+    try:
+        spawn_page_round(testbed, hub_factory, browser, tmp_path)
+    finally:
+        standin_gpus("node1", "none")
+
+
+def standin_gpus(host: str, fixture_set: str) -> None:
+    testbed_script = Path(__file__).resolve().parents[2] / "scripts" / "testbed"
+    subprocess.run([str(testbed_script), "gpus", host, fixture_set], check=True)
+
+
+def spawn_page_round(testbed, hub_factory, browser, tmp_path):
     names = [h["name"] for h in testbed["hosts"]]
-    pick = names[1]
+    pick = names[0]
     hub = hub_factory(
         {
             "SSHSpawner.options_form_enabled": True,
             "SSHSpawner.user_mem_limit_max": "4G",
             "SSHSpawner.user_cpu_limit_max": 2.0,
+            "SSHSpawner.user_gpus_max": 2,
             # No systemd user manager on the testbed hosts: a memory limit
             # cannot be enforced there, so choosing one makes the spawn fail
             # (a real failure whose reason the page must show).
@@ -125,6 +142,7 @@ def test_spawn_page_in_a_browser(testbed, hub_factory, browser, tmp_path):
     for i, name in enumerate(names):
         assert labels[f"host-{i}"].startswith(f"{name}: "), labels
         assert " free, load " in labels[f"host-{i}"], labels
+    assert labels["host-0"].endswith("GPUs: 3 of 4 free (NVIDIA A100-SXM4-40GB)"), labels
     b.save_screenshot(str(shots / "spawn-form.png"))
 
     # A refused value comes back to the form with a message.
@@ -161,6 +179,8 @@ def test_spawn_page_in_a_browser(testbed, hub_factory, browser, tmp_path):
     wait.until(lambda d: d.find_elements(By.ID, "spawn_form"))
     b.find_element(By.CSS_SELECTOR, f'input[name="host"][value="{pick}"]').click()
     b.find_element(By.NAME, "mem_limit").clear()
+    b.find_element(By.NAME, "gpus").clear()
+    b.find_element(By.NAME, "gpus").send_keys("1")
     b.find_element(By.CSS_SELECTOR, '#spawn_form button[type="submit"]').click()
     wait.until(lambda d: "spawn-pending" in d.current_url)
     b.execute_script("document.getElementById('progress-details').open = true;")
@@ -185,9 +205,10 @@ def test_spawn_page_in_a_browser(testbed, hub_factory, browser, tmp_path):
     assert any(f"Host {pick} chosen, as you asked" in m for m in seen), seen
     assert any(m.startswith("Connecting to") for m in seen), seen
     assert any(f"Starting the server on {pick} as {ALICE}" in m for m in seen), seen
+    assert any(f"GPUs assigned on {pick}: GPU " in m for m in seen), seen
 
     # Land on the running server.
     wait.until(lambda d: f"/user/{ALICE}/" in d.current_url)
     state = hub.ssh_state(ALICE)
-    assert state["host"] == pick, state
+    assert state["host"] == pick and len(state["gpus"]) == 1, state
     assert hub.server_model(ALICE)["ready"]
