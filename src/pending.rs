@@ -282,15 +282,6 @@ async fn retry_once(
                     remove(stops, &e.run_id).await;
                 }
                 Err(err) => {
-                    // It may run on with its GPUs: hold them until the stop
-                    // is done (a restarted hub knows them from here alone).
-                    // Only a state the configuration accepted gets as far as
-                    // trying its host.
-                    if err.is_unreachable() {
-                        if let Ok(st) = state::decode(&e.state) {
-                            sp.reclaim_gpus(&st);
-                        }
-                    }
                     if failing.insert(e.run_id.clone()) {
                         tracing::warn!(
                             "SSHSpawner: pending stop of run {} not done yet ({err}); retrying",

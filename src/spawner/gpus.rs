@@ -111,10 +111,11 @@ impl Spawner {
     }
 
     /// Claim again the GPUs a saved state names (a restarted hub's first
-    /// poll of a server that runs, or a pending stop whose host does not
-    /// answer yet). A GPU claimed by another server is left to it, and
-    /// logged: two states naming one GPU is a fault to look at.
-    pub(crate) fn reclaim_gpus(&self, state: &ServerState) {
+    /// poll of a server that runs, or a stop that could not reach its host:
+    /// a restarted hub retrying a pending stop). A GPU claimed by another
+    /// server is left to it, and logged: two states naming one GPU is a
+    /// fault to look at.
+    pub(super) fn reclaim_gpus(&self, state: &ServerState) {
         if state.gpus.is_empty() {
             return;
         }

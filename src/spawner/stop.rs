@@ -105,9 +105,14 @@ impl Spawner {
         let stopped = self.stop_inner(state).await;
         self.close_tunnel(&state.run_id, true, true);
         // Its GPUs are free once it is gone, not before: a stop that could
-        // not reach the host keeps them held (it may still run there).
-        if stopped.is_ok() {
-            self.release_gpus(&state.host, &state.run_id);
+        // not reach the host keeps them held (it may still run there), and
+        // claims them again if this process did not hold them (a restarted
+        // hub retrying a pending stop). Only a state the configuration
+        // accepted gets as far as trying its host.
+        match &stopped {
+            Ok(_) => self.release_gpus(&state.host, &state.run_id),
+            Err(e) if e.is_unreachable() => self.reclaim_gpus(state),
+            Err(_) => {}
         }
         stopped
     }
