@@ -200,11 +200,7 @@ async fn gpu_spawns_land_where_gpus_are_free_get_exactly_theirs_and_never_share_
         format!("{}\n", two.gpus.join("\n"))
     );
     assert_eq!(common::mode_of(std::path::Path::new(&file)), 0o600);
-    let said: Vec<String> = progress
-        .snapshot(0)
-        .into_iter()
-        .map(|e| e.message)
-        .collect();
+    let said = common::messages(&progress);
     assert!(
         said.iter()
             .any(|m| m.starts_with(&format!("GPUs assigned on {}: GPU ", two.host))),
@@ -393,19 +389,36 @@ fn own_gpu_host(tb: &Testbed, scratch: &common::Scratch, set: &str) -> (common::
     (sshd, c)
 }
 
+/// A one-GPU server of alice's on an sshd of the test's own whose stand-in
+/// `nvidia-smi` shows two idle GPUs (host `gpu1`), with the spawner that
+/// started it and its configuration.
+async fn one_gpu_server_on_own_host(
+    tb: &Testbed,
+    tag: &str,
+) -> (
+    common::Scratch,
+    common::OwnSshd,
+    Config,
+    Spawner,
+    ServerState,
+) {
+    let scratch = common::Scratch::new(tag);
+    let (sshd, cfg) = own_gpu_host(tb, &scratch, "rtx4090x2-idle");
+    let sp = Spawner::new(cfg.clone()).unwrap();
+    let first = sp
+        .spawn(&request(&tb.alice().name, 1), env, &cmd(), &Progress::new())
+        .await
+        .unwrap();
+    (scratch, sshd, cfg, sp, first)
+}
+
 #[tokio::test]
 async fn a_held_gpu_is_not_given_away_while_its_host_does_not_answer() {
     let Some(tb) = testbed("a_held_gpu_is_not_given_away_while_its_host_does_not_answer") else {
         return;
     };
-    let scratch = common::Scratch::new("gpu-outage");
-    let (sshd, cfg) = own_gpu_host(&tb, &scratch, "rtx4090x2-idle");
-    let sp = Spawner::new(cfg).unwrap();
+    let (_scratch, sshd, _, sp, first) = one_gpu_server_on_own_host(&tb, "gpu-outage").await;
     let user = tb.alice().name.clone();
-    let first = sp
-        .spawn(&request(&user, 1), env, &cmd(), &Progress::new())
-        .await
-        .unwrap();
     let _stop_first = common::StopOnPanic::new(&sp, &first);
     let held = BTreeSet::from([first.gpus[0].clone()]);
     assert_eq!(sp.held_gpus("gpu1"), held);
@@ -472,14 +485,7 @@ async fn a_restarted_hub_holds_the_gpus_of_a_pending_stop_until_the_stop_is_done
     else {
         return;
     };
-    let scratch = common::Scratch::new("gpu-pending");
-    let (sshd, cfg) = own_gpu_host(&tb, &scratch, "rtx4090x2-idle");
-    let sp = Spawner::new(cfg.clone()).unwrap();
-    let user = tb.alice().name.clone();
-    let first = sp
-        .spawn(&request(&user, 1), env, &cmd(), &Progress::new())
-        .await
-        .unwrap();
+    let (scratch, sshd, cfg, sp, first) = one_gpu_server_on_own_host(&tb, "gpu-pending").await;
     let _stop_first = common::StopOnPanic::new(&sp, &first);
     let held = BTreeSet::from([first.gpus[0].clone()]);
 

@@ -203,11 +203,7 @@ async fn the_whole_lifecycle_with_a_server_answering_http() {
     );
 
     // Progress told the story.
-    let messages: Vec<String> = progress
-        .snapshot(0)
-        .into_iter()
-        .map(|e| e.message)
-        .collect();
+    let messages = common::messages(&progress);
     assert!(
         messages
             .iter()
@@ -528,11 +524,7 @@ async fn a_taken_port_is_retried_with_another() {
     let _stop_on_panic = common::StopOnPanic::new(&sp, &state);
     assert_eq!(state.host, "node1");
     assert_ne!(state.port, port);
-    let said: Vec<String> = progress
-        .snapshot(0)
-        .into_iter()
-        .map(|e| e.message)
-        .collect();
+    let said = common::messages(&progress);
     assert!(
         said.contains(&format!(
             "Port {port} was taken meanwhile; trying port {}",
@@ -597,11 +589,7 @@ async fn another_users_listener_the_probe_does_not_reach_is_never_the_server() {
         .await
         .unwrap();
     let guard = common::StopOnPanic::new(&sp, &state);
-    let said: Vec<String> = progress
-        .snapshot(0)
-        .into_iter()
-        .map(|e| e.message)
-        .collect();
+    let said = common::messages(&progress);
     assert!(
         said.iter()
             .any(|m| m.contains(&format!("not listening on port {port} yet"))),
@@ -1814,11 +1802,7 @@ async fn a_draining_host_takes_no_new_server_and_its_running_one_stops_cleanly()
             (s, g)
         };
         assert_ne!(s.host, "node1", "a new server went to the draining host");
-        let said: Vec<String> = progress
-            .snapshot(0)
-            .into_iter()
-            .map(|e| e.message)
-            .collect();
+        let said = common::messages(&progress);
         assert!(
             said.iter()
                 .any(|m| m.contains("not asking node1 is draining (no new servers")),

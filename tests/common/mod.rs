@@ -395,6 +395,15 @@ impl Drop for OwnSshd {
     }
 }
 
+/// The messages a spawn's progress showed so far, in order.
+pub fn messages(progress: &ssh_spawner::spawner::Progress) -> Vec<String> {
+    progress
+        .snapshot(0)
+        .into_iter()
+        .map(|e| e.message)
+        .collect()
+}
+
 /// Whether `cond` became true within `limit` (checked every 50 ms; the
 /// runtime's other tasks run meanwhile).
 pub async fn until_true(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {

@@ -118,6 +118,20 @@ def bed_fault(tb: dict, action: str, host: str) -> None:
 
 
 @contextlib.contextmanager
+def standin_gpus(tb: dict, **sets: str):
+    """While the block runs, each named host has the bed's stand-in
+    nvidia-smi printing the fixture set given (`fixtures/gpus/SET`); every
+    one is put back to none after, however the block ends."""
+    try:
+        for host, fixture_set in sets.items():
+            subprocess.run([tb["script"], "gpus", host, fixture_set], check=True, timeout=60)
+        yield
+    finally:
+        for host in sets:
+            subprocess.run([tb["script"], "gpus", host, "none"], check=True, timeout=60)
+
+
+@contextlib.contextmanager
 def host_cut(tb: dict, host: str):
     """The host's link dropped (every packet, both ways) while the block
     runs, healed after it whatever happens."""

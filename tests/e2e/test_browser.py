@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+
+from .conftest import standin_gpus
 
 ALICE = "tb-alice"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -96,16 +97,8 @@ def shots_dir(tmp_path: Path) -> Path:
 def test_spawn_page_in_a_browser(testbed, hub_factory, browser, tmp_path):
     # node1 has four stand-in A100s (one busy with another user's job), so
     # the form and the progress (and their screenshots in docs/) show GPUs.
-    standin_gpus("node1", "a100x4-one-busy")
-    try:
+    with standin_gpus(testbed, node1="a100x4-one-busy"):
         spawn_page_round(testbed, hub_factory, browser, tmp_path)
-    finally:
-        standin_gpus("node1", "none")
-
-
-def standin_gpus(host: str, fixture_set: str) -> None:
-    testbed_script = Path(__file__).resolve().parents[2] / "scripts" / "testbed"
-    subprocess.run([str(testbed_script), "gpus", host, fixture_set], check=True)
 
 
 def spawn_page_round(testbed, hub_factory, browser, tmp_path):

@@ -5,28 +5,19 @@ ends however it ends."""
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
-
 from . import test_browser
-from .conftest import all_at_once, proc_environ, wait_polls
+from .conftest import all_at_once, proc_environ, standin_gpus, wait_polls
 
 ALICE = "tb-alice"
 BOB = "tb.bob-2"
-TESTBED = Path(__file__).resolve().parents[2] / "scripts" / "testbed"
 
 browser = test_browser.browser  # headless Chromium, as the spawn page test drives it
-
-
-def gpus(host: str, fixture_set: str) -> None:
-    subprocess.run([str(TESTBED), "gpus", host, fixture_set], check=True)
 
 
 def test_twenty_gpu_spawns_share_no_gpu_servers_see_theirs_over_max_refused_restart_keeps_claims(
     testbed, hub_factory
 ):
-    gpus("node2", "rtx4090x2-idle")
-    try:
+    with standin_gpus(testbed, node2="rtx4090x2-idle"):
         hub = hub_factory(
             {
                 "SSHSpawner.gpus": 1,
@@ -88,16 +79,12 @@ def test_twenty_gpu_spawns_share_no_gpu_servers_see_theirs_over_max_refused_rest
         hub.stop_server(ALICE)
         hub.spawn(ALICE, "again")
         assert hub.ssh_state(ALICE, "again")["gpus"] == alice["gpus"]
-    finally:
-        gpus("node2", "none")
 
 
 def test_the_form_shows_free_gpus_refuses_a_count_no_host_has_and_starts_one_with_its_gpu(
     testbed, hub_factory, browser
 ):
-    gpus("node1", "a100x4-one-busy")
-    gpus("node2", "rtx4090x2-idle")
-    try:
+    with standin_gpus(testbed, node1="a100x4-one-busy", node2="rtx4090x2-idle"):
         hub = hub_factory({"SSHSpawner.options_form_enabled": True, "SSHSpawner.user_gpus_max": 4})
         b, by = browser, test_browser.By
         wait = test_browser.page_wait(b)
@@ -145,6 +132,3 @@ def test_the_form_shows_free_gpus_refuses_a_count_no_host_has_and_starts_one_wit
         state = hub.ssh_state(ALICE)
         assert state["host"] in ("node1", "node2") and len(state["gpus"]) == 1, state
         assert proc_environ(state["pid"])["CUDA_VISIBLE_DEVICES"] == state["gpus"][0]
-    finally:
-        gpus("node1", "none")
-        gpus("node2", "none")

@@ -11,13 +11,11 @@ of the hub's log is checked for the user, server and host.
 from __future__ import annotations
 
 import re
-import subprocess
-from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import E2E_SCOPES, host_cut, wait_until
+from .conftest import E2E_SCOPES, host_cut, standin_gpus, wait_until
 
 # The metrics are the core's, on prometheus_client's registry, which both hub
 # versions serve at /hub/metrics; the log lines are the core's too.
@@ -26,7 +24,6 @@ pytestmark = pytest.mark.any_hub  # see conftest.ANY_HUB
 ALICE = "tb-alice"
 BOB = "tb.bob-2"
 CORE_LINE = re.compile(r"\[ssh_spawner(::\w+)*\] ")
-TESTBED = Path(__file__).resolve().parents[2] / "scripts" / "testbed"
 
 
 def scrape(hub) -> dict[tuple[str, tuple], float]:
@@ -52,11 +49,8 @@ def total(samples, name: str, **labels) -> float:
 
 def test_metrics_move_and_logs_name_the_user(testbed, hub_factory):
     hosts = [h["name"] for h in testbed["hosts"]]
-    subprocess.run([str(TESTBED), "gpus", hosts[0], "rtx4090x2-idle"], check=True)
-    try:
+    with standin_gpus(testbed, **{hosts[0]: "rtx4090x2-idle"}):
         metrics_move_and_logs_name_the_user(testbed, hub_factory, hosts)
-    finally:
-        subprocess.run([str(TESTBED), "gpus", hosts[0], "none"], check=True)
 
 
 def metrics_move_and_logs_name_the_user(testbed, hub_factory, hosts):

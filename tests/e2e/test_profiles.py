@@ -13,13 +13,17 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
-from pathlib import Path
 
 import pytest
 
 from . import test_browser
-from .conftest import assert_server_process, group_members, proc_start_time, wait_until
+from .conftest import (
+    assert_server_process,
+    group_members,
+    proc_start_time,
+    standin_gpus,
+    wait_until,
+)
 from .test_browser import webdriver
 
 if webdriver is not None:
@@ -48,9 +52,6 @@ def wrapped_state(hub, user: str, name: str = "") -> dict:
         db.close()
     assert row and row[0], f"no spawner state for {user}/{name}"
     return json.loads(row[0])
-
-
-TESTBED = Path(__file__).resolve().parents[2] / "scripts" / "testbed"
 
 
 def profiles_config(testbed, gpus: bool = False) -> dict:
@@ -91,11 +92,8 @@ def test_profiles_spawner_wraps_sshspawner_with_gpus_per_profile_never_given_twi
     testbed, hub_factory
 ):
     pytest.importorskip("wrapspawner")
-    subprocess.run([str(TESTBED), "gpus", "node3", "rtx4090x2-idle"], check=True)
-    try:
+    with standin_gpus(testbed, node3="rtx4090x2-idle"):
         profiles_spawner_round(testbed, hub_factory)
-    finally:
-        subprocess.run([str(TESTBED), "gpus", "node3", "none"], check=True)
 
 
 def profiles_spawner_round(testbed, hub_factory):
