@@ -359,6 +359,16 @@ pub fn printable(text: &str) -> String {
         .collect()
 }
 
+/// `text` cut to its first `max` characters, with `…` when it was longer:
+/// what a host or a user sent, quoted in a message without filling it.
+pub fn clipped(text: &str, max: usize) -> String {
+    let mut out: String = text.chars().take(max).collect();
+    if text.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    out
+}
+
 impl Error {
     /// A stable, short name for the variant (what the Python class acts on).
     pub fn kind(&self) -> &'static str {
@@ -401,6 +411,14 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clipped_keeps_short_text_and_marks_a_cut() {
+        assert_eq!(clipped("abc", 3), "abc");
+        assert_eq!(clipped("abcd", 3), "abc…");
+        assert_eq!(clipped("ééé", 2), "éé…");
+        assert_eq!(clipped("", 0), "");
+    }
 
     #[test]
     fn host_text_in_messages_is_printable() {

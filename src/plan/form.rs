@@ -158,11 +158,7 @@ fn single<'a>(fields: &'a Fields, key: &str) -> Result<Option<&'a str>> {
 
 /// Shorten what a user typed for an error message (it may be anything).
 fn shown(v: &str) -> String {
-    let mut s: String = v.chars().take(40).collect();
-    if v.chars().count() > 40 {
-        s.push('…');
-    }
-    format!("{s:?}")
+    format!("{:?}", crate::error::clipped(v, 40))
 }
 
 /// Validate a user's options against the admin's bounds.

@@ -278,12 +278,9 @@ pub fn from_facts(status: Option<&str>, gpu: &str, gpu_app: &str, said: &[&str])
         .map(|l| l.trim())
         .filter(|l| !l.is_empty())
         .collect();
-    let mut said = said.join(" ");
     // What a host printed goes into messages and `check`: a few lines, not
     // a page.
-    if said.chars().count() > MAX_SAID_CHARS {
-        said = said.chars().take(MAX_SAID_CHARS).collect::<String>() + "…";
-    }
+    let said = crate::error::clipped(&said.join(" "), MAX_SAID_CHARS);
     GpuFacts::Failed {
         reason: if said.is_empty() {
             reason

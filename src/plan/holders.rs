@@ -54,11 +54,7 @@ fn uuid_shaped(s: &str) -> bool {
 }
 
 fn quoted(line: &str) -> String {
-    if line.chars().count() > MAX_QUOTED {
-        line.chars().take(MAX_QUOTED).collect::<String>() + "…"
-    } else {
-        line.to_string()
-    }
+    crate::error::clipped(line, MAX_QUOTED)
 }
 
 /// Parse what [`run_gpus_script`] printed. Blank lines and lines of other
